@@ -1,0 +1,50 @@
+"""The Celery settings chosen for this work, and a client that sends tasks by name.
+
+The worker app (worker/) and the scheduler use the same settings; the library
+only ever *sends* tasks by name and never imports the worker or the tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from cachewarden.settings import Settings
+
+QUEUE = "cachewarden"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings: JSON only, late acks, no results, events on for Flower."""
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": QUEUE,
+        # A task a dead worker held is redelivered, not acknowledged and lost.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # Flushes run up to seconds; one at a time per process keeps others free.
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": 60,
+        "task_time_limit": 120,
+        # Flower needs both.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_concurrency": settings.celery.concurrency or None,
+    }
+
+
+def task_client(settings: Settings) -> Celery:
+    """A Celery app that only sends tasks (by name) to the configured broker."""
+    app = Celery("cachewarden-client", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app

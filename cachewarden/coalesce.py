@@ -1,0 +1,55 @@
+"""Coalescing a batch of buffered writes: one operation per key survives.
+
+Pure code: no Redis, no SQL. The rule: the last operation in stream order
+wins, except that where writes carry versions, a write with a lower version
+than the current winner never replaces it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+WRITE = "w"
+DELETE = "d"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One buffered operation as read from a write stream."""
+
+    id: str
+    kind: str
+    key: str
+    value: str
+    version: int | None = None
+
+    @classmethod
+    def from_fields(cls, stream_id: str, fields: Mapping[str, str]) -> Op:
+        """Build an Op from a stream entry's fields (o, k, v and optional n)."""
+        version = fields.get("n")
+        return cls(
+            id=stream_id,
+            kind=fields.get("o", ""),
+            key=fields.get("k", ""),
+            value=fields.get("v", ""),
+            version=int(version) if version else None,
+        )
+
+
+def supersedes(new: Op, current: Op) -> bool:
+    """True when `new` (later in stream order) replaces `current` for the same key."""
+    if new.version is None or current.version is None:
+        return True
+    return new.version >= current.version
+
+
+def coalesce(ops: Iterable[Op]) -> list[Op]:
+    """The surviving operation of each key, in the stream order of their last arrival."""
+    winners: dict[str, Op] = {}
+    for op in ops:
+        current = winners.get(op.key)
+        if current is None or supersedes(op, current):
+            winners.pop(op.key, None)
+            winners[op.key] = op
+    return list(winners.values())

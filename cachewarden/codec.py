@@ -1,0 +1,82 @@
+"""Validation and JSON encoding of keys and rows.
+
+Values are JSON objects, never pickle, so an application in any language can
+read the cache. The JSON text `null` in a cache entry means "known absent".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from cachewarden.errors import InvalidKey, InvalidValue
+
+MAX_KEY_BYTES = 512
+RESERVED_KEY_CHARS = frozenset("*?[]:")
+ABSENT = "null"
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_decode = json.loads
+
+
+def key_text(entity: str, key: object) -> str:
+    """The validated string form of a key (ints are written in decimal)."""
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        raise InvalidKey(
+            f"{entity}: key {key!r} is a {type(key).__name__}; use a str or an int"
+        )
+    text = str(key)
+    if not text:
+        raise InvalidKey(f"{entity}: the key is empty; every row needs a non-empty key")
+    bad = sorted({ch for ch in text if ch in RESERVED_KEY_CHARS or ch.isspace() or ord(ch) < 32})
+    if bad:
+        raise InvalidKey(
+            f"{entity}: key {text!r} contains {''.join(bad)!r}; keys may not hold "
+            "'*', '?', '[', ']', ':', spaces or control characters"
+        )
+    if len(text.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"{entity}: key {text[:40]!r}... is over {MAX_KEY_BYTES} bytes")
+    return text
+
+
+def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) -> str:
+    """Encode a row as compact JSON; raise InvalidValue naming the problem and the fix."""
+    if not isinstance(row, Mapping):
+        raise InvalidValue(
+            f"{entity}:{key}: the row is a {type(row).__name__}; pass a dict of column values"
+        )
+    try:
+        text = _encoder.encode(row)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(
+            f"{entity}:{key}: the row cannot be encoded as JSON ({_explain(row, exc)}); "
+            "convert it to str, int, float, bool, None, list or dict first"
+        ) from None
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidValue(
+            f"{entity}:{key}: the row is {size} bytes encoded, over the limit of "
+            f"{max_bytes} (entities.{entity}.max_value_bytes)"
+        )
+    return text
+
+
+def _explain(row: Mapping[str, Any], exc: Exception) -> str:
+    for column, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"column {column!r} holds {value!r}, which JSON cannot carry"
+        try:
+            _encoder.encode(value)
+        except (TypeError, ValueError):
+            return f"column {column!r} holds a {type(value).__name__}"
+    return str(exc)
+
+
+def decode_row(text: str | bytes) -> dict[str, Any] | None:
+    """Decode a cache entry: the row, or None for a known-absent entry."""
+    value = _decode(text)
+    if value is None or isinstance(value, dict):
+        return value
+    raise InvalidValue(f"cache entry {str(text)[:60]!r} is not a JSON object")

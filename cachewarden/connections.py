@@ -1,0 +1,64 @@
+"""Redis clients and the safety checks run before a process relies on Redis.
+
+Clients are built by these factories after fork, never at import time.
+"""
+
+from __future__ import annotations
+
+import structlog
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cachewarden.errors import BackendUnavailable, UnsafeRedis
+from cachewarden.settings import RedisSettings
+
+log = structlog.get_logger("cachewarden.connections")
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+def redis_client(settings: RedisSettings) -> Redis:
+    """A pooled client for `settings.url`, returning str values."""
+    return Redis.from_url(
+        settings.url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        health_check_interval=30,
+    )
+
+
+def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:
+    """Refuse (or warn about) a Redis that could evict or forget the write buffer.
+
+    Returns the warnings; raises UnsafeRedis when a check fails and
+    `unsafe_policy` is "refuse".
+    """
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "")
+        persistence = client.info("persistence")
+    except REDIS_DOWN as exc:
+        raise BackendUnavailable(f"Redis at {settings.url} is unreachable: {exc}") from None
+    except RedisError:
+        return ["CONFIG GET is not allowed here; could not check maxmemory-policy"]
+    problems: list[str] = []
+    if str(policy).startswith("allkeys-"):
+        problems.append(
+            f"Redis maxmemory-policy is {policy!r}: it may evict the write buffer. "
+            "Set it to 'noeviction' or a 'volatile-*' policy."
+        )
+    warnings: list[str] = []
+    if not persistence.get("aof_enabled"):
+        warnings.append(
+            "Redis AOF is off: a Redis crash loses buffered writes not yet flushed. "
+            "Enable 'appendonly yes' with 'appendfsync everysec' in production."
+        )
+    if problems and settings.unsafe_policy == "refuse":
+        raise UnsafeRedis(
+            problems[0] + " (or set [redis] unsafe_policy = \"warn\" to run anyway)"
+        )
+    for problem in problems + warnings:
+        log.warning("redis_unsafe", url=settings.url, detail=problem)
+    return problems + warnings

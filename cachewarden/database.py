@@ -1,0 +1,54 @@
+"""SQLAlchemy engines, built after fork by this factory, never at import time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from cachewarden.errors import BackendUnavailable
+from cachewarden.settings import DatabaseSettings
+
+
+def make_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
+    """An engine for `settings.url` tuned for short batched transactions."""
+    url = settings.url
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        options["connect_args"] = {"timeout": 30}
+    else:
+        options.update(pool_size=2, max_overflow=2, pool_recycle=1800)
+    options.update(overrides)
+    engine = create_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def database_is_up(engine: Engine) -> bool:
+    """True when a fresh `SELECT 1` succeeds."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return True
+    except SQLAlchemyError:
+        return False
+
+
+def describe(engine: Engine) -> str:
+    """The engine's URL with the password hidden."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def unavailable(engine: Engine, exc: BaseException) -> BackendUnavailable:
+    """A BackendUnavailable naming the database and the driver's complaint."""
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return BackendUnavailable(f"database {describe(engine)} is unavailable: {first_line}")

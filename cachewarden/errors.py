@@ -1,0 +1,54 @@
+"""The one error tree of cachewarden.
+
+Driver errors (redis-py, SQLAlchemy) are translated where they enter, so callers
+catch these and nothing else. Every message names the entity, key or file and
+says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class CachewardenError(Exception):
+    """Root of every error cachewarden raises on purpose."""
+
+
+class ConfigError(CachewardenError):
+    """The configuration file or environment is invalid."""
+
+    def __init__(self, source: str, field: str, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{source}: {field}: {problem}")
+
+
+class UnknownEntity(CachewardenError):
+    """An operation named an entity the configuration does not define."""
+
+
+class InvalidKey(CachewardenError):
+    """A cache key cannot be used (empty, too long, or holds a reserved character)."""
+
+
+class InvalidValue(CachewardenError):
+    """A row cannot be stored: not JSON-encodable, not an object, or over the size limit."""
+
+
+class Backpressure(CachewardenError):
+    """A write buffer shard is full; the write was not taken. Retry later or scale flushers."""
+
+
+class BackendUnavailable(CachewardenError):
+    """Redis or the database cannot be reached or refused the connection."""
+
+
+class UnsafeRedis(CachewardenError):
+    """Redis is configured so that it could evict or lose the write buffer."""
+
+
+class LockLost(CachewardenError):
+    """A lock or fencing token was taken over by a newer holder; stop without committing."""
+
+
+class RowRejected(CachewardenError):
+    """The database rejected one row; it goes to the dead-letter stream with this error."""

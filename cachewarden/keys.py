@@ -1,0 +1,96 @@
+"""Every Redis key name cachewarden uses, built in this one module.
+
+Layout (prefix "cw", entity "user", shard 3):
+
+    cw:user:42                 cache entry: the row as a JSON object ("null": known absent)
+    cw:@wb:user:3              write stream of one shard (consumer group "flushers")
+    cw:@wb:user:3:dirty        hash: key -> stream id of its newest unflushed write
+    cw:@wb:due                 sorted set: "user:3" -> when that shard must be flushed (ms)
+    cw:@wb:user:3:queued       a flush of this shard is queued or running
+    cw:@wb:user:3:retry        consecutive failed flushes (drives the backoff)
+    cw:@wb:user:dead           dead-letter stream of rows the database rejected
+    cw:@wb:user:dead:keys      hash: key -> id of its newest dead letter
+    cw:@lock:flush:user:3      the shard's flusher lock (value: owner token)
+    cw:@fence:flush:user:3     the shard's fencing-token counter
+
+Keys of cache entries never contain ':' so they cannot meet the internal names,
+which all sit under "@" (not allowed in entity names).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+STREAM_GROUP = "flushers"
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard a key's writes go to: CRC-32 (zlib, IEEE) of its UTF-8 bytes mod shards."""
+    return zlib.crc32(key.encode("utf-8")) % shards
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """Builds key names under one prefix."""
+
+    prefix: str
+
+    def entry(self, entity: str, key: str) -> str:
+        """The cache entry holding one row."""
+        return f"{self.prefix}:{entity}:{key}"
+
+    def entry_pattern(self, entity: str) -> str:
+        """A SCAN pattern for every cache entry of an entity."""
+        return f"{self.prefix}:{entity}:*"
+
+    def stream(self, entity: str, shard: int) -> str:
+        """The write stream of one shard."""
+        return f"{self.stream_prefix()}{due_member(entity, shard)}"
+
+    def stream_prefix(self) -> str:
+        """What precedes a due-set member in its stream's key (scripts append to it)."""
+        return f"{self.prefix}:@wb:"
+
+    def dirty(self, entity: str, shard: int) -> str:
+        """Key -> stream id of the newest unflushed write, for one shard."""
+        return f"{self.stream(entity, shard)}:dirty"
+
+    def due(self) -> str:
+        """Sorted set of shards with unflushed writes, scored by their flush deadline."""
+        return f"{self.prefix}:@wb:due"
+
+    def queued(self, entity: str, shard: int) -> str:
+        """Marker: a flush of this shard is queued or running."""
+        return f"{self.stream(entity, shard)}:queued"
+
+    def retries(self, entity: str, shard: int) -> str:
+        """Count of consecutive failed flushes of this shard."""
+        return f"{self.stream(entity, shard)}:retry"
+
+    def dead(self, entity: str) -> str:
+        """Dead-letter stream of one entity."""
+        return f"{self.prefix}:@wb:{entity}:dead"
+
+    def dead_keys(self, entity: str) -> str:
+        """Key -> id of its newest dead letter (cleared by any newer write)."""
+        return f"{self.dead(entity)}:keys"
+
+    def flush_lock(self, entity: str, shard: int) -> str:
+        """The lock that admits one flusher per shard."""
+        return f"{self.prefix}:@lock:flush:{entity}:{shard}"
+
+    def flush_fence(self, entity: str, shard: int) -> str:
+        """Counter handing out the shard's fencing tokens."""
+        return f"{self.prefix}:@fence:flush:{entity}:{shard}"
+
+
+def due_member(entity: str, shard: int) -> str:
+    """A shard's member name in the due set."""
+    return f"{entity}:{shard}"
+
+
+def parse_due_member(member: str) -> tuple[str, int]:
+    """The (entity, shard) a due-set member names."""
+    entity, _, shard = member.rpartition(":")
+    return entity, int(shard)

@@ -1,0 +1,35 @@
+-- After a committed flush: acknowledge and delete the entries, and give each
+-- flushed key its TTL back (or drop its delete marker) unless a newer write
+-- for it is still pending.
+-- KEYS: 1 stream, 2 dirty hash
+-- (op "x": the write went to the dead letters)
+-- ARGV: 1 group, 2 entry key prefix ("cw:user:"), 3 ttl_ms, 4 number of ids N,
+--       5..4+N stream ids, then triples (key, id of its applied write, op)
+local n = tonumber(ARGV[4])
+if n > 0 then
+  local ids = {}
+  for i = 1, n do ids[i] = ARGV[4 + i] end
+  for i = 1, #ids, 1000 do
+    local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(chunk))
+    redis.call('XDEL', KEYS[1], unpack(chunk))
+  end
+end
+local settled = 0
+for i = 5 + n, #ARGV, 3 do
+  local key, id, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HGET', KEYS[2], key) == id then
+    redis.call('HDEL', KEYS[2], key)
+    local entry = ARGV[2] .. key
+    if op == 'd' then
+      if redis.call('GET', entry) == 'null' then redis.call('DEL', entry) end
+    elseif op == 'x' then
+      -- dead-lettered: the database refused it, so the cache must not serve it
+      redis.call('DEL', entry)
+    else
+      redis.call('PEXPIRE', entry, ARGV[3])
+    end
+    settled = settled + 1
+  end
+end
+return settled

@@ -1,0 +1,269 @@
+"""The settings model: one TOML file plus environment overrides, read once.
+
+`load_settings()` returns frozen dataclasses. Every validation failure raises
+`ConfigError(file, field, problem)`, which the command line prints as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachewarden.durations import parse_duration_ms
+from cachewarden.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "config/cachewarden.toml"
+CONFIG_ENV = "CACHEWARDEN_CONFIG"
+REDIS_URL_ENV = "CACHEWARDEN_REDIS_URL"
+DATABASE_URL_ENV = "CACHEWARDEN_DATABASE_URL"
+BROKER_URL_ENV = "CACHEWARDEN_BROKER_URL"
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where the cache and the write buffer live."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "cw"
+    # "refuse" (default) stops on an eviction policy that can reach the buffer;
+    # "warn" logs loudly and goes on.
+    unsafe_policy: str = "refuse"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """The SQL database the write buffer drains into."""
+
+    url: str = "sqlite:///cachewarden.db"
+
+
+@dataclass(frozen=True)
+class CelerySettings:
+    """The task transport; the broker defaults to the configured Redis."""
+
+    broker_url: str = ""
+    concurrency: int = 0  # 0: one process per core
+
+
+@dataclass(frozen=True)
+class WriteBehindSettings:
+    """How an entity's write buffer is flushed."""
+
+    max_delay_ms: int = 1000
+    batch_size: int = 1000
+    shards: int = 4
+    max_pending: int = 100_000
+    lock_ttl_ms: int = 10_000
+    retry_base_ms: int = 500
+    retry_max_ms: int = 30_000
+
+
+@dataclass(frozen=True)
+class EntitySettings:
+    """One cached table."""
+
+    name: str
+    table: str
+    key: str
+    ttl_ms: int
+    version_column: str | None = None
+    max_value_bytes: int = 512 * 1024
+    write_behind: WriteBehindSettings = field(default_factory=WriteBehindSettings)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything cachewarden reads from its configuration."""
+
+    source: str
+    redis: RedisSettings
+    database: DatabaseSettings
+    celery: CelerySettings
+    entities: Mapping[str, EntitySettings]
+    dispatch_interval_ms: int = 100
+
+    @property
+    def broker_url(self) -> str:
+        """The Celery broker: `[celery] broker_url`, or else the Redis URL."""
+        return self.celery.broker_url or self.redis.url
+
+
+class _Reader:
+    """Pulls typed fields out of one TOML table, naming the field on error."""
+
+    def __init__(self, source: str, path: str, table: Mapping[str, Any]) -> None:
+        self.source = source
+        self.path = path
+        self.table = table
+        self.seen: set[str] = set()
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        where = f"{self.path}.{key}" if self.path else key
+        return ConfigError(self.source, where, problem)
+
+    def get(self, key: str, kind: type, default: Any) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self.fail(key, f"expected a whole number, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {value!r}")
+        if kind is float and not isinstance(value, int | float):
+            raise self.fail(key, f"expected a number, got {value!r}")
+        return value
+
+    def positive(self, key: str, default: int) -> int:
+        value: int = self.get(key, int, default)
+        if value < 1:
+            raise self.fail(key, f"must be at least 1, got {value}")
+        return value
+
+    def duration(self, key: str, default_ms: int | None) -> int | None:
+        self.seen.add(key)
+        if key not in self.table:
+            return default_ms
+        try:
+            return parse_duration_ms(self.table[key])
+        except ValueError as exc:
+            raise self.fail(key, str(exc)) from None
+
+    def required_duration(self, key: str, default_ms: int | None = None) -> int:
+        value = self.duration(key, default_ms)
+        if value is None:
+            raise self.fail(key, "is required (a duration such as \"10m\")")
+        if value <= 0:
+            raise self.fail(key, "must be longer than zero")
+        return value
+
+    def sub(self, key: str) -> _Reader:
+        self.seen.add(key)
+        value = self.table.get(key, {})
+        if not isinstance(value, dict):
+            raise self.fail(key, "expected a table")
+        return _Reader(self.source, f"{self.path}.{key}" if self.path else key, value)
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise self.fail(
+                unknown[0], "unknown setting; see config/reference.toml for the valid ones"
+            )
+
+
+def _redis(reader: _Reader) -> RedisSettings:
+    url = os.environ.get(REDIS_URL_ENV) or reader.get("url", str, RedisSettings.url)
+    prefix = reader.get("prefix", str, "cw")
+    if not _PREFIX.match(prefix):
+        raise reader.fail("prefix", "use 1-32 letters, digits, '_', '-' or '.'")
+    policy = reader.get("unsafe_policy", str, "refuse")
+    if policy not in ("refuse", "warn"):
+        raise reader.fail("unsafe_policy", "must be \"refuse\" or \"warn\"")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise reader.fail("url", f"{url!r} is not a redis:// or unix:// URL")
+    reader.reject_unknown()
+    return RedisSettings(url=url, prefix=prefix, unsafe_policy=policy)
+
+
+def _write_behind(reader: _Reader) -> WriteBehindSettings:
+    defaults = WriteBehindSettings()
+    settings = WriteBehindSettings(
+        max_delay_ms=reader.required_duration("max_delay", defaults.max_delay_ms),
+        batch_size=reader.positive("batch_size", defaults.batch_size),
+        shards=reader.positive("shards", defaults.shards),
+        max_pending=reader.positive("max_pending", defaults.max_pending),
+        lock_ttl_ms=reader.required_duration("lock_ttl", defaults.lock_ttl_ms),
+        retry_base_ms=reader.required_duration("retry_base", defaults.retry_base_ms),
+        retry_max_ms=reader.required_duration("retry_max", defaults.retry_max_ms),
+    )
+    if settings.shards > 1024:
+        raise reader.fail("shards", "at most 1024")
+    if settings.max_pending < settings.batch_size:
+        raise reader.fail("max_pending", "must be at least batch_size")
+    reader.reject_unknown()
+    return settings
+
+
+def _entity(name: str, reader: _Reader) -> EntitySettings:
+    if not _NAME.match(name):
+        raise reader.fail("", "entity names use letters, digits and '_' (at most 63)")
+    table = reader.get("table", str, None)
+    if table is None:
+        raise reader.fail("table", "is required: the database table this entity caches")
+    key = reader.get("key", str, None)
+    if key is None:
+        raise reader.fail("key", "is required: the table's primary-key column")
+    entity = EntitySettings(
+        name=name,
+        table=table,
+        key=key,
+        ttl_ms=reader.required_duration("ttl"),
+        version_column=reader.get("version_column", str, None),
+        max_value_bytes=reader.positive("max_value_bytes", 512 * 1024),
+        write_behind=_write_behind(reader.sub("write_behind")),
+    )
+    reader.reject_unknown()
+    return entity
+
+
+def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
+    """Validate a parsed TOML document and the environment into `Settings`."""
+    root = _Reader(source, "", data)
+    redis = _redis(root.sub("redis"))
+    db = root.sub("database")
+    database = DatabaseSettings(
+        url=os.environ.get(DATABASE_URL_ENV) or db.get("url", str, DatabaseSettings.url)
+    )
+    db.reject_unknown()
+    cel = root.sub("celery")
+    celery = CelerySettings(
+        broker_url=os.environ.get(BROKER_URL_ENV) or cel.get("broker_url", str, ""),
+        concurrency=cel.get("concurrency", int, 0),
+    )
+    cel.reject_unknown()
+    ents = root.sub("entities")
+    entities = {name: _entity(name, ents.sub(name)) for name in ents.table}
+    dispatch = root.sub("dispatch")
+    interval = dispatch.required_duration("interval", 100)
+    dispatch.reject_unknown()
+    root.reject_unknown()
+    return Settings(
+        source=source,
+        redis=redis,
+        database=database,
+        celery=celery,
+        entities=entities,
+        dispatch_interval_ms=interval,
+    )
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file: the explicit path, `$CACHEWARDEN_CONFIG`, or the default."""
+    return Path(explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate the config file; raise `ConfigError` naming what is wrong."""
+    file = config_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            str(file), "(file)", f"not found; pass --config or set {CONFIG_ENV}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(str(file), "(file)", f"cannot be read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(file), "(syntax)", str(exc)) from None
+    return parse_settings(data, str(file))

@@ -1,0 +1,227 @@
+"""Applying a coalesced batch to the application's table, fenced, in one transaction.
+
+The table is reflected, never declared here; the upsert is the dialect's own
+(PostgreSQL and SQLite `ON CONFLICT`, MySQL/MariaDB `ON DUPLICATE KEY`).
+A batch the database rejects is bisected until the bad rows stand alone;
+those are returned, with the database's error, for the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, func
+from sqlalchemy.exc import (
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchTableError,
+    ProgrammingError,
+    SQLAlchemyError,
+    StatementError,
+)
+from sqlalchemy.sql.dml import Insert
+
+from cachewarden.coalesce import DELETE, Op
+from cachewarden.database import database_is_up, unavailable
+from cachewarden.errors import ConfigError, LockLost
+from cachewarden.fence import Fence, fence_table
+from cachewarden.settings import EntitySettings
+
+ROW_ERRORS = (IntegrityError, DataError, ProgrammingError)
+
+@dataclass(frozen=True)
+class Rejected:
+    """An operation the database refused, with its error."""
+
+    op: Op
+    error: str
+
+class _RowProblem(Exception):
+    """A row that fails before it reaches the database (unknown column, bad JSON)."""
+
+class SqlSink:
+    """Writes batches of one entity into its reflected table."""
+
+    def __init__(self, engine: Engine, entity: EntitySettings, source: str = "config") -> None:
+        self.engine = engine
+        self.entity = entity
+        self.table = _reflect(engine, entity, source)
+        self.dialect = engine.dialect.name
+        self._statements: dict[tuple[str, ...], Insert] = {}
+        key_type = self.table.c[entity.key].type
+        try:
+            python_type: Callable[[str], Any] = key_type.python_type
+        except NotImplementedError:
+            python_type = str
+        self._key_of: Callable[[str], Any] = python_type if python_type is not str else str
+        fence_table(engine)
+
+    # -- public ---------------------------------------------------------------
+
+    def apply(self, ops: Sequence[Op], fence: Fence) -> list[Rejected]:
+        """Apply `ops` (one per key); return the rejected ones. Raises LockLost or
+        BackendUnavailable, committing nothing of the failing transaction."""
+        try:
+            self._transaction(ops, fence)
+            return []
+        except LockLost:
+            raise
+        except _RowProblem as exc:
+            if len(ops) == 1:
+                return [Rejected(ops[0], str(exc))]
+        except SQLAlchemyError as exc:
+            if not self._is_row_error(exc):
+                raise unavailable(self.engine, exc) from exc
+            if len(ops) == 1:
+                return [Rejected(ops[0], _first_line(exc))]
+        middle = len(ops) // 2
+        return self.apply(ops[:middle], fence) + self.apply(ops[middle:], fence)
+
+    # -- the transaction ------------------------------------------------------
+
+    def _transaction(self, ops: Sequence[Op], fence: Fence) -> None:
+        writes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+        plain_deletes: list[Any] = []
+        versioned_deletes: list[dict[str, Any]] = []
+        for op in ops:
+            if op.kind == DELETE:
+                key = self._key_value(op)
+                if op.version is None or self.entity.version_column is None:
+                    plain_deletes.append(key)
+                else:
+                    versioned_deletes.append({"k": key, "v": op.version})
+            else:
+                row = self._row(op)
+                writes[tuple(row)].append(row)
+        with self.engine.begin() as conn:
+            fence.check(conn)
+            for columns, rows in writes.items():
+                conn.execute(self._upsert(columns), rows)
+            self._deletes(conn, plain_deletes, versioned_deletes)
+
+    def _row(self, op: Op) -> dict[str, Any]:
+        try:
+            row = json.loads(op.value)
+        except ValueError:
+            raise _RowProblem(f"the buffered value is not JSON: {op.value[:60]!r}") from None
+        if not isinstance(row, dict):
+            raise _RowProblem(f"the buffered value is not a JSON object: {op.value[:60]!r}")
+        unknown = [c for c in row if c not in self.table.c]
+        if unknown:
+            raise _RowProblem(
+                f"column {unknown[0]!r} is not in table {self.table.name!r}; "
+                "fix the writer or add the column, then replay the dead letter"
+            )
+        return dict(sorted(row.items()))
+
+    def _key_value(self, op: Op) -> Any:
+        try:
+            return self._key_of(op.key)
+        except (TypeError, ValueError):
+            raise _RowProblem(
+                f"key {op.key!r} does not fit column {self.entity.key!r}"
+            ) from None
+
+    def _deletes(self, conn: Connection, keys: list[Any], versioned: list[dict[str, Any]]) -> None:
+        key_col = self.table.c[self.entity.key]
+        if keys:
+            conn.execute(self.table.delete().where(key_col.in_(keys)))
+        if versioned and self.entity.version_column is not None:
+
+            version_col = self.table.c[self.entity.version_column]
+            stmt = self.table.delete().where(
+                and_(key_col == bindparam("k"), version_col <= bindparam("v"))
+            )
+            conn.execute(stmt, versioned)
+
+    def _upsert(self, columns: tuple[str, ...]) -> Insert:
+        stmt = self._statements.get(columns)
+        if stmt is None:
+            stmt = _build_upsert(self.dialect, self.table, columns, self.entity)
+            self._statements[columns] = stmt
+        return stmt
+
+    def _is_row_error(self, exc: SQLAlchemyError) -> bool:
+        if isinstance(exc, DBAPIError):
+            if exc.connection_invalidated:
+                return False
+            if isinstance(exc, ROW_ERRORS):
+                return True
+            # Drivers file some row errors (MariaDB CHECK, SQLite type rules) under
+            # OperationalError: if the database answers a probe, the data is at fault.
+            return database_is_up(self.engine)
+        return isinstance(exc, StatementError)
+
+def _build_upsert(
+    dialect: str, table: Table, columns: tuple[str, ...], entity: EntitySettings
+) -> Insert:
+    key, version = entity.key, entity.version_column
+    updated = [c for c in columns if c != key]
+    if dialect in ("postgresql", "sqlite"):
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt = pg_insert(table)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(table)
+        if not updated:
+            return stmt.on_conflict_do_nothing(index_elements=[table.c[key]])
+        where = None
+        if version is not None and version in columns:
+            where = table.c[version] <= stmt.excluded[version]
+        return stmt.on_conflict_do_update(
+            index_elements=[table.c[key]],
+            set_={c: stmt.excluded[c] for c in updated},
+            where=where,
+        )
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+        mstmt = mysql_insert(table)
+        new = mstmt.inserted
+        if version is not None and version in columns:
+            # MySQL assigns left to right: the version column must be assigned last,
+            # so every guard compares against the old version.
+            guard = table.c[version] <= new[version]
+            ordered = [c for c in updated if c != version] + [version]
+            return mstmt.on_duplicate_key_update(
+                [(c, func.if_(guard, new[c], table.c[c])) for c in ordered]
+            )
+        if not updated:
+            return mstmt.prefix_with("IGNORE")
+        return mstmt.on_duplicate_key_update([(c, new[c]) for c in updated])
+    raise ConfigError("database.url", "dialect", f"{dialect!r} has no upsert support here")
+
+def _reflect(engine: Engine, entity: EntitySettings, source: str) -> Table:
+    from sqlalchemy import MetaData
+
+    schema, _, name = entity.table.rpartition(".")
+    try:
+        table = Table(name, MetaData(), autoload_with=engine, schema=schema or None)
+    except NoSuchTableError:
+        raise ConfigError(
+            source, f"entities.{entity.name}.table",
+            f"table {entity.table!r} does not exist in the database; create it or fix the name",
+        ) from None
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from exc
+    for field, column in (("key", entity.key), ("version_column", entity.version_column)):
+        if column is not None and column not in table.c:
+            raise ConfigError(
+                source, f"entities.{entity.name}.{field}",
+                f"column {column!r} is not in table {entity.table!r} "
+                f"(it has: {', '.join(table.c.keys())})",
+            )
+    return table
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+

@@ -1,0 +1,62 @@
+"""The Celery app: `celery -A worker worker` and `celery -A worker flower`.
+
+Reads the config once at import (no connections); clients are built in each
+process after fork. A config error stops the process with one line, status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+
+from cachewarden.celeryconf import celery_config
+from cachewarden.connections import check_redis_safety, redis_client
+from cachewarden.errors import CachewardenError, ConfigError
+from cachewarden.logs import configure_logging
+from cachewarden.runtime import set_runtime
+from cachewarden.settings import Settings, load_settings
+from worker.dispatcher import DispatcherStep
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"cachewarden: config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+settings = _settings()
+app = Celery("cachewarden", include=["tasks.writebehind"])
+app.conf.update(celery_config(settings))
+app.steps["worker"].add(DispatcherStep)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging()
+
+
+@signals.worker_init.connect
+def _check_redis(**_: Any) -> None:
+    """Refuse to start on a Redis that could evict the write buffer."""
+    configure_logging()
+    client = redis_client(settings.redis)
+    try:
+        check_redis_safety(client, settings.redis)
+    except CachewardenError as exc:
+        print(f"cachewarden: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        client.close()
+
+
+@signals.worker_process_init.connect
+def _fresh_runtime(**_: Any) -> None:
+    """Each pool process builds its own clients (none crosses a fork)."""
+    set_runtime(None)
+
+
+__all__ = ["app", "bootsteps"]
