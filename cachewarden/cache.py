@@ -83,6 +83,7 @@ class Cache:
                     keys.dirty(spec.name, shard),
                     keys.due(),
                     keys.dead_keys(spec.name),
+                    keys.lease(spec.name, key),
                 ],
                 args=[
                     op, key, value, wb.max_pending, wb.batch_size, wb.max_delay_ms,

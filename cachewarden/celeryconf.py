@@ -12,9 +12,6 @@ from celery import Celery
 
 from cachewarden.settings import Settings
 
-QUEUE = "cachewarden"
-
-
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings: JSON only, late acks, no results, events on for Flower."""
     return {
@@ -26,7 +23,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "event_serializer": "json",
         "task_ignore_result": True,
         "result_backend": None,
-        "task_default_queue": QUEUE,
+        "task_default_queue": settings.celery.queue,
         # A task a dead worker held is redelivered, not acknowledged and lost.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -88,7 +88,7 @@ def replay(redis: Redis, keys: Keyspace, spec: EntitySettings, letter: DeadLette
         result: str = scripts.replay(
             keys=[keys.entry(spec.name, letter.key), keys.stream(spec.name, shard),
                   keys.dirty(spec.name, shard), keys.due(), keys.dead_keys(spec.name),
-                  keys.dead(spec.name)],
+                  keys.dead(spec.name), keys.lease(spec.name, letter.key)],
             args=[letter.op, letter.key, letter.value, wb.max_pending, wb.batch_size,
                   wb.max_delay_ms, due_member(spec.name, shard), letter.id, "1" if force else "0"],
         )

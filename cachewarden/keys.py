@@ -12,6 +12,7 @@ Layout (prefix "cw", entity "user", shard 3):
     cw:@wb:user:dead:keys      hash: key -> id of its newest dead letter
     cw:@lock:flush:user:3      the shard's flusher lock (value: owner token)
     cw:@fence:flush:user:3     the shard's fencing-token counter
+    cw:@lease:user:42          a loader's lease on one key; any write or delete voids it
 
 Keys of cache entries never contain ':' so they cannot meet the internal names,
 which all sit under "@" (not allowed in entity names).
@@ -75,6 +76,10 @@ class Keyspace:
     def dead_keys(self, entity: str) -> str:
         """Key -> id of its newest dead letter (cleared by any newer write)."""
         return f"{self.dead(entity)}:keys"
+
+    def lease(self, entity: str, key: str) -> str:
+        """A loader's lease on one key (value: its token); every write or delete deletes it."""
+        return f"{self.prefix}:@lease:{entity}:{key}"
 
     def flush_lock(self, entity: str, shard: int) -> str:
         """The lock that admits one flusher per shard."""

@@ -51,6 +51,7 @@ class CelerySettings:
 
     broker_url: str = ""
     concurrency: int = 0  # 0: one process per core
+    queue: str = "cachewarden"
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     celery = CelerySettings(
         broker_url=os.environ.get(BROKER_URL_ENV) or cel.get("broker_url", str, ""),
         concurrency=cel.get("concurrency", int, 0),
+        queue=cel.get("queue", str, "cachewarden"),
     )
     cel.reject_unknown()
     ents = root.sub("entities")

@@ -1,5 +1,5 @@
 -- Set a cache entry and append the write to its shard's stream, atomically.
--- KEYS: 1 entry, 2 stream, 3 dirty hash, 4 due zset, 5 dead-letter keys hash
+-- KEYS: 1 entry, 2 stream, 3 dirty hash, 4 due zset, 5 dead-letter keys hash, 6 lease
 -- ARGV: 1 op ("w" write, "d" delete), 2 key, 3 value (JSON; "null" for a delete),
 --       4 max_pending, 5 batch_size, 6 max_delay_ms, 7 due member,
 --       8 version column name ("" for none), 9 version of this write ("" for none)
@@ -33,6 +33,8 @@ else
 end
 redis.call('HSET', KEYS[3], ARGV[2], id)
 redis.call('HDEL', KEYS[5], ARGV[2])
+-- A load or refresh of this key that began before now must not fill the cache.
+redis.call('DEL', KEYS[6])
 if pending + 1 >= tonumber(ARGV[5]) then
   redis.call('ZADD', KEYS[4], 0, ARGV[7])
 else

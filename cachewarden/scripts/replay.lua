@@ -1,5 +1,5 @@
 -- Re-enqueue one dead letter unless a newer write of its key superseded it.
--- KEYS: 1 entry, 2 stream, 3 dirty hash, 4 due zset, 5 dead-letter keys hash, 6 dead stream
+-- KEYS: 1 entry, 2 stream, 3 dirty hash, 4 due zset, 5 dead-letter keys hash, 6 dead stream, 7 lease
 -- ARGV: 1 op, 2 key, 3 value, 4 max_pending, 5 batch_size, 6 max_delay_ms, 7 due member,
 --       8 dead-letter id, 9 force ("1" to replay even if superseded)
 if ARGV[9] ~= '1' and redis.call('HGET', KEYS[5], ARGV[2]) ~= ARGV[8] then
@@ -14,5 +14,6 @@ local id = redis.call('XADD', KEYS[2], '*', 'o', ARGV[1], 'k', ARGV[2], 'v', ARG
 redis.call('HSET', KEYS[3], ARGV[2], id)
 redis.call('HDEL', KEYS[5], ARGV[2])
 redis.call('XDEL', KEYS[6], ARGV[8])
+redis.call('DEL', KEYS[7])
 redis.call('ZADD', KEYS[4], 0, ARGV[7])
 return id

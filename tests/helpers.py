@@ -1,0 +1,156 @@
+"""Shared test machinery: configs, fresh databases, a real Celery worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("CACHEWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+PG_ADMIN_URL = os.environ.get(
+    "CACHEWARDEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MARIADB_ADMIN_URL = os.environ.get(
+    "CACHEWARDEN_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
+)
+
+
+def unique(stem: str = "t") -> str:
+    """A short unique name for a prefix, schema or queue."""
+    return f"{stem}{uuid.uuid4().hex[:10]}"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(value: Any) -> str:
+    """Render a Python value as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(tables: dict[str, dict[str, Any]]) -> str:
+    """Render {"redis": {...}, "entities.user": {...}} as a TOML document."""
+    lines: list[str] = []
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+class WorkerProcess:
+    """A real `celery -A worker worker` process running against a test config."""
+
+    def __init__(self, config: Path, log_path: Path, concurrency: int = 2,
+                 name: str | None = None, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.concurrency = concurrency
+        self.name = name or unique("w")
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    def start(self, wait: bool = True) -> WorkerProcess:
+        """Start the worker and (by default) wait until it is ready."""
+        env = {**os.environ, "CACHEWARDEN_CONFIG": str(self.config),
+               "CACHEWARDEN_LOG_FORMAT": "json", **self.env}
+        cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker",
+               "--concurrency", str(self.concurrency), "-n", f"{self.name}@%h",
+               "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+        self._lines = []
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if wait:
+            wait_for(lambda: self.ready or self.exited, 60, what=f"worker {self.name} ready")
+            if self.exited:
+                raise AssertionError(f"worker exited: {self.output()[-3000:]}")
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self.log_path, "ab") as log:
+            for raw in self.proc.stdout:
+                log.write(raw)
+                log.flush()
+                self._lines.append(raw.decode("utf-8", "replace"))
+
+    @property
+    def ready(self) -> bool:
+        """True once Celery said the worker is ready."""
+        return any(" ready." in line or "ready.\"" in line for line in self._lines)
+
+    @property
+    def exited(self) -> bool:
+        """True when the process has ended."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def output(self) -> str:
+        """Everything the worker printed so far."""
+        return "".join(self._lines)
+
+    def children(self) -> list[int]:
+        """Pids of the pool processes."""
+        assert self.proc is not None
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool processes at once."""
+        if self.proc is None or self.exited:
+            self._close()
+            return
+        for pid in self.children():
+            _signal(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(10)
+        self._close()
+
+    def _close(self) -> None:
+        if self._reader is not None:
+            self._reader.join(5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def stop(self) -> None:
+        """Warm shutdown, then SIGKILL if it lingers."""
+        if self.proc is None or self.exited:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
