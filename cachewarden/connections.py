@@ -5,7 +5,7 @@ Clients are built by these factories after fork, never at import time.
 
 from __future__ import annotations
 
-import structlog
+
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -14,7 +14,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
 from cachewarden.settings import RedisSettings
 
-log = structlog.get_logger("cachewarden.connections")
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
@@ -59,6 +58,4 @@ def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:
         raise UnsafeRedis(
             problems[0] + " (or set [redis] unsafe_policy = \"warn\" to run anyway)"
         )
-    for problem in problems + warnings:
-        log.warning("redis_unsafe", url=settings.url, detail=problem)
     return problems + warnings

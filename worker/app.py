@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import structlog
 from celery import Celery, bootsteps, signals
 
 from cachewarden.celeryconf import celery_config
@@ -45,7 +46,8 @@ def _check_redis(**_: Any) -> None:
     configure_logging()
     client = redis_client(settings.redis)
     try:
-        check_redis_safety(client, settings.redis)
+        for warning in check_redis_safety(client, settings.redis):
+            structlog.get_logger("cachewarden.worker").warning("redis_unsafe", detail=warning)
     except CachewardenError as exc:
         print(f"cachewarden: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

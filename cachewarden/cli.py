@@ -1,0 +1,126 @@
+"""The `cachewarden` command line.
+
+Every command reads the config first; a config error prints one line naming
+the file, the field and the problem, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cachewarden.errors import CachewardenError, ConfigError
+from cachewarden.logs import configure_logging
+from cachewarden.settings import CONFIG_ENV, Settings, config_path, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cachewarden", description="Background cache maintenance: write-behind for Redis + SQL."
+    )
+    parser.add_argument("--config", help=f"config file (default: ${CONFIG_ENV} or config/cachewarden.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("check", help="validate the config, connect to Redis and the database, print what is defined")
+    stats = sub.add_parser("stats", help="pending writes, due shards and dead letters per entity")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    worker = sub.add_parser("worker", help="run a Celery worker (celery -A worker worker); extra args go to celery")
+    worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    sub.add_parser("scheduler", help="run the APScheduler process (flush dispatcher, warming jobs)")
+    run = sub.add_parser("run", help="development: a worker, with an embedded Redis if none answers")
+    run.add_argument("--no-embedded", action="store_true", help="never start the embedded Redis")
+    dead = sub.add_parser("dead-letters", help="list, replay or discard rows the database rejected")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "show dead letters"), ("replay", "re-enqueue dead letters"),
+                         ("discard", "delete dead letters for good")):
+        p = dead_sub.add_parser(action, help=text)
+        p.add_argument("entity")
+        p.add_argument("--id", action="append", dest="ids", help="only this dead-letter id (repeatable)")
+        p.add_argument("--count", type=int, default=1000, help="at most this many (default 1000)")
+        if action == "list":
+            p.add_argument("--json", action="store_true", help="print JSON lines")
+        if action == "replay":
+            p.add_argument("--force", action="store_true", help="replay even where a newer write superseded it")
+    demo = sub.add_parser("demo", help="demo helpers")
+    demo.add_argument("action", choices=["init"], help="init: create the demo entity's table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"cachewarden: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging()
+    from cachewarden import commands
+
+    handlers: dict[str, Command] = {
+        "check": commands.check,
+        "stats": commands.stats,
+        "worker": lambda s, a: _celery(s, args.config, ["worker", *a.celery_args]),
+        "scheduler": commands.scheduler,
+        "run": lambda s, a: _run(s, args.config, a.no_embedded),
+        "dead-letters": commands.dead_letters,
+        "demo": commands.demo,
+    }
+    try:
+        return handlers[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"cachewarden: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except CachewardenError as exc:
+        print(f"cachewarden: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _celery(settings: Settings, config: str | None, argv: list[str]) -> int:
+    """Run `celery -A worker ...` from the repository root with this config."""
+    if not Path("worker/__init__.py").is_file():
+        print("cachewarden: run this from the cachewarden repository root (where worker/ is)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    env = {**os.environ, CONFIG_ENV: str(config_path(config).resolve())}
+    cmd = [sys.executable, "-m", "celery", "-A", "worker", *argv]
+    if argv[:1] == ["worker"] and "--loglevel" not in argv and "-l" not in argv:
+        cmd += ["--loglevel", "INFO"]
+    return subprocess.call(cmd, env=env)
+
+
+def _run(settings: Settings, config: str | None, no_embedded: bool) -> int:
+    """A worker for development; starts the embedded Redis when none answers."""
+    from cachewarden.embedded import redis_answers, start_embedded_redis
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    embedded = None
+    if not redis_answers(settings.redis.url):
+        if no_embedded:
+            print(f"cachewarden: Redis at {settings.redis.url} does not answer", file=sys.stderr)
+            return EXIT_FAILED
+        embedded = start_embedded_redis(settings.redis.url, Path(".cachewarden/redis"))
+        print(f"cachewarden: started an embedded Redis (AOF in .cachewarden/redis) at "
+              f"{settings.redis.url}", file=sys.stderr)
+    try:
+        return _celery(settings, config, ["worker"])
+    finally:
+        if embedded is not None:
+            embedded.terminate()
+            embedded.wait(10)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

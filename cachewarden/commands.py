@@ -1,0 +1,168 @@
+"""What the `cachewarden` subcommands do (the parsing is in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from redis.exceptions import RedisError
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from cachewarden.connections import check_redis_safety, redis_client
+from cachewarden.database import describe, make_engine
+from cachewarden.deadletters import count_dead, discard, list_dead, replay
+from cachewarden.errors import BackendUnavailable, UnsafeRedis
+from cachewarden.keys import Keyspace
+from cachewarden.settings import EntitySettings, Settings
+from cachewarden.sqlsink import SqlSink
+
+OK, FAILED = 0, 1
+
+
+def _ms(value: int) -> str:
+    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if value % size == 0:
+            return f"{value // size}{unit}"
+    return f"{value}ms"
+
+
+def _describe_entity(spec: EntitySettings) -> str:
+    wb = spec.write_behind
+    version = f", version_column={spec.version_column}" if spec.version_column else ""
+    return (
+        f"  {spec.name}: table={spec.table} key={spec.key} ttl={_ms(spec.ttl_ms)}{version}\n"
+        f"    write_behind: max_delay={_ms(wb.max_delay_ms)} batch_size={wb.batch_size} "
+        f"shards={wb.shards} max_pending={wb.max_pending} lock_ttl={_ms(wb.lock_ttl_ms)}"
+    )
+
+
+def check(settings: Settings, _args: argparse.Namespace) -> int:
+    """Validate the config, connect to Redis and the database, print the definitions."""
+    print(f"config: {settings.source} (valid)")
+    status = OK
+    client = redis_client(settings.redis)
+    try:
+        client.ping()
+        warnings = check_redis_safety(client, settings.redis)
+        print(f"redis: {settings.redis.url} ok (prefix {settings.redis.prefix!r})")
+        for warning in warnings:
+            print(f"  warning: {warning}")
+    except (RedisError, BackendUnavailable, UnsafeRedis) as exc:
+        print(f"redis: {settings.redis.url} FAILED: {exc}")
+        status = FAILED
+    finally:
+        client.close()
+    engine = make_engine(settings.database)
+    try:
+        sa_inspect(engine).get_table_names()
+        print(f"database: {describe(engine)} ok ({engine.dialect.name})")
+    except SQLAlchemyError as exc:
+        print(f"database: {describe(engine)} FAILED: {str(exc).splitlines()[0]}")
+        return FAILED
+    print(f"entities ({len(settings.entities)}):")
+    for spec in settings.entities.values():
+        print(_describe_entity(spec))
+        try:
+            SqlSink(engine, spec, settings.source)
+            print(f"    table {spec.table}: ok")
+        except Exception as exc:
+            print(f"    table {spec.table}: FAILED: {exc}")
+            status = FAILED
+    engine.dispose()
+    return status
+
+
+def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, Any]:
+    """Pending writes per shard, due shards and dead letters, per entity."""
+    due = dict(client.zrange(keys.due(), 0, -1, withscores=True))
+    out: dict[str, Any] = {}
+    for spec in settings.entities.values():
+        shards = range(spec.write_behind.shards)
+        pending = [int(client.xlen(keys.stream(spec.name, s))) for s in shards]
+        out[spec.name] = {
+            "pending": sum(pending),
+            "pending_per_shard": pending,
+            "due_shards": [s for s in shards if f"{spec.name}:{s}" in due],
+            "dead_letters": count_dead(client, keys, spec.name),
+        }
+    return out
+
+
+def stats(settings: Settings, args: argparse.Namespace) -> int:
+    """Print pending writes, due shards and dead letters."""
+    client = redis_client(settings.redis)
+    try:
+        data = entity_stats(settings, client, Keyspace(settings.redis.prefix))
+    except RedisError as exc:
+        raise BackendUnavailable(f"Redis at {settings.redis.url}: {exc}") from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(data))
+        return OK
+    for name, row in data.items():
+        print(f"{name}: pending={row['pending']} {row['pending_per_shard']} "
+              f"due_shards={row['due_shards']} dead_letters={row['dead_letters']}")
+    return OK
+
+
+def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    """list / replay / discard dead letters of one entity."""
+    from cachewarden.cache import Cache
+
+    cache = Cache(settings)
+    spec = cache.entity(args.entity)
+    try:
+        letters = list_dead(cache.redis, cache.keys, spec.name, count=args.count)
+        if args.ids:
+            letters = [letter for letter in letters if letter.id in set(args.ids)]
+        if args.action == "list":
+            for letter in letters:
+                if args.json:
+                    print(json.dumps(letter.as_dict()))
+                else:
+                    print(f"{letter.id} {letter.op} {spec.name}:{letter.key} error: {letter.error}")
+            print(f"{len(letters)} dead letter(s) shown", file=sys.stderr)
+        elif args.action == "replay":
+            for letter in letters:
+                result = replay(cache.redis, cache.keys, spec, letter, force=args.force)
+                print(f"{letter.id} {spec.name}:{letter.key}: "
+                      f"{'superseded by a newer write, dropped' if result == 'superseded' else 'replayed as ' + result}")
+        else:
+            for letter in letters:
+                discard(cache.redis, cache.keys, spec.name, letter.id)
+                print(f"{letter.id} {spec.name}:{letter.key}: discarded")
+    finally:
+        cache.close()
+    return OK
+
+
+def scheduler(settings: Settings, _args: argparse.Namespace) -> int:
+    """Run the scheduler process until stopped."""
+    from cachewarden.scheduler import run_scheduler
+
+    run_scheduler(settings)
+    return OK
+
+
+DEMO_DDL = (
+    "CREATE TABLE IF NOT EXISTS {table} ("
+    "{key} INTEGER PRIMARY KEY, name VARCHAR(200) NOT NULL, email VARCHAR(200), "
+    "version BIGINT NOT NULL DEFAULT 0)"
+)
+
+
+def demo(settings: Settings, _args: argparse.Namespace) -> int:
+    """Create the tables of the configured entities for the demo (users-like shape)."""
+    from sqlalchemy import text
+
+    engine = make_engine(settings.database)
+    with engine.begin() as conn:
+        for spec in settings.entities.values():
+            conn.execute(text(DEMO_DDL.format(table=spec.table, key=spec.key)))
+            print(f"table {spec.table} ready in {describe(engine)}")
+    engine.dispose()
+    return OK

@@ -1,0 +1,150 @@
+"""Private servers for tests that stop, restart or break them.
+
+Each one runs from the machine's own binaries on a free loopback port, in a
+fresh temporary directory, and is always stopped at teardown.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+# -- a private PostgreSQL -----------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _major(path: str) -> int:
+    """The major version in /usr/lib/postgresql/MAJOR/bin/NAME (0 if not a number)."""
+    part = Path(path).parts[4]
+    return int(part) if part.isdigit() else 0
+
+
+def _pg_bin(name: str) -> str:
+    """The newest installed PostgreSQL's binary `name`."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=_major)
+    if not found:
+        raise FileNotFoundError(f"no /usr/lib/postgresql/*/bin/{name}; install postgresql")
+    return found[-1]
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL server on 127.0.0.1 that a test may stop and restart.
+
+    Its data directory and socket live in a fresh directory under /tmp owned by
+    the `postgres` OS user (PostgreSQL refuses to run as root). Trust auth,
+    fsync off. Use it as a context manager, or call `close()`: it always stops.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.base = Path(tempfile.mkdtemp(prefix="cwpg"))
+        self.data = self.base / "data"
+        self.log_path = self.base / "postgres.log"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+        self.base.chmod(0o700)
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL of its `postgres` database."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        argv = list(cmd)
+        if self._as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        out = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, cwd=self.base, check=False
+        )
+        if out.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({out.returncode}): {out.stdout}{out.stderr}"
+                f"{self.log()[-2000:]}"
+            )
+        return out
+
+    def init(self) -> PrivatePostgres:
+        """initdb the data directory and configure port, address and socket."""
+        flags = "-U postgres -A trust -E UTF8 --locale=C --no-sync --no-instructions"
+        self._run(_pg_bin("initdb"), "-D", str(self.data), *flags.split())
+        settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.base}'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "60",
+            "shared_buffers": "32MB",
+            "logging_collector": "off",
+        }
+        with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
+            conf.writelines(f"{k} = {v}\n" for k, v in settings.items())
+        return self
+
+    def start(self) -> PrivatePostgres:
+        """Start the server and wait until it accepts connections."""
+        log = ["-l", str(self.log_path)]
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), *log, "-w", "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (mode fast: disconnect clients, clean shutdown)."""
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-m", mode, "stop")
+
+    def restart(self) -> PrivatePostgres:
+        """Stop, then start again on the same port and data."""
+        self.stop()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the postmaster runs."""
+        if not self.data.exists():
+            return False
+        argv = [_pg_bin("pg_ctl"), "-D", str(self.data), "status"]
+        if self._as_postgres:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+    def log(self) -> str:
+        """What the server wrote to its log."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        """Stop the server whatever state it is in, and remove its files."""
+        try:
+            if self.running:
+                try:
+                    self.stop("fast")
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    self.stop("immediate")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> PrivatePostgres:
+        try:
+            return self.init().start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
