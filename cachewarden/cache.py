@@ -15,7 +15,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN, redis_client
-from cachewarden.errors import Backpressure, BackendUnavailable, InvalidValue, UnknownEntity
+from cachewarden.errors import BackendUnavailable, Backpressure, InvalidValue, UnknownEntity
 from cachewarden.keys import Keyspace, due_member, shard_of
 from cachewarden.scripts import Scripts
 from cachewarden.settings import EntitySettings, Settings, load_settings
@@ -86,8 +86,15 @@ class Cache:
                     keys.lease(spec.name, key),
                 ],
                 args=[
-                    op, key, value, wb.max_pending, wb.batch_size, wb.max_delay_ms,
-                    due_member(spec.name, shard), spec.version_column or "", version,
+                    op,
+                    key,
+                    value,
+                    wb.max_pending,
+                    wb.batch_size,
+                    wb.max_delay_ms,
+                    due_member(spec.name, shard),
+                    spec.version_column or "",
+                    version,
                 ],
             )
         except ResponseError as exc:
@@ -108,7 +115,9 @@ class Cache:
         return stream_id
 
 
-def _with_key(spec: EntitySettings, text: str, key: str | int, row: Mapping[str, Any]) -> Mapping[str, Any]:
+def _with_key(
+    spec: EntitySettings, text: str, key: str | int, row: Mapping[str, Any]
+) -> Mapping[str, Any]:
     if not isinstance(row, Mapping):
         raise InvalidValue(
             f"{spec.name}:{text}: the row is a {type(row).__name__}; pass a dict of column values"

@@ -12,6 +12,7 @@ from celery import Celery
 
 from cachewarden.settings import Settings
 
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings: JSON only, late acks, no results, events on for Flower."""
     return {

@@ -24,30 +24,47 @@ Command = Callable[[Settings, argparse.Namespace], int]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cachewarden", description="Background cache maintenance: write-behind for Redis + SQL."
+        prog="cachewarden",
+        description="Background cache maintenance: write-behind for Redis + SQL.",
     )
-    parser.add_argument("--config", help=f"config file (default: ${CONFIG_ENV} or config/cachewarden.toml)")
+    parser.add_argument(
+        "--config", help=f"config file (default: ${CONFIG_ENV} or config/cachewarden.toml)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("check", help="validate the config, connect to Redis and the database, print what is defined")
+    sub.add_parser(
+        "check",
+        help="validate the config, connect to Redis and the database, print what is defined",
+    )
     stats = sub.add_parser("stats", help="pending writes, due shards and dead letters per entity")
     stats.add_argument("--json", action="store_true", help="print JSON")
-    worker = sub.add_parser("worker", help="run a Celery worker (celery -A worker worker); extra args go to celery")
+    worker = sub.add_parser(
+        "worker", help="run a Celery worker (celery -A worker worker); extra args go to celery"
+    )
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
     sub.add_parser("scheduler", help="run the APScheduler process (flush dispatcher, warming jobs)")
-    run = sub.add_parser("run", help="development: a worker, with an embedded Redis if none answers")
+    run = sub.add_parser(
+        "run", help="development: a worker, with an embedded Redis if none answers"
+    )
     run.add_argument("--no-embedded", action="store_true", help="never start the embedded Redis")
     dead = sub.add_parser("dead-letters", help="list, replay or discard rows the database rejected")
     dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("list", "show dead letters"), ("replay", "re-enqueue dead letters"),
-                         ("discard", "delete dead letters for good")):
+    for action, text in (
+        ("list", "show dead letters"),
+        ("replay", "re-enqueue dead letters"),
+        ("discard", "delete dead letters for good"),
+    ):
         p = dead_sub.add_parser(action, help=text)
         p.add_argument("entity")
-        p.add_argument("--id", action="append", dest="ids", help="only this dead-letter id (repeatable)")
+        p.add_argument(
+            "--id", action="append", dest="ids", help="only this dead-letter id (repeatable)"
+        )
         p.add_argument("--count", type=int, default=1000, help="at most this many (default 1000)")
         if action == "list":
             p.add_argument("--json", action="store_true", help="print JSON lines")
         if action == "replay":
-            p.add_argument("--force", action="store_true", help="replay even where a newer write superseded it")
+            p.add_argument(
+                "--force", action="store_true", help="replay even where a newer write superseded it"
+            )
     demo = sub.add_parser("demo", help="demo helpers")
     demo.add_argument("action", choices=["init"], help="init: create the demo entity's table")
     return parser
@@ -88,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _celery(settings: Settings, config: str | None, argv: list[str]) -> int:
     """Run `celery -A worker ...` from the repository root with this config."""
     if not Path("worker/__init__.py").is_file():
-        print("cachewarden: run this from the cachewarden repository root (where worker/ is)",
-              file=sys.stderr)
+        print(
+            "cachewarden: run this from the cachewarden repository root (where worker/ is)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     env = {**os.environ, CONFIG_ENV: str(config_path(config).resolve())}
     cmd = [sys.executable, "-m", "celery", "-A", "worker", *argv]
@@ -112,8 +131,11 @@ def _run(settings: Settings, config: str | None, no_embedded: bool) -> int:
             print(f"cachewarden: Redis at {settings.redis.url} does not answer", file=sys.stderr)
             return EXIT_FAILED
         embedded = start_embedded_redis(settings.redis.url, Path(".cachewarden/redis"))
-        print(f"cachewarden: started an embedded Redis (AOF in .cachewarden/redis) at "
-              f"{settings.redis.url}", file=sys.stderr)
+        print(
+            f"cachewarden: started an embedded Redis (AOF in .cachewarden/redis) at "
+            f"{settings.redis.url}",
+            file=sys.stderr,
+        )
     try:
         return _celery(settings, config, ["worker"])
     finally:

@@ -24,13 +24,11 @@ _decode = json.loads
 def key_text(entity: str, key: object) -> str:
     """The validated string form of a key (ints are written in decimal)."""
     if isinstance(key, bool) or not isinstance(key, str | int):
-        raise InvalidKey(
-            f"{entity}: key {key!r} is a {type(key).__name__}; use a str or an int"
-        )
+        raise InvalidKey(f"{entity}: key {key!r} is a {type(key).__name__}; use a str or an int")
     text = str(key)
     if not text:
         raise InvalidKey(f"{entity}: the key is empty; every row needs a non-empty key")
-    bad = sorted({ch for ch in text if ch in RESERVED_KEY_CHARS or ch.isspace() or ord(ch) < 32})
+    bad = sorted({ch for ch in text if ch in RESERVED_KEY_CHARS or ch.isspace() or _is_control(ch)})
     if bad:
         raise InvalidKey(
             f"{entity}: key {text!r} contains {''.join(bad)!r}; keys may not hold "
@@ -39,6 +37,11 @@ def key_text(entity: str, key: object) -> str:
     if len(text.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKey(f"{entity}: key {text[:40]!r}... is over {MAX_KEY_BYTES} bytes")
     return text
+
+
+def _is_control(ch: str) -> bool:
+    """C0 controls, DEL and C1 controls (Unicode category Cc)."""
+    return ord(ch) < 32 or 127 <= ord(ch) < 160
 
 
 def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) -> str:

@@ -104,8 +104,10 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return OK
     for name, row in data.items():
-        print(f"{name}: pending={row['pending']} {row['pending_per_shard']} "
-              f"due_shards={row['due_shards']} dead_letters={row['dead_letters']}")
+        print(
+            f"{name}: pending={row['pending']} {row['pending_per_shard']} "
+            f"due_shards={row['due_shards']} dead_letters={row['dead_letters']}"
+        )
     return OK
 
 
@@ -129,8 +131,12 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
         elif args.action == "replay":
             for letter in letters:
                 result = replay(cache.redis, cache.keys, spec, letter, force=args.force)
-                print(f"{letter.id} {spec.name}:{letter.key}: "
-                      f"{'superseded by a newer write, dropped' if result == 'superseded' else 'replayed as ' + result}")
+                outcome = (
+                    "superseded by a newer write, dropped"
+                    if result == "superseded"
+                    else f"replayed as {result}"
+                )
+                print(f"{letter.id} {spec.name}:{letter.key}: {outcome}")
         else:
             for letter in letters:
                 discard(cache.redis, cache.keys, spec.name, letter.id)

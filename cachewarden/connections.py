@@ -5,7 +5,6 @@ Clients are built by these factories after fork, never at import time.
 
 from __future__ import annotations
 
-
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -13,7 +12,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
 from cachewarden.settings import RedisSettings
-
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
@@ -55,7 +53,5 @@ def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:
             "Enable 'appendonly yes' with 'appendfsync everysec' in production."
         )
     if problems and settings.unsafe_policy == "refuse":
-        raise UnsafeRedis(
-            problems[0] + " (or set [redis] unsafe_policy = \"warn\" to run anyway)"
-        )
+        raise UnsafeRedis(problems[0] + ' (or set [redis] unsafe_policy = "warn" to run anyway)')
     return problems + warnings

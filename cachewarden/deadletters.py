@@ -42,9 +42,14 @@ class DeadLetter:
     def from_entry(cls, entity: str, dead_id: str, fields: dict[str, str]) -> DeadLetter:
         """Parse one entry of the dead-letter stream."""
         return cls(
-            id=dead_id, entity=entity, op=fields.get("o", ""), key=fields.get("k", ""),
-            value=fields.get("v", ""), version=fields.get("n", ""),
-            error=fields.get("error", ""), stream_id=fields.get("stream_id", ""),
+            id=dead_id,
+            entity=entity,
+            op=fields.get("o", ""),
+            key=fields.get("k", ""),
+            value=fields.get("v", ""),
+            version=fields.get("n", ""),
+            error=fields.get("error", ""),
+            stream_id=fields.get("stream_id", ""),
             failed_at_ms=int(fields.get("failed_at_ms", "0")),
         )
 
@@ -57,19 +62,24 @@ def dead_letter(rt: Runtime, spec: EntitySettings, shard: int, rejected: Rejecte
     """Move a rejected operation to the entity's dead-letter stream; return its id."""
     op = rejected.op
     fields = {
-        "o": op.kind, "k": op.key, "v": op.value, "n": "" if op.version is None else str(op.version),
-        "error": rejected.error, "stream_id": op.id, "shard": str(shard),
+        "o": op.kind,
+        "k": op.key,
+        "v": op.value,
+        "n": "" if op.version is None else str(op.version),
+        "error": rejected.error,
+        "stream_id": op.id,
+        "shard": str(shard),
         "failed_at_ms": str(int(time.time() * 1000)),
     }
     keys = rt.keys
-    dead_id: str = rt.redis.xadd(keys.dead(spec.name), fields)  # type: ignore[arg-type]
+    dead_id: Any = rt.redis.xadd(keys.dead(spec.name), fields)  # type: ignore[arg-type]
     rt.redis.hset(keys.dead_keys(spec.name), op.key, dead_id)
-    return dead_id
+    return str(dead_id)
 
 
 def list_dead(redis: Redis, keys: Keyspace, entity: str, count: int = 100) -> list[DeadLetter]:
     """The oldest `count` dead letters of an entity."""
-    entries = redis.xrange(keys.dead(entity), count=count)
+    entries: Any = redis.xrange(keys.dead(entity), count=count)
     return [DeadLetter.from_entry(entity, i, f) for i, f in entries]
 
 
@@ -78,19 +88,35 @@ def count_dead(redis: Redis, keys: Keyspace, entity: str) -> int:
     return int(redis.xlen(keys.dead(entity)))
 
 
-def replay(redis: Redis, keys: Keyspace, spec: EntitySettings, letter: DeadLetter,
-           force: bool = False) -> str:
+def replay(
+    redis: Redis, keys: Keyspace, spec: EntitySettings, letter: DeadLetter, force: bool = False
+) -> str:
     """Re-enqueue a dead letter; return the new stream id, or "superseded"."""
     wb = spec.write_behind
     shard = shard_of(letter.key, wb.shards)
     scripts = Scripts.register(redis)
     try:
         result: str = scripts.replay(
-            keys=[keys.entry(spec.name, letter.key), keys.stream(spec.name, shard),
-                  keys.dirty(spec.name, shard), keys.due(), keys.dead_keys(spec.name),
-                  keys.dead(spec.name), keys.lease(spec.name, letter.key)],
-            args=[letter.op, letter.key, letter.value, wb.max_pending, wb.batch_size,
-                  wb.max_delay_ms, due_member(spec.name, shard), letter.id, "1" if force else "0"],
+            keys=[
+                keys.entry(spec.name, letter.key),
+                keys.stream(spec.name, shard),
+                keys.dirty(spec.name, shard),
+                keys.due(),
+                keys.dead_keys(spec.name),
+                keys.dead(spec.name),
+                keys.lease(spec.name, letter.key),
+            ],
+            args=[
+                letter.op,
+                letter.key,
+                letter.value,
+                wb.max_pending,
+                wb.batch_size,
+                wb.max_delay_ms,
+                due_member(spec.name, shard),
+                letter.id,
+                "1" if force else "0",
+            ],
         )
     except ResponseError as exc:
         if "BACKPRESSURE" in str(exc):

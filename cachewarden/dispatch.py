@@ -36,8 +36,12 @@ def claim_due(rt: Runtime, most: int = 1000) -> list[tuple[str, int]]:
         if entity in rt.settings.entities:
             claimed.append((entity, shard))
         else:
-            log.warning("dispatch_unknown_entity", entity=entity, shard=shard,
-                        detail="writes are buffered for an entity the config no longer defines")
+            log.warning(
+                "dispatch_unknown_entity",
+                entity=entity,
+                shard=shard,
+                detail="writes are buffered for an entity the config no longer defines",
+            )
     return claimed
 
 

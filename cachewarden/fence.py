@@ -21,8 +21,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from cachewarden.database import unavailable
 from cachewarden.errors import LockLost
 
 FENCE_TABLE = "cachewarden_fence"
@@ -67,7 +68,17 @@ class Fence:
 
 
 def committed_token(engine: Engine, name: str) -> int:
-    """The highest token committed for `name`, creating its row (at 0) if missing."""
+    """The highest token committed for `name`, creating its row (at 0) if missing.
+
+    Raises BackendUnavailable when the database cannot be reached (the flusher backs off).
+    """
+    try:
+        return _committed_token(engine, name)
+    except SQLAlchemyError as exc:
+        raise unavailable(engine, exc) from exc
+
+
+def _committed_token(engine: Engine, name: str) -> int:
     fence_table(engine)
     with engine.begin() as conn:
         token = conn.execute(select(_fence.c.token).where(_fence.c.name == name)).scalar()

@@ -21,8 +21,10 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     if _configured:
         return
     _configured = True
-    fmt = fmt or os.environ.get("CACHEWARDEN_LOG_FORMAT") or (
-        "console" if sys.stderr.isatty() else "json"
+    fmt = (
+        fmt
+        or os.environ.get("CACHEWARDEN_LOG_FORMAT")
+        or ("console" if sys.stderr.isatty() else "json")
     )
     level = (level or os.environ.get("CACHEWARDEN_LOG_LEVEL") or "INFO").upper()
     shared: list[structlog.types.Processor] = [

@@ -38,8 +38,13 @@ def build_scheduler(settings: Settings) -> BlockingScheduler:
 
     scheduler = BlockingScheduler(timezone="UTC")
     scheduler.add_job(
-        dispatch, "interval", seconds=settings.dispatch_interval_ms / 1000,
-        id="write-behind-dispatch", max_instances=1, coalesce=True, misfire_grace_time=None,
+        dispatch,
+        "interval",
+        seconds=settings.dispatch_interval_ms / 1000,
+        id="write-behind-dispatch",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
     )
     return scheduler
 

@@ -107,7 +107,7 @@ class _Reader:
         self.seen: set[str] = set()
 
     def fail(self, key: str, problem: str) -> ConfigError:
-        where = f"{self.path}.{key}" if self.path else key
+        where = ".".join(part for part in (self.path, key) if part)
         return ConfigError(self.source, where, problem)
 
     def get(self, key: str, kind: type, default: Any) -> Any:
@@ -141,7 +141,7 @@ class _Reader:
     def required_duration(self, key: str, default_ms: int | None = None) -> int:
         value = self.duration(key, default_ms)
         if value is None:
-            raise self.fail(key, "is required (a duration such as \"10m\")")
+            raise self.fail(key, 'is required (a duration such as "10m")')
         if value <= 0:
             raise self.fail(key, "must be longer than zero")
         return value
@@ -161,14 +161,23 @@ class _Reader:
             )
 
 
+def _env_or(reader: _Reader, key: str, env: str, default: str) -> str:
+    """The environment variable `env` if set, else the file's `key`.
+
+    The file's value is read (type-checked, and counted as a known setting) either way.
+    """
+    file_value: str = reader.get(key, str, default)
+    return os.environ.get(env) or file_value
+
+
 def _redis(reader: _Reader) -> RedisSettings:
-    url = os.environ.get(REDIS_URL_ENV) or reader.get("url", str, RedisSettings.url)
+    url = _env_or(reader, "url", REDIS_URL_ENV, RedisSettings.url)
     prefix = reader.get("prefix", str, "cw")
     if not _PREFIX.match(prefix):
         raise reader.fail("prefix", "use 1-32 letters, digits, '_', '-' or '.'")
     policy = reader.get("unsafe_policy", str, "refuse")
     if policy not in ("refuse", "warn"):
-        raise reader.fail("unsafe_policy", "must be \"refuse\" or \"warn\"")
+        raise reader.fail("unsafe_policy", 'must be "refuse" or "warn"')
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise reader.fail("url", f"{url!r} is not a redis:// or unix:// URL")
     reader.reject_unknown()
@@ -221,13 +230,11 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     root = _Reader(source, "", data)
     redis = _redis(root.sub("redis"))
     db = root.sub("database")
-    database = DatabaseSettings(
-        url=os.environ.get(DATABASE_URL_ENV) or db.get("url", str, DatabaseSettings.url)
-    )
+    database = DatabaseSettings(url=_env_or(db, "url", DATABASE_URL_ENV, DatabaseSettings.url))
     db.reject_unknown()
     cel = root.sub("celery")
     celery = CelerySettings(
-        broker_url=os.environ.get(BROKER_URL_ENV) or cel.get("broker_url", str, ""),
+        broker_url=_env_or(cel, "broker_url", BROKER_URL_ENV, ""),
         concurrency=cel.get("concurrency", int, 0),
         queue=cel.get("queue", str, "cachewarden"),
     )

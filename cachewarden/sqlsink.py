@@ -163,24 +163,22 @@ def _build_upsert(
     key, version = entity.key, entity.version_column
     updated = [c for c in columns if c != key]
     if dialect in ("postgresql", "sqlite"):
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-            stmt = pg_insert(table)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(table)
+        stmt: Any = pg_insert(table) if dialect == "postgresql" else sqlite_insert(table)
         if not updated:
-            return stmt.on_conflict_do_nothing(index_elements=[table.c[key]])
+            done: Insert = stmt.on_conflict_do_nothing(index_elements=[table.c[key]])
+            return done
         where = None
         if version is not None and version in columns:
             where = table.c[version] <= stmt.excluded[version]
-        return stmt.on_conflict_do_update(
+        upsert: Insert = stmt.on_conflict_do_update(
             index_elements=[table.c[key]],
             set_={c: stmt.excluded[c] for c in updated},
             where=where,
         )
+        return upsert
     if dialect in ("mysql", "mariadb"):
         from sqlalchemy.dialects.mysql import insert as mysql_insert
 

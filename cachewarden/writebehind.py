@@ -116,6 +116,9 @@ class ShardFlusher:
         if committed >= token:
             counter = self.rt.keys.flush_fence(self.spec.name, self.shard)
             token = int(self.rt.redis.incrby(counter, committed - token + 1))
+            # Only the lock's holder may jump: a flusher paused past its lock (the
+            # higher token is its successor's) must not come back above it.
+            self._extend()
         return Fence(name, token)
 
     def _backoff(self) -> int:
@@ -156,7 +159,7 @@ class ShardFlusher:
             if cursor == "0-0":
                 break
         while True:
-            read = redis.xreadgroup(
+            read: Any = redis.xreadgroup(
                 STREAM_GROUP, self.rt.consumer, {self._stream: ">"}, count=size
             )
             if not read or not read[0][1]:
