@@ -133,10 +133,14 @@ class Harness:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    def configure(self, entities: dict[str, dict[str, Any]],
-                  write_behind: dict[str, dict[str, Any]] | None = None,
-                  dispatch_interval: str = "50ms", redis_url: str = REDIS_URL,
-                  db_url: str | None = None) -> Settings:
+    def configure(
+        self,
+        entities: dict[str, dict[str, Any]],
+        write_behind: dict[str, dict[str, Any]] | None = None,
+        dispatch_interval: str = "50ms",
+        redis_url: str = REDIS_URL,
+        db_url: str | None = None,
+    ) -> Settings:
         """Write the config file for `entities` and load it."""
         tables: dict[str, dict[str, Any]] = {
             "redis": {"url": redis_url, "prefix": self.prefix},
@@ -189,8 +193,12 @@ class Harness:
 
     def worker(self, concurrency: int = 2, start: bool = True, **env: str) -> WorkerProcess:
         """A real Celery worker process on this config (stopped at teardown)."""
-        w = WorkerProcess(self.config_path, self.tmp_path / f"worker-{len(self.workers)}.log",
-                          concurrency=concurrency, env=env)
+        w = WorkerProcess(
+            self.config_path,
+            self.tmp_path / f"worker-{len(self.workers)}.log",
+            concurrency=concurrency,
+            env=env,
+        )
         self.workers.append(w)
         return w.start() if start else w
 

@@ -28,8 +28,12 @@ def unique(stem: str = "t") -> str:
     return f"{stem}{uuid.uuid4().hex[:10]}"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     """Poll `predicate` until it returns a truthy value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -63,8 +67,14 @@ def render_config(tables: dict[str, dict[str, Any]]) -> str:
 class WorkerProcess:
     """A real `celery -A worker worker` process running against a test config."""
 
-    def __init__(self, config: Path, log_path: Path, concurrency: int = 2,
-                 name: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        concurrency: int = 2,
+        name: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.concurrency = concurrency
@@ -76,14 +86,32 @@ class WorkerProcess:
 
     def start(self, wait: bool = True) -> WorkerProcess:
         """Start the worker and (by default) wait until it is ready."""
-        env = {**os.environ, "CACHEWARDEN_CONFIG": str(self.config),
-               "CACHEWARDEN_LOG_FORMAT": "json", **self.env}
-        cmd = [sys.executable, "-m", "celery", "-A", "worker", "worker",
-               "--concurrency", str(self.concurrency), "-n", f"{self.name}@%h",
-               "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+        env = {
+            **os.environ,
+            "CACHEWARDEN_CONFIG": str(self.config),
+            "CACHEWARDEN_LOG_FORMAT": "json",
+            **self.env,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "--concurrency",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+        ]
         self._lines = []
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if wait:
@@ -103,7 +131,7 @@ class WorkerProcess:
     @property
     def ready(self) -> bool:
         """True once Celery said the worker is ready."""
-        return any(" ready." in line or "ready.\"" in line for line in self._lines)
+        return any(" ready." in line or 'ready."' in line for line in self._lines)
 
     @property
     def exited(self) -> bool:

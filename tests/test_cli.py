@@ -1,0 +1,94 @@
+"""The `cachewarden` command line, run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import Harness
+from tests.helpers import REPO
+
+USER = {"table": "users", "key": "id", "ttl": "10m", "version_column": "version"}
+
+
+def cachewarden(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the console script and capture its output."""
+    argv = [sys.executable, "-m", "cachewarden.cli"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_config_error_is_one_line_and_status_2(tmp_path: Path) -> None:
+    """A bad config exits with status 2 and one line naming the file, the field and the fix."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[entities.user]\ntable = "users"\nkey = "id"\nttl = "ten minutes"\n')
+    result = cachewarden("check", config=bad)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(bad) in lines[0]
+    assert "entities.user.ttl" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_is_status_2(tmp_path: Path) -> None:
+    """A config path that does not exist exits with status 2 and says how to point at one."""
+    result = cachewarden("stats", config=tmp_path / "nope.toml")
+    assert result.returncode == 2
+    assert "not found" in result.stderr and "--config" in result.stderr
+
+
+def test_unknown_setting_is_named(tmp_path: Path) -> None:
+    """A misspelt setting is an error naming the setting, not silently ignored."""
+    bad = tmp_path / "typo.toml"
+    bad.write_text(
+        '[entities.user]\ntable = "users"\nkey = "id"\nttl = "1m"\n'
+        "[entities.user.write_behind]\nbatchsize = 10\n"
+    )
+    result = cachewarden("check", config=bad)
+    assert result.returncode == 2
+    assert "entities.user.write_behind.batchsize" in result.stderr
+
+
+def test_check_connects_and_prints_entities(pg_harness: Harness) -> None:
+    """`check` validates, connects to Redis and the database, and prints each entity."""
+    pg_harness.create_table("users")
+    pg_harness.configure({"user": USER})
+    result = cachewarden("check", config=pg_harness.config_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "redis:" in result.stdout and "ok" in result.stdout
+    assert "user: table=users key=id ttl=10m" in result.stdout
+    assert "table users: ok" in result.stdout
+
+
+def test_check_fails_on_a_missing_table(pg_harness: Harness) -> None:
+    """`check` exits non-zero and names the entity's missing table."""
+    pg_harness.configure({"user": USER})
+    result = cachewarden("check", config=pg_harness.config_path)
+    assert result.returncode == 1
+    assert "entities.user.table" in result.stdout and "'users' does not exist" in result.stdout
+
+
+def test_stats_counts_pending_writes(pg_harness: Harness) -> None:
+    """`stats --json` reports the writes waiting in each shard."""
+    pg_harness.create_table("users")
+    pg_harness.configure({"user": USER}, {"user": {"shards": 2}})
+    for key in range(10):
+        pg_harness.cache.write("user", key, {"name": "x", "version": 1})
+    result = cachewarden("stats", "--json", config=pg_harness.config_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["user"]["pending"] == 10
+    assert sum(data["user"]["pending_per_shard"]) == 10
+    assert data["user"]["dead_letters"] == 0
+
+
+def test_demo_init_creates_the_table(pg_harness: Harness) -> None:
+    """`demo init` creates each entity's table so the demo worker has somewhere to write."""
+    pg_harness.configure({"user": USER})
+    result = cachewarden("demo", "init", config=pg_harness.config_path)
+    assert result.returncode == 0, result.stderr
+    assert pg_harness.count("users") == 0

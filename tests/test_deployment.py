@@ -1,0 +1,165 @@
+"""The processes the README tells a deployment to run: deadlines, failover, Flower."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import Harness
+from tests.helpers import REPO, wait_for
+
+USER = {"table": "users", "key": "id", "ttl": "10m"}
+
+
+def _landed(h: Harness, n: int) -> bool:
+    return h.count("users") >= n
+
+
+def test_a_lone_write_lands_within_max_delay(pg_harness: Harness) -> None:
+    """A single write reaches the database about max_delay after it was made, not later."""
+    pg_harness.create_table("users", version=False)
+    pg_harness.configure({"user": USER}, {"user": {"max_delay": "300ms"}})
+    pg_harness.worker(concurrency=1)
+    started = time.monotonic()
+    pg_harness.cache.write("user", 1, {"name": "ada"})
+    wait_for(lambda: _landed(pg_harness, 1), 10, what="the write to land")
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, f"landed after {elapsed:.2f}s with max_delay 300ms"
+
+
+def test_a_full_batch_flushes_before_its_deadline(pg_harness: Harness) -> None:
+    """A shard holding batch_size writes is flushed at once, long before max_delay."""
+    pg_harness.create_table("users", version=False)
+    pg_harness.configure(
+        {"user": USER}, {"user": {"max_delay": "60s", "batch_size": 100, "shards": 1}}
+    )
+    pg_harness.worker(concurrency=1)
+    for key in range(100):
+        pg_harness.cache.write("user", key, {"name": "x"})
+    wait_for(lambda: _landed(pg_harness, 100), 15, what="the full batch to land")
+
+
+def test_deadline_holds_with_one_of_two_workers_killed(pg_harness: Harness) -> None:
+    """With two workers running and one SIGKILLed, writes keep landing through the other."""
+    pg_harness.create_table("users", version=False)
+    pg_harness.configure({"user": USER}, {"user": {"max_delay": "300ms", "lock_ttl": "2s"}})
+    first = pg_harness.worker(concurrency=1)
+    pg_harness.worker(concurrency=1)
+    for key in range(200):
+        pg_harness.cache.write("user", key, {"name": "before"})
+    wait_for(lambda: _landed(pg_harness, 200), 15, what="writes before the kill")
+    first.kill()
+    started = time.monotonic()
+    for key in range(200, 400):
+        pg_harness.cache.write("user", key, {"name": "after"})
+    wait_for(lambda: _landed(pg_harness, 400), 20, what="writes after the kill")
+    assert time.monotonic() - started < 10
+
+
+def test_scheduler_dispatches_when_workers_only_consume(pg_harness: Harness) -> None:
+    """`cachewarden scheduler` dispatches flushes too, so either kind of process keeps the deadline."""
+    pg_harness.create_table("users", version=False)
+    pg_harness.configure({"user": USER}, {"user": {"max_delay": "300ms"}})
+    env = {**os.environ, "CACHEWARDEN_CONFIG": str(pg_harness.config_path)}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "cachewarden.cli", "scheduler"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        pg_harness.cache.write("user", 7, {"name": "x"})
+        # The scheduler alone claims the due shard and sends the task; it waits in the queue.
+        queue_len = lambda: pg_harness.cache.redis.llen(pg_harness.queue)  # noqa: E731
+        wait_for(queue_len, 10, what="the scheduler to send a flush task")
+        pg_harness.worker(concurrency=1)
+        wait_for(lambda: _landed(pg_harness, 1), 15, what="the write to land")
+    finally:
+        scheduler.terminate()
+        scheduler.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def flower(pg_harness: Harness) -> Iterator[str]:
+    """Flower (`celery -A worker flower`) with basic auth on a free loopback port."""
+    pg_harness.create_table("users", version=False)
+    pg_harness.configure({"user": USER}, {"user": {"max_delay": "200ms"}})
+    port = _free_port()
+    env = {
+        **os.environ,
+        "CACHEWARDEN_CONFIG": str(pg_harness.config_path),
+        "FLOWER_BASIC_AUTH": "ops:s3cret",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _status(url + "/healthcheck") == 200, 30, what="Flower to listen")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _status(url: str, auth: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def _get(url: str, auth: str) -> object:
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_flower_shows_flush_tasks_behind_auth(pg_harness: Harness, flower: str) -> None:
+    """Flower refuses anonymous users and shows the worker and its flush tasks to operators."""
+    assert _status(flower + "/api/workers") == 401
+    pg_harness.worker(concurrency=1)
+    pg_harness.cache.write("user", 1, {"name": "x"})
+    wait_for(lambda: _landed(pg_harness, 1), 15, what="the write to land")
+
+    def succeeded_flushes() -> list[dict[str, object]]:
+        tasks = _get(flower + "/api/tasks?limit=50", "ops:s3cret")
+        assert isinstance(tasks, dict)
+        return [
+            t
+            for t in tasks.values()
+            if t.get("name") == "cachewarden.flush" and t.get("state") == "SUCCESS"
+        ]
+
+    seen = wait_for(succeeded_flushes, 20, what="Flower to list a finished flush task")
+    assert "user" in str(seen[0]["args"])
+    workers = _get(flower + "/api/workers?refresh=1", "ops:s3cret")
+    assert isinstance(workers, dict) and workers
