@@ -154,21 +154,23 @@ def scheduler(settings: Settings, _args: argparse.Namespace) -> int:
     return OK
 
 
-DEMO_DDL = (
-    "CREATE TABLE IF NOT EXISTS {table} ("
-    "{key} INTEGER PRIMARY KEY, name VARCHAR(200) NOT NULL, email VARCHAR(200), "
-    "version BIGINT NOT NULL DEFAULT 0)"
-)
-
-
 def demo(settings: Settings, _args: argparse.Namespace) -> int:
-    """Create the tables of the configured entities for the demo (users-like shape)."""
-    from sqlalchemy import text
+    """Create a users-like table for each configured entity whose table is missing."""
+    from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
 
     engine = make_engine(settings.database)
-    with engine.begin() as conn:
-        for spec in settings.entities.values():
-            conn.execute(text(DEMO_DDL.format(table=spec.table, key=spec.key)))
-            print(f"table {spec.table} ready in {describe(engine)}")
+    metadata = MetaData()
+    for spec in settings.entities.values():
+        columns = [
+            Column(spec.key, Integer, primary_key=True, autoincrement=False),
+            Column("name", String(200), nullable=False),
+            Column("email", String(200)),
+        ]
+        if spec.version_column:
+            columns.append(Column(spec.version_column, BigInteger, nullable=False, default=0))
+        Table(spec.table, metadata, *columns)
+    metadata.create_all(engine, checkfirst=True)
+    for spec in settings.entities.values():
+        print(f"table {spec.table} ready in {describe(engine)}")
     engine.dispose()
     return OK

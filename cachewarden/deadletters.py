@@ -116,6 +116,7 @@ def replay(
                 due_member(spec.name, shard),
                 letter.id,
                 "1" if force else "0",
+                letter.version,
             ],
         )
     except ResponseError as exc:
@@ -126,5 +127,10 @@ def replay(
 
 
 def discard(redis: Redis, keys: Keyspace, entity: str, dead_id: str) -> bool:
-    """Delete one dead letter for good."""
+    """Delete one dead letter for good (and forget it as its key's newest)."""
+    letters: Any = redis.xrange(keys.dead(entity), dead_id, dead_id)
+    for _, fields in letters:
+        key = fields.get("k", "")
+        if redis.hget(keys.dead_keys(entity), key) == dead_id:
+            redis.hdel(keys.dead_keys(entity), key)
     return bool(redis.xdel(keys.dead(entity), dead_id))

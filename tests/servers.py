@@ -10,9 +10,11 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 # -- a private PostgreSQL -----------------------------------------------------------
@@ -142,6 +144,103 @@ class PrivatePostgres:
     def __enter__(self) -> PrivatePostgres:
         try:
             return self.init().start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- a private Redis -----------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A throwaway redis-server on 127.0.0.1 with AOF (`appendfsync always`), restartable.
+
+    Its AOF lives in a fresh temporary directory, so a restart (clean or after
+    SIGKILL) reloads exactly what was acknowledged. Use it as a context manager,
+    or call `close()`: it always stops.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="cwredis"))
+        self.log_path = self.dir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The redis:// URL of its database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        """Start (or restart) the server on the same port and directory; wait for PING."""
+        import redis
+
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "dir": str(self.dir),
+            "appendonly": "yes",
+            "appendfsync": "always",
+            "save": "",
+            "logfile": str(self.log_path),
+            "daemonize": "no",
+        }
+        argv = [shutil.which("redis-server") or "redis-server"]
+        for name, value in options.items():
+            argv += [f"--{name}", value]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        try:
+            for _ in range(300):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {self.log()[-2000:]}")
+                try:
+                    # Loading the AOF answers LOADING errors; wait until it is done.
+                    if client.ping() and not client.info("persistence").get("loading"):
+                        return self
+                except redis.RedisError:
+                    pass
+                time.sleep(0.05)
+            raise RuntimeError(f"redis-server did not answer PING: {self.log()[-2000:]}")
+        finally:
+            client.close()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server with `sig` (SIGTERM: clean shutdown; SIGKILL: a crash)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self, sig: int = signal.SIGTERM) -> PrivateRedis:
+        """Stop with `sig`, then start again on the same port and AOF."""
+        self.stop(sig)
+        return self.start()
+
+    def log(self) -> str:
+        """What the server wrote to its log."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        """Kill the server whatever state it is in, and remove its files."""
+        try:
+            self.stop(signal.SIGKILL)
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> PrivateRedis:
+        try:
+            return self.start()
         except BaseException:
             self.close()
             raise
