@@ -78,6 +78,29 @@ class EntitySettings:
     version_column: str | None = None
     max_value_bytes: int = 512 * 1024
     write_behind: WriteBehindSettings = field(default_factory=WriteBehindSettings)
+    # The read path (see config/reference.toml for what each one does).
+    refresh_ahead: float = 0.8
+    early_refresh: str = "factor"
+    xfetch_beta: float = 1.0
+    negative_ttl_ms: int = 60_000
+    stale_ttl_ms: int = 0
+    loader: str | None = None
+    lock_timeout_ms: int = 5_000
+    wait_timeout_ms: int = 10_000
+    refresh_batch_size: int = 1000
+    sweep_interval_ms: int = 0  # 0: a quarter of the refresh window, 50 ms to 30 s
+
+    @property
+    def refresh_window_ms(self) -> int:
+        """How long before expiry an entry is due for refresh (0: refresh-ahead is off)."""
+        return round(self.ttl_ms * (1 - self.refresh_ahead)) if self.refresh_ahead > 0 else 0
+
+    @property
+    def sweep_period_ms(self) -> int:
+        """How often the hot-key sweep runs for this entity."""
+        if self.sweep_interval_ms:
+            return self.sweep_interval_ms
+        return min(30_000, max(50, self.refresh_window_ms // 4))
 
 
 @dataclass(frozen=True)
@@ -212,17 +235,48 @@ def _entity(name: str, reader: _Reader) -> EntitySettings:
     key = reader.get("key", str, None)
     if key is None:
         raise reader.fail("key", "is required: the table's primary-key column")
+    ttl_ms = reader.required_duration("ttl")
     entity = EntitySettings(
         name=name,
         table=table,
         key=key,
-        ttl_ms=reader.required_duration("ttl"),
+        ttl_ms=ttl_ms,
         version_column=reader.get("version_column", str, None),
         max_value_bytes=reader.positive("max_value_bytes", 512 * 1024),
         write_behind=_write_behind(reader.sub("write_behind")),
+        **_read_path(reader, ttl_ms),
     )
     reader.reject_unknown()
     return entity
+
+
+def _read_path(reader: _Reader, ttl_ms: int) -> dict[str, Any]:
+    """The read-path fields of an entity (refresh-ahead, negative and stale caching, loads)."""
+    factor = float(reader.get("refresh_ahead", float, 0.8))
+    if not 0 <= factor < 1:
+        raise reader.fail("refresh_ahead", f"must be at least 0 (off) and below 1, got {factor}")
+    early = reader.get("early_refresh", str, "factor")
+    if early not in ("factor", "xfetch"):
+        raise reader.fail("early_refresh", 'must be "factor" or "xfetch"')
+    beta = float(reader.get("xfetch_beta", float, 1.0))
+    if beta <= 0:
+        raise reader.fail("xfetch_beta", f"must be above 0, got {beta}")
+    loader = reader.get("loader", str, None)
+    if loader is not None and not re.search(r"(?<!:):key\b", loader):
+        raise reader.fail("loader", "the SQL must take the key as the parameter :key")
+    stale = reader.duration("stale_ttl", 0)
+    return {
+        "refresh_ahead": factor,
+        "early_refresh": early,
+        "xfetch_beta": beta,
+        "negative_ttl_ms": reader.required_duration("negative_ttl", min(ttl_ms, 60_000)),
+        "stale_ttl_ms": stale or 0,
+        "loader": loader,
+        "lock_timeout_ms": reader.required_duration("lock_timeout", 5_000),
+        "wait_timeout_ms": reader.required_duration("wait_timeout", 10_000),
+        "refresh_batch_size": reader.positive("refresh_batch_size", 1000),
+        "sweep_interval_ms": reader.duration("sweep_interval", 0) or 0,
+    }
 
 
 def parse_settings(data: Mapping[str, Any], source: str) -> Settings:

@@ -27,12 +27,15 @@ VERSIONS = st.one_of(st.none(), st.integers(min_value=0, max_value=5))
 @st.composite
 def streams(draw: st.DrawFn, versions: st.SearchStrategy[int | None] = VERSIONS) -> list[Op]:
     """A stream of operations with increasing ids, few keys and colliding versions."""
-    specs = draw(
-        st.lists(st.tuples(KEYS, st.sampled_from([WRITE, DELETE]), versions), max_size=40)
-    )
+    specs = draw(st.lists(st.tuples(KEYS, st.sampled_from([WRITE, DELETE]), versions), max_size=40))
     return [
-        Op(id=f"{1000 + i}-0", kind=kind, key=key, value="null" if kind == DELETE else f'{{"i":{i}}}',
-           version=version)
+        Op(
+            id=f"{1000 + i}-0",
+            kind=kind,
+            key=key,
+            value="null" if kind == DELETE else f'{{"i":{i}}}',
+            version=version,
+        )
         for i, (key, kind, version) in enumerate(specs)
     ]
 

@@ -22,7 +22,9 @@ for i = 5 + n, #ARGV, 3 do
     redis.call('HDEL', KEYS[2], key)
     local entry = ARGV[2] .. key
     if op == 'd' then
-      if redis.call('GET', entry) == 'null' then redis.call('DEL', entry) end
+      -- The delete won. The entry holds its 'null' marker, or a write that lost to it
+      -- on version (cached when it was enqueued): either way, drop it.
+      redis.call('DEL', entry)
     elseif op == 'x' then
       -- dead-lettered: the database refused it, so the cache must not serve it
       redis.call('DEL', entry)
