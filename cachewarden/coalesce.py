@@ -1,14 +1,16 @@
 """Coalescing a batch of buffered writes: one operation per key survives.
 
 Pure code: no Redis, no SQL. The rule: the last operation in stream order
-wins, except that where writes carry versions, a write with a lower version
-than the current winner never replaces it.
+wins, except that where operations carry versions, one with a lower version
+than the current winner never replaces it. A survivor that follows an
+unversioned delete of its key is marked `replaces`: the sink clears the row
+first, so the survivor is not judged against a version the delete removed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 WRITE = "w"
 DELETE = "d"
@@ -23,6 +25,9 @@ class Op:
     key: str
     value: str
     version: int | None = None
+    # True when an unversioned delete of the key came earlier in the same batch: the
+    # stored row is gone whatever its version, so the survivor applies unguarded.
+    replaces: bool = False
 
     @classmethod
     def from_fields(cls, stream_id: str, fields: Mapping[str, str]) -> Op:
@@ -50,6 +55,10 @@ def coalesce(ops: Iterable[Op]) -> list[Op]:
     for op in ops:
         current = winners.get(op.key)
         if current is None or supersedes(op, current):
+            if current is not None and (
+                current.replaces or (current.kind == DELETE and current.version is None)
+            ):
+                op = replace(op, replaces=True)
             winners.pop(op.key, None)
             winners[op.key] = op
     return list(winners.values())

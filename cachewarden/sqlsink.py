@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, and_, bindparam, func
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, select
 from sqlalchemy.exc import (
     DataError,
     DBAPIError,
@@ -41,6 +41,18 @@ class Rejected:
     op: Op
     error: str
 
+@dataclass
+class Outcome:
+    """What applying a batch did besides committing: rows refused, writes outranked."""
+
+    rejected: list[Rejected] = field(default_factory=list)
+    # Writes that lost to a newer version already in the database.
+    stale: list[Op] = field(default_factory=list)
+
+    def __add__(self, other: Outcome) -> Outcome:
+        return Outcome(self.rejected + other.rejected, self.stale + other.stale)
+
+
 class _RowProblem(Exception):
     """A row that fails before it reaches the database (unknown column, bad JSON)."""
 
@@ -63,46 +75,72 @@ class SqlSink:
 
     # -- public ---------------------------------------------------------------
 
-    def apply(self, ops: Sequence[Op], fence: Fence) -> list[Rejected]:
-        """Apply `ops` (one per key); return the rejected ones. Raises LockLost or
-        BackendUnavailable, committing nothing of the failing transaction."""
+    def apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
+        """Apply `ops` (one per key); report the rejected and the outranked ones.
+
+        Raises LockLost or BackendUnavailable, committing nothing of the failing
+        transaction."""
         try:
-            self._transaction(ops, fence)
-            return []
+            return Outcome(stale=self._transaction(ops, fence))
         except LockLost:
             raise
         except _RowProblem as exc:
             if len(ops) == 1:
-                return [Rejected(ops[0], str(exc))]
+                return Outcome(rejected=[Rejected(ops[0], str(exc))])
         except SQLAlchemyError as exc:
             if not self._is_row_error(exc):
                 raise unavailable(self.engine, exc) from exc
             if len(ops) == 1:
-                return [Rejected(ops[0], _first_line(exc))]
+                return Outcome(rejected=[Rejected(ops[0], _first_line(exc))])
         middle = len(ops) // 2
         return self.apply(ops[:middle], fence) + self.apply(ops[middle:], fence)
 
     # -- the transaction ------------------------------------------------------
 
-    def _transaction(self, ops: Sequence[Op], fence: Fence) -> None:
+    def _transaction(self, ops: Sequence[Op], fence: Fence) -> list[Op]:
+        """One fenced transaction; returns the keys whose write a newer version outranked."""
         writes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         plain_deletes: list[Any] = []
         versioned_deletes: list[dict[str, Any]] = []
+        cleared: list[Any] = []  # versioned writes that follow an unversioned delete
+        versioned: dict[Any, Op] = {}
         for op in ops:
             if op.kind == DELETE:
                 key = self._key_value(op)
-                if op.version is None or self.entity.version_column is None:
+                if op.version is None or op.replaces or self.entity.version_column is None:
                     plain_deletes.append(key)
                 else:
                     versioned_deletes.append({"k": key, "v": op.version})
             else:
                 row = self._row(op)
                 writes[tuple(row)].append(row)
+                if op.version is not None and self.entity.version_column is not None:
+                    versioned[row[self.entity.key]] = op
+                    if op.replaces:
+                        cleared.append(row[self.entity.key])
         with self.engine.begin() as conn:
             fence.check(conn)
+            self._deletes(conn, cleared, [])
             for columns, rows in writes.items():
                 conn.execute(self._upsert(columns), rows)
             self._deletes(conn, plain_deletes, versioned_deletes)
+            return self._outranked(conn, versioned)
+
+    def _outranked(self, conn: Connection, versioned: dict[Any, Op]) -> list[Op]:
+        """Keys whose row holds a newer version than the write just applied (guard said no)."""
+        if not versioned or self.entity.version_column is None:
+            return []
+        key_col = self.table.c[self.entity.key]
+        version_col = self.table.c[self.entity.version_column]
+        found = conn.execute(
+            select(key_col, version_col).where(key_col.in_(list(versioned)))
+        ).all()
+        stale = []
+        for key, version in found:
+            op = versioned.get(key)
+            if op is not None and op.version is not None and version > op.version:
+                stale.append(op)
+        return stale
 
     def _row(self, op: Op) -> dict[str, Any]:
         try:

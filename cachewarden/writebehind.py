@@ -25,7 +25,7 @@ from cachewarden.fence import Fence, committed_token
 from cachewarden.keys import STREAM_GROUP, due_member
 from cachewarden.runtime import Runtime
 from cachewarden.settings import EntitySettings
-from cachewarden.sqlsink import Rejected, SqlSink
+from cachewarden.sqlsink import Outcome, SqlSink
 
 log = structlog.get_logger("cachewarden.writebehind")
 
@@ -169,10 +169,11 @@ class ShardFlusher:
     def _apply(self, entries: Entries, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
         ops = [Op.from_fields(sid, fields) for sid, fields in entries if fields]
         winners = coalesce(ops)
-        rejected = sink.apply(winners, fence) if winners else []
+        outcome = sink.apply(winners, fence) if winners else Outcome()
+        rejected = outcome.rejected
         for bad in rejected:
             dead_letter(self.rt, self.spec, self.shard, bad)
-        self._finish(entries, ops, winners, rejected)
+        self._finish(entries, ops, winners, outcome)
         result.entries += len(entries)
         result.applied += len(winners) - len(rejected)
         result.rejected += len(rejected)
@@ -181,10 +182,13 @@ class ShardFlusher:
                  rejected=len(rejected), fence=fence.token)
 
     def _finish(self, entries: Entries, ops: list[Op], winners: list[Op],
-                rejected: list[Rejected]) -> None:
+                outcome: Outcome) -> None:
         last_id = {op.key: op.id for op in ops}
         kind = {op.key: op.kind for op in winners}
-        kind.update({bad.op.key: "x" for bad in rejected})
+        # "x": drop the entry. The database refused the row, or holds a newer version.
+        kind.update({bad.op.key: "x" for bad in outcome.rejected})
+        for op in outcome.stale:
+            kind[op.key] = f"s:{op.version}:{self.spec.version_column}"
         triples = [part for key, sid in last_id.items() for part in (key, sid, kind[key])]
         ids = [sid for sid, _ in entries]
         self.rt.scripts.finish(

@@ -14,6 +14,7 @@ Survivors come out in the stream order of the surviving operations themselves.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,6 +59,10 @@ def model(ops: list[Op]) -> dict[str, Op]:
         tail = seq[last_unversioned + 1 :]
         top = max(op.version for op in tail if op.version is not None)
         survivors[key] = [op for op in tail if op.version == top][-1]
+    for key, op in survivors.items():
+        before = by_key[key][: by_key[key].index(op)]
+        if any(o.kind == DELETE and o.version is None for o in before):
+            survivors[key] = replace(op, replaces=True)
     return survivors
 
 
@@ -71,9 +76,9 @@ def test_one_operation_per_key(ops: list[Op]) -> None:
 
 @given(streams())
 def test_survivors_are_input_operations(ops: list[Op]) -> None:
-    """Coalescing only selects operations; it never invents or alters one."""
+    """Coalescing only selects operations (at most marking one `replaces`); it never invents one."""
     out = coalesce(ops)
-    assert all(any(op is original for original in ops) for op in out)
+    assert all(any(replace(op, replaces=False) == o for o in ops) for op in out)
 
 
 @given(streams())
@@ -86,7 +91,7 @@ def test_survivor_matches_model(ops: list[Op]) -> None:
 def test_unversioned_last_operation_wins(ops: list[Op]) -> None:
     """Without versions the survivor of a key is its last operation in stream order."""
     last = {op.key: op for op in ops}
-    assert {op.key: op for op in coalesce(ops)} == last
+    assert {op.key: replace(op, replaces=False) for op in coalesce(ops)} == last
 
 
 @given(streams(versions=st.integers(min_value=0, max_value=5)))
@@ -147,7 +152,20 @@ def test_delete_and_write_last_wins() -> None:
     w = Op("1-0", WRITE, "k", '{"n":1}')
     d = Op("2-0", DELETE, "k", "null")
     assert coalesce([w, d]) == [d]
-    assert coalesce([d, w]) == [w]
+    assert coalesce([d, w]) == [replace(w, replaces=True)]
+
+
+def test_write_after_unversioned_delete_is_not_judged_by_the_deleted_version() -> None:
+    """A versioned write after an unversioned delete is marked to apply unguarded."""
+    d = Op("1-0", DELETE, "k", "null")
+    mid = Op("2-0", DELETE, "k", "null", 3)
+    w = Op("3-0", WRITE, "k", '{"n":1}', 1)
+    assert coalesce([d, w]) == [replace(w, replaces=True)]
+    # A delete at version 3 outranks the write at version 1; it still clears unguarded.
+    assert coalesce([d, mid, w]) == [replace(mid, replaces=True)]
+    w4 = Op("4-0", WRITE, "k", '{"n":4}', 4)
+    assert coalesce([d, mid, w4]) == [replace(w4, replaces=True)]
+    assert coalesce([Op("0-1", WRITE, "k", "{}", 9), w]) == [Op("0-1", WRITE, "k", "{}", 9)]
 
 
 def test_survivor_order_follows_the_surviving_operation() -> None:

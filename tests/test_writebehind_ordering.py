@@ -268,12 +268,6 @@ def test_versioned_delete_beats_a_stale_write_in_db_and_cache(harness: Harness) 
     _assert_drained(h)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the cache only compares versions with what it holds; once the entry "
-    "has expired, a late lower-version write is cached for a full TTL although the database "
-    "guard kept the higher version",
-)
 def test_late_lower_version_after_expiry_is_not_cached(harness: Harness) -> None:
     """Version 2 flushed, its entry expired, then version 1 flushed: the cache must not serve 1."""
     h = harness
@@ -289,12 +283,6 @@ def test_late_lower_version_after_expiry_is_not_cached(harness: Harness) -> None
     assert cached is None or decode_row(cached) == {"id": 1, "name": "two", "version": 2}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: with a version column, an unversioned delete superseded in the same "
-    "batch by a lower-version write is coalesced away, so the guarded upsert leaves the old "
-    "row (database: version 5; cache and last write: version 1)",
-)
 def test_unversioned_delete_then_lower_version_write(harness: Harness) -> None:
     """Delete (no version) then re-create at version 1 in one batch: the DB holds the new row."""
     h = harness
@@ -305,3 +293,5 @@ def test_unversioned_delete_then_lower_version_write(harness: Harness) -> None:
     h.cache.write("user", 1, {"name": "reborn", "version": 1})
     _flush(h)
     assert h.rows("users")[1]["name"] == "reborn"
+    cached = h.cache.redis.get(h.cache.keys.entry("user", "1"))
+    assert cached is not None and decode_row(cached)["name"] == "reborn"

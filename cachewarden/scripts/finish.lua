@@ -2,7 +2,8 @@
 -- flushed key its TTL back (or drop its delete marker) unless a newer write
 -- for it is still pending.
 -- KEYS: 1 stream, 2 dirty hash
--- (op "x": the write went to the dead letters)
+-- op: "w" written, "d" deleted, "x" refused by the database (dead-lettered),
+--     "s:<version>:<column>" outranked: the database kept a newer version than <version>
 -- ARGV: 1 group, 2 entry key prefix ("cw:user:"), 3 ttl_ms, 4 number of ids N,
 --       5..4+N stream ids, then triples (key, id of its applied write, op)
 local n = tonumber(ARGV[4])
@@ -28,6 +29,18 @@ for i = 5 + n, #ARGV, 3 do
     elseif op == 'x' then
       -- dead-lettered: the database refused it, so the cache must not serve it
       redis.call('DEL', entry)
+    elseif string.sub(op, 1, 2) == 's:' then
+      -- The write lost to a newer version in the database. Keep the entry only if
+      -- it already holds a newer version than the one that lost; else drop it.
+      local lost, column = string.match(op, '^s:(%-?%d+):(.*)$')
+      local current = redis.call('GET', entry)
+      local keep = false
+      if current and current ~= 'null' then
+        local ok, row = pcall(cjson.decode, current)
+        keep = ok and type(row) == 'table' and tonumber(row[column]) ~= nil
+          and tonumber(row[column]) > tonumber(lost)
+      end
+      if keep then redis.call('PEXPIRE', entry, ARGV[3]) else redis.call('DEL', entry) end
     else
       redis.call('PEXPIRE', entry, ARGV[3])
     end
