@@ -7,7 +7,7 @@ stream in one Lua script: one round trip, atomic, and done when it returns.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis import Redis
@@ -17,6 +17,7 @@ from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN, redis_client
 from cachewarden.errors import BackendUnavailable, Backpressure, InvalidValue, UnknownEntity
 from cachewarden.keys import Keyspace, due_member, shard_of
+from cachewarden.readthrough import ReadThrough
 from cachewarden.scripts import Scripts
 from cachewarden.settings import EntitySettings, Settings, load_settings
 
@@ -29,6 +30,7 @@ class Cache:
         self.keys = Keyspace(settings.redis.prefix)
         self.redis = redis if redis is not None else redis_client(settings.redis)
         self._scripts = Scripts.register(self.redis)
+        self._reader: ReadThrough | None = None
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> Cache:
@@ -36,8 +38,31 @@ class Cache:
         return cls(load_settings(path))
 
     def close(self) -> None:
-        """Release the Redis connections."""
+        """Release the Redis connections (and the read path's database engine)."""
+        if self._reader is not None:
+            self._reader.close()
         self.redis.close()
+
+    @property
+    def reader(self) -> ReadThrough:
+        """The read path (built on first use): its `stats` count this process's reads."""
+        if self._reader is None:
+            self._reader = ReadThrough(self.settings, self.redis, self.keys, self._scripts)
+        return self._reader
+
+    def get(self, entity: str, key: str | int) -> dict[str, Any] | None:
+        """The row of `key` as a dict, or None where the database has no such row.
+
+        A hit is one Redis round trip. A miss loads the row once across all
+        processes (the others wait for it, up to `wait_timeout`) and caches it;
+        an absent row is cached as known-absent for `negative_ttl`. Raises
+        LoadFailed naming the entity, key and database error when the load fails.
+        """
+        return self.reader.get(entity, key)
+
+    def get_many(self, entity: str, keys: Sequence[str | int]) -> list[dict[str, Any] | None]:
+        """The rows of `keys` in order (None where absent); misses load in one batch."""
+        return self.reader.get_many(entity, keys)
 
     def entity(self, name: str) -> EntitySettings:
         """The settings of entity `name`, or UnknownEntity naming the defined ones."""

@@ -161,7 +161,7 @@ def demo(settings: Settings, _args: argparse.Namespace) -> int:
     engine = make_engine(settings.database)
     metadata = MetaData()
     for spec in settings.entities.values():
-        columns = [
+        columns: list[Column[Any]] = [
             Column(spec.key, Integer, primary_key=True, autoincrement=False),
             Column("name", String(200), nullable=False),
             Column("email", String(200)),

@@ -5,7 +5,7 @@ Clients are built by these factories after fork, never at import time.
 
 from __future__ import annotations
 
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -16,15 +16,27 @@ from cachewarden.settings import RedisSettings
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
+MAX_CONNECTIONS = 512
+POOL_TIMEOUT_S = 10
+
+
 def redis_client(settings: RedisSettings) -> Redis:
-    """A pooled client for `settings.url`, returning str values."""
-    return Redis.from_url(
+    """A client for `settings.url` returning str values, on a blocking pool.
+
+    Past MAX_CONNECTIONS busy connections a caller waits (up to POOL_TIMEOUT_S)
+    for one to come back instead of failing: an application with hundreds of
+    threads on one Cache queues rather than errors.
+    """
+    pool = BlockingConnectionPool.from_url(
         settings.url,
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=30,
         health_check_interval=30,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_TIMEOUT_S,
     )
+    return Redis(connection_pool=pool)
 
 
 def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:

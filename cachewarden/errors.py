@@ -52,3 +52,16 @@ class LockLost(CachewardenError):
 
 class RowRejected(CachewardenError):
     """The database rejected one row; it goes to the dead-letter stream with this error."""
+
+
+class LoadFailed(CachewardenError):
+    """Loading a key from the database failed (or waiting for its loader timed out)."""
+
+    def __init__(self, entity: str, key: str, problem: str) -> None:
+        self.entity = entity
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{entity}:{key}: {problem}")
+
+    def __reduce__(self) -> tuple[type[LoadFailed], tuple[str, str, str]]:
+        return (LoadFailed, (self.entity, self.key, self.problem))

@@ -21,7 +21,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from cachewarden.database import unavailable
 from cachewarden.errors import LockLost
@@ -41,7 +41,12 @@ def fence_table(engine: Engine) -> Table:
     """The fence table, created on first use in the application's database."""
     url = str(engine.url)
     if url not in _created:
-        _metadata.create_all(engine, checkfirst=True)
+        try:
+            _metadata.create_all(engine, checkfirst=True)
+        except DBAPIError:
+            # Two processes raced to create it (the loser's CREATE fails): check again;
+            # a real database problem fails again and propagates.
+            _metadata.create_all(engine, checkfirst=True)
         _created.add(url)
     return _fence
 

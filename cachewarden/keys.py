@@ -13,6 +13,13 @@ Layout (prefix "cw", entity "user", shard 3):
     cw:@lock:flush:user:3      the shard's flusher lock (value: owner token)
     cw:@fence:flush:user:3     the shard's fencing-token counter
     cw:@lease:user:42          a loader's lease on one key; any write or delete voids it
+    cw:@refresh:user:42        marker: a refresh of this key is queued (deduplicates them)
+    cw:@hot:user               sorted set: key -> the entry's expiry (ms), for keys read
+                               since their last load; the sweep reloads these before expiry
+    cw:@warm:user              sorted set: key -> expiry, for keys reloaded and not read
+                               since; the sweep reloads each once more, then drops it
+    cw:@read:user              hash: read-path counters (loads, refreshed, load_errors, ...)
+    cw:@sweep:user             guard: the hot-key sweep of this entity ran in this period
 
 Keys of cache entries never contain ':' so they cannot meet the internal names,
 which all sit under "@" (not allowed in entity names).
@@ -39,7 +46,11 @@ class Keyspace:
 
     def entry(self, entity: str, key: str) -> str:
         """The cache entry holding one row."""
-        return f"{self.prefix}:{entity}:{key}"
+        return f"{self.entry_prefix(entity)}{key}"
+
+    def entry_prefix(self, entity: str) -> str:
+        """What precedes the key in an entry's name (scripts append keys to it)."""
+        return f"{self.prefix}:{entity}:"
 
     def entry_pattern(self, entity: str) -> str:
         """A SCAN pattern for every cache entry of an entity."""
@@ -79,7 +90,35 @@ class Keyspace:
 
     def lease(self, entity: str, key: str) -> str:
         """A loader's lease on one key (value: its token); every write or delete deletes it."""
-        return f"{self.prefix}:@lease:{entity}:{key}"
+        return f"{self.lease_prefix(entity)}{key}"
+
+    def lease_prefix(self, entity: str) -> str:
+        """What precedes the key in a lease's name."""
+        return f"{self.prefix}:@lease:{entity}:"
+
+    def refresh_queued(self, entity: str, key: str) -> str:
+        """Marker: a refresh of this key is queued; set only if absent, cleared by a fill."""
+        return f"{self.refresh_prefix(entity)}{key}"
+
+    def refresh_prefix(self, entity: str) -> str:
+        """What precedes the key in a refresh marker's name (scripts append keys to it)."""
+        return f"{self.prefix}:@refresh:{entity}:"
+
+    def hot(self, entity: str) -> str:
+        """Sorted set of keys read since their last load, scored by the entry's expiry (ms)."""
+        return f"{self.prefix}:@hot:{entity}"
+
+    def warm(self, entity: str) -> str:
+        """Sorted set of keys reloaded while hot and not read since (one grace reload)."""
+        return f"{self.prefix}:@warm:{entity}"
+
+    def read_stats(self, entity: str) -> str:
+        """Hash of read-path counters of one entity."""
+        return f"{self.prefix}:@read:{entity}"
+
+    def sweep_guard(self, entity: str) -> str:
+        """Guard that admits one hot-key sweep of an entity per sweep period."""
+        return f"{self.prefix}:@sweep:{entity}"
 
     def flush_lock(self, entity: str, shard: int) -> str:
         """The lock that admits one flusher per shard."""

@@ -17,6 +17,7 @@ from cachewarden.connections import redis_client
 from cachewarden.database import make_engine
 from cachewarden.errors import UnknownEntity
 from cachewarden.keys import Keyspace
+from cachewarden.loader import Loader
 from cachewarden.scripts import Scripts
 from cachewarden.settings import EntitySettings, Settings, load_settings
 from cachewarden.sqlsink import SqlSink
@@ -33,6 +34,7 @@ class Runtime:
     consumer: str
     _engine: Engine | None = None
     _sinks: dict[str, SqlSink] = field(default_factory=dict)
+    _loaders: dict[str, Loader] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings) -> Runtime:
@@ -67,6 +69,14 @@ class Runtime:
             sink = SqlSink(self.engine, self.entity(name), self.settings.source)
             self._sinks[name] = sink
         return sink
+
+    def loader(self, name: str) -> Loader:
+        """The reflected-table loader of an entity (the read path), built on first use."""
+        loader = self._loaders.get(name)
+        if loader is None:
+            loader = Loader(self.engine, self.entity(name), self.settings.source)
+            self._loaders[name] = loader
+        return loader
 
     def close(self) -> None:
         """Release connections."""

@@ -24,6 +24,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
     StatementError,
 )
+from sqlalchemy.sql import sqltypes
 from sqlalchemy.sql.dml import Insert
 
 from cachewarden.coalesce import DELETE, Op
@@ -34,12 +35,14 @@ from cachewarden.settings import EntitySettings
 
 ROW_ERRORS = (IntegrityError, DataError, ProgrammingError)
 
+
 @dataclass(frozen=True)
 class Rejected:
     """An operation the database refused, with its error."""
 
     op: Op
     error: str
+
 
 @dataclass
 class Outcome:
@@ -56,6 +59,7 @@ class Outcome:
 class _RowProblem(Exception):
     """A row that fails before it reaches the database (unknown column, bad JSON)."""
 
+
 class SqlSink:
     """Writes batches of one entity into its reflected table."""
 
@@ -65,6 +69,11 @@ class SqlSink:
         self.table = _reflect(engine, entity, source)
         self.dialect = engine.dialect.name
         self._statements: dict[tuple[str, ...], Insert] = {}
+        # PostgreSQL through psycopg: one array parameter per column (see _ArrayColumn).
+        self._fast = self.dialect == "postgresql" and engine.dialect.driver == "psycopg"
+        self._unnests: dict[tuple[str, ...], _UnnestUpsert | None] = {}
+        self._lookup = _build_lookup(engine, self.table, entity) if self._fast else None
+        self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
         key_type = self.table.c[entity.key].type
         try:
             python_type: Callable[[str], Any] = key_type.python_type
@@ -80,6 +89,10 @@ class SqlSink:
 
         Raises LockLost or BackendUnavailable, committing nothing of the failing
         transaction."""
+        if self._fast and len(ops) > 1:
+            outcome = self._apply_fast(ops, fence)
+            if outcome is not None:
+                return outcome
         try:
             return Outcome(stale=self._transaction(ops, fence))
         except LockLost:
@@ -95,9 +108,23 @@ class SqlSink:
         middle = len(ops) // 2
         return self.apply(ops[:middle], fence) + self.apply(ops[middle:], fence)
 
+    def _apply_fast(self, ops: Sequence[Op], fence: Fence) -> Outcome | None:
+        """The batch through the array statements, or None when anything in it fails:
+        then the generic path takes the whole batch and isolates bad rows as always."""
+        try:
+            return Outcome(stale=self._transaction(ops, fence, fast=True))
+        except LockLost:
+            raise
+        except _RowProblem:
+            return None
+        except SQLAlchemyError as exc:
+            if not self._is_row_error(exc):
+                raise unavailable(self.engine, exc) from exc
+            return None
+
     # -- the transaction ------------------------------------------------------
 
-    def _transaction(self, ops: Sequence[Op], fence: Fence) -> list[Op]:
+    def _transaction(self, ops: Sequence[Op], fence: Fence, fast: bool = False) -> list[Op]:
         """One fenced transaction; returns the keys whose write a newer version outranked."""
         writes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
         plain_deletes: list[Any] = []
@@ -112,8 +139,8 @@ class SqlSink:
                 else:
                     versioned_deletes.append({"k": key, "v": op.version})
             else:
-                row = self._row(op)
-                writes[tuple(row)].append(row)
+                columns, row = self._row(op)
+                writes[columns].append(row)
                 if op.version is not None and self.entity.version_column is not None:
                     versioned[row[self.entity.key]] = op
                     if op.replaces:
@@ -122,19 +149,37 @@ class SqlSink:
             fence.check(conn)
             self._deletes(conn, cleared, [])
             for columns, rows in writes.items():
-                conn.execute(self._upsert(columns), rows)
+                self._upsert_rows(conn, columns, rows, fast)
             self._deletes(conn, plain_deletes, versioned_deletes)
-            return self._outranked(conn, versioned)
+            return self._outranked(conn, versioned, fast)
 
-    def _outranked(self, conn: Connection, versioned: dict[Any, Op]) -> list[Op]:
+    def _upsert_rows(
+        self, conn: Connection, columns: tuple[str, ...], rows: list[dict[str, Any]], fast: bool
+    ) -> None:
+        if fast:
+            if columns not in self._unnests:
+                self._unnests[columns] = _build_unnest(
+                    self.engine, self.table, columns, self.entity
+                )
+            unnest = self._unnests[columns]
+            params = unnest.params(rows) if unnest is not None else None
+            if unnest is not None and params is not None:
+                conn.exec_driver_sql(unnest.sql, params)
+                return
+        conn.execute(self._upsert(columns), rows)
+
+    def _outranked(
+        self, conn: Connection, versioned: dict[Any, Op], fast: bool = False
+    ) -> list[Op]:
         """Keys whose row holds a newer version than the write just applied (guard said no)."""
         if not versioned or self.entity.version_column is None:
             return []
-        key_col = self.table.c[self.entity.key]
-        version_col = self.table.c[self.entity.version_column]
-        found = conn.execute(
-            select(key_col, version_col).where(key_col.in_(list(versioned)))
-        ).all()
+        keys = list(versioned)
+        found = self._lookup.run(conn, keys) if fast and self._lookup is not None else None
+        if found is None:
+            key_col = self.table.c[self.entity.key]
+            version_col = self.table.c[self.entity.version_column]
+            found = conn.execute(select(key_col, version_col).where(key_col.in_(keys))).all()
         stale = []
         for key, version in found:
             op = versioned.get(key)
@@ -142,35 +187,39 @@ class SqlSink:
                 stale.append(op)
         return stale
 
-    def _row(self, op: Op) -> dict[str, Any]:
+    def _row(self, op: Op) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The row of a write and its columns, sorted (the upsert statement's cache key)."""
         try:
             row = json.loads(op.value)
         except ValueError:
             raise _RowProblem(f"the buffered value is not JSON: {op.value[:60]!r}") from None
         if not isinstance(row, dict):
             raise _RowProblem(f"the buffered value is not a JSON object: {op.value[:60]!r}")
-        unknown = [c for c in row if c not in self.table.c]
-        if unknown:
-            raise _RowProblem(
-                f"column {unknown[0]!r} is not in table {self.table.name!r}; "
-                "fix the writer or add the column, then replay the dead letter"
-            )
-        return dict(sorted(row.items()))
+        names = tuple(row)
+        columns = self._checked.get(names)
+        if columns is None:
+            unknown = [c for c in row if c not in self.table.c]
+            if unknown:
+                raise _RowProblem(
+                    f"column {unknown[0]!r} is not in table {self.table.name!r}; "
+                    "fix the writer or add the column, then replay the dead letter"
+                )
+            columns = tuple(sorted(names))
+            if len(self._checked) < 1024:
+                self._checked[names] = columns
+        return columns, row
 
     def _key_value(self, op: Op) -> Any:
         try:
             return self._key_of(op.key)
         except (TypeError, ValueError):
-            raise _RowProblem(
-                f"key {op.key!r} does not fit column {self.entity.key!r}"
-            ) from None
+            raise _RowProblem(f"key {op.key!r} does not fit column {self.entity.key!r}") from None
 
     def _deletes(self, conn: Connection, keys: list[Any], versioned: list[dict[str, Any]]) -> None:
         key_col = self.table.c[self.entity.key]
         if keys:
             conn.execute(self.table.delete().where(key_col.in_(keys)))
         if versioned and self.entity.version_column is not None:
-
             version_col = self.table.c[self.entity.version_column]
             stmt = self.table.delete().where(
                 and_(key_col == bindparam("k"), version_col <= bindparam("v"))
@@ -186,7 +235,7 @@ class SqlSink:
 
     def _is_row_error(self, exc: SQLAlchemyError) -> bool:
         if isinstance(exc, DBAPIError):
-            if exc.connection_invalidated:
+            if exc.connection_invalidated or is_transient(exc):
                 return False
             if isinstance(exc, ROW_ERRORS):
                 return True
@@ -194,6 +243,23 @@ class SqlSink:
             # OperationalError: if the database answers a probe, the data is at fault.
             return database_is_up(self.engine)
         return isinstance(exc, StatementError)
+
+
+# Lock waits, deadlocks and serialization failures: retried with backoff, never dead-lettered.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01"})
+_TRANSIENT_MYSQL_CODES = frozenset({1205, 1213, 2006, 2013})
+
+
+def is_transient(exc: DBAPIError) -> bool:
+    """True for errors about contention or the connection, not about the rows."""
+    orig = exc.orig
+    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL_CODES:
+        return True
+    return "database is locked" in str(orig) or "database table is locked" in str(orig)
+
 
 def _build_upsert(
     dialect: str, table: Table, columns: tuple[str, ...], entity: EntitySettings
@@ -235,6 +301,7 @@ def _build_upsert(
         return mstmt.on_duplicate_key_update([(c, new[c]) for c in updated])
     raise ConfigError("database.url", "dialect", f"{dialect!r} has no upsert support here")
 
+
 def _reflect(engine: Engine, entity: EntitySettings, source: str) -> Table:
     from sqlalchemy import MetaData
 
@@ -243,21 +310,174 @@ def _reflect(engine: Engine, entity: EntitySettings, source: str) -> Table:
         table = Table(name, MetaData(), autoload_with=engine, schema=schema or None)
     except NoSuchTableError:
         raise ConfigError(
-            source, f"entities.{entity.name}.table",
+            source,
+            f"entities.{entity.name}.table",
             f"table {entity.table!r} does not exist in the database; create it or fix the name",
         ) from None
     except DBAPIError as exc:
         raise unavailable(engine, exc) from exc
-    for field, column in (("key", entity.key), ("version_column", entity.version_column)):
+    for setting, column in (("key", entity.key), ("version_column", entity.version_column)):
         if column is not None and column not in table.c:
             raise ConfigError(
-                source, f"entities.{entity.name}.{field}",
+                source,
+                f"entities.{entity.name}.{setting}",
                 f"column {column!r} is not in table {entity.table!r} "
                 f"(it has: {', '.join(table.c.keys())})",
             )
     return table
 
+
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
+
+# -- PostgreSQL (psycopg): one array parameter per column --------------------------------------
+# Statements go to psycopg as written (exec_driver_sql), so arrays travel in binary ("%(c0)b").
+
+_CAST_KINDS = frozenset({int, float, str, bool})  # Python types sent under an explicit cast
+_PLAIN_KINDS = frozenset({int, float, bool})  # ... and those the driver may type itself
+
+
+def _quote(dialect: Any, name: str) -> str:
+    return str(dialect.identifier_preparer.quote(name)).replace("%", "%%")
+
+
+@dataclass(frozen=True)
+class _ArrayColumn:
+    """How one column's values travel as a single PostgreSQL array parameter.
+
+    The array is cast to the very type the generic statement casts each parameter to,
+    so each element converts as that parameter would; where the generic statement
+    casts nothing, the driver types the array and the INSERT applies the same
+    assignment cast. Values that might convert differently (mixed Python types,
+    anything but int/float/str/bool) are refused: the generic statement takes them.
+    """
+
+    name: str
+    quoted: str
+    cast: str  # "" when the generic statement sends the parameter without a cast
+    adapt: Callable[[Any], Any] | None  # what the generic path does to each value first
+
+    def sql(self, param: str) -> str:
+        return f"CAST(%({param})b AS {self.cast}[])" if self.cast else f"%({param})b"
+
+    def values(self, column: list[Any]) -> list[Any] | None:
+        """The values ready to bind as one array, or None when they must go one by one."""
+        if self.adapt is not None:
+            try:
+                column = [self.adapt(v) for v in column]
+            except Exception:  # the generic path meets the same error and reports it
+                return None
+        kinds = set(map(type, column))
+        kinds.discard(type(None))
+        if len(kinds) > 1 or not kinds <= (_CAST_KINDS if self.cast else _PLAIN_KINDS):
+            return None
+        if not kinds and not self.cast:
+            return None  # all NULL and nothing says of which type
+        return column
+
+
+def _array_column(engine: Engine, table: Table, name: str) -> _ArrayColumn | None:
+    """The array form of column `name`, or None where unnest would not carry it."""
+    dialect = engine.dialect
+    col_type = table.c[name].type
+    if isinstance(col_type, sqltypes.ARRAY):
+        return None  # unnest flattens nested arrays
+    # The cast the generic statement renders after this column's parameter ("::VARCHAR").
+    cast = str(bindparam("v", type_=col_type).compile(dialect=dialect)).partition("::")[2]
+    if cast.endswith("]") or "%" in cast:
+        return None
+    adapt: Callable[[Any], Any] | None
+    if isinstance(col_type, sqltypes.JSON):
+        if not cast:
+            return None
+        # The generic path wraps values for psycopg, which dumps them with this function.
+        dumps: Callable[[Any], str] = getattr(dialect, "_json_serializer", None) or json.dumps
+        none_as_null = bool(col_type.none_as_null)
+
+        def adapt(value: Any) -> Any:
+            return None if value is None and none_as_null else dumps(value)
+    else:
+        adapt = col_type.dialect_impl(dialect).bind_processor(dialect)
+    return _ArrayColumn(name, _quote(dialect, name), cast, adapt)
+
+
+@dataclass(frozen=True)
+class _UnnestUpsert:
+    """INSERT ... SELECT * FROM unnest(<one array per column>) ON CONFLICT ...: the generic
+    upsert's statement, with the same conflict target, assignments and version guard."""
+
+    sql: str
+    columns: tuple[_ArrayColumn, ...]
+
+    def params(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]] | None:
+        params: dict[str, list[Any]] = {}
+        for i, column in enumerate(self.columns):
+            values = column.values([row[column.name] for row in rows])
+            if values is None:
+                return None
+            params[f"c{i}"] = values
+        return params
+
+
+def _build_unnest(
+    engine: Engine, table: Table, columns: tuple[str, ...], entity: EntitySettings
+) -> _UnnestUpsert | None:
+    arrays = [_array_column(engine, table, name) for name in columns]
+    cols = tuple(a for a in arrays if a is not None)
+    key, version = entity.key, entity.version_column
+    if len(cols) != len(columns) or key not in columns:
+        return None
+    q = {c.name: c.quoted for c in cols}
+    target = engine.dialect.identifier_preparer.format_table(table).replace("%", "%%")
+    sql = (
+        f"INSERT INTO {target} ({', '.join(c.quoted for c in cols)}) "
+        f"SELECT * FROM unnest({', '.join(c.sql(f'c{i}') for i, c in enumerate(cols))})"
+    )
+    updated = [c for c in columns if c != key]
+    if not updated:
+        sql += f" ON CONFLICT ({q[key]}) DO NOTHING"
+    else:
+        sets = ", ".join(f"{q[c]} = EXCLUDED.{q[c]}" for c in updated)
+        sql += f" ON CONFLICT ({q[key]}) DO UPDATE SET {sets}"
+        if version is not None and version in columns:
+            sql += f" WHERE {target}.{q[version]} <= EXCLUDED.{q[version]}"
+    return _UnnestUpsert(sql, cols)
+
+
+@dataclass(frozen=True)
+class _VersionLookup:
+    """SELECT key, version ... WHERE key = ANY(<one array>): the generic `key IN (...)`
+    query, for key and version columns whose values SQLAlchemy hands over untouched."""
+
+    sql: str
+    key: _ArrayColumn
+
+    def run(self, conn: Connection, keys: list[Any]) -> Sequence[Any] | None:
+        values = self.key.values(keys)
+        if values is None:
+            return None
+        return conn.exec_driver_sql(self.sql, {"keys": values}).all()
+
+
+def _build_lookup(engine: Engine, table: Table, entity: EntitySettings) -> _VersionLookup | None:
+    if entity.version_column is None:
+        return None
+    for name in (entity.key, entity.version_column):
+        col_type = table.c[name].type
+        if not isinstance(col_type, sqltypes.Integer | sqltypes.String) or isinstance(
+            col_type, sqltypes.Enum
+        ):
+            return None
+        if col_type.dialect_impl(engine.dialect).result_processor(engine.dialect, None):
+            return None
+    key = _array_column(engine, table, entity.key)
+    if key is None or not key.cast:
+        return None
+    version = _quote(engine.dialect, entity.version_column)
+    target = engine.dialect.identifier_preparer.format_table(table).replace("%", "%%")
+    return _VersionLookup(
+        f"SELECT {key.quoted}, {version} FROM {target} WHERE {key.quoted} = ANY({key.sql('keys')})",
+        key,
+    )

@@ -91,8 +91,10 @@ class ShardFlusher:
     def _acquire(self) -> int:
         keys = self.rt.keys
         token: int = self.rt.scripts.lock_acquire(
-            keys=[keys.flush_lock(self.spec.name, self.shard),
-                  keys.flush_fence(self.spec.name, self.shard)],
+            keys=[
+                keys.flush_lock(self.spec.name, self.shard),
+                keys.flush_fence(self.spec.name, self.shard),
+            ],
             args=[self.owner, self.spec.write_behind.lock_ttl_ms],
         )
         if token:
@@ -102,8 +104,10 @@ class ShardFlusher:
     def _extend(self) -> None:
         keys = self.rt.keys
         ok = self.rt.scripts.lock_extend(
-            keys=[keys.flush_lock(self.spec.name, self.shard),
-                  keys.queued(self.spec.name, self.shard)],
+            keys=[
+                keys.flush_lock(self.spec.name, self.shard),
+                keys.queued(self.spec.name, self.shard),
+            ],
             args=[self.owner, self.spec.write_behind.lock_ttl_ms],
         )
         if not ok:
@@ -129,10 +133,18 @@ class ShardFlusher:
     def _release(self, hold_ms: int) -> None:
         keys, name = self.rt.keys, self.spec.name
         self.rt.scripts.release(
-            keys=[keys.flush_lock(name, self.shard), keys.queued(name, self.shard),
-                  self._stream, keys.due()],
-            args=[self.owner, self.spec.write_behind.max_delay_ms,
-                  due_member(name, self.shard), hold_ms],
+            keys=[
+                keys.flush_lock(name, self.shard),
+                keys.queued(name, self.shard),
+                self._stream,
+                keys.due(),
+            ],
+            args=[
+                self.owner,
+                self.spec.write_behind.max_delay_ms,
+                due_member(name, self.shard),
+                hold_ms,
+            ],
         )
 
     # -- reading and applying -----------------------------------------------------
@@ -178,11 +190,15 @@ class ShardFlusher:
         result.applied += len(winners) - len(rejected)
         result.rejected += len(rejected)
         result.batches += 1
-        log.info("flush_batch", batch_size=len(entries), applied=len(winners) - len(rejected),
-                 rejected=len(rejected), fence=fence.token)
+        log.info(
+            "flush_batch",
+            batch_size=len(entries),
+            applied=len(winners) - len(rejected),
+            rejected=len(rejected),
+            fence=fence.token,
+        )
 
-    def _finish(self, entries: Entries, ops: list[Op], winners: list[Op],
-                outcome: Outcome) -> None:
+    def _finish(self, entries: Entries, ops: list[Op], winners: list[Op], outcome: Outcome) -> None:
         last_id = {op.key: op.id for op in ops}
         kind = {op.key: op.kind for op in winners}
         # "x": drop the entry. The database refused the row, or holds a newer version.
@@ -193,8 +209,14 @@ class ShardFlusher:
         ids = [sid for sid, _ in entries]
         self.rt.scripts.finish(
             keys=[self._stream, self.rt.keys.dirty(self.spec.name, self.shard)],
-            args=[STREAM_GROUP, self.rt.keys.entry(self.spec.name, ""), self.spec.ttl_ms,
-                  len(ids), *ids, *triples],
+            args=[
+                STREAM_GROUP,
+                self.rt.keys.entry(self.spec.name, ""),
+                self.spec.ttl_ms + self.spec.stale_ttl_ms,
+                len(ids),
+                *ids,
+                *triples,
+            ],
         )
 
 

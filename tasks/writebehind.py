@@ -28,6 +28,13 @@ def flush(self: Task[Any, Any], entity: str, shard: int) -> dict[str, Any]:
         except RedisError as exc:
             log.error("flush_redis_unavailable", entity=entity, shard=shard, error=str(exc))
             return {"entity": entity, "shard": shard, "status": "redis_unavailable"}
-        log.info("flush_done", entity=entity, shard=shard, status=result.status,
-                 batch_size=result.entries, applied=result.applied, rejected=result.rejected)
+        log.info(
+            "flush_done",
+            entity=entity,
+            shard=shard,
+            status=result.status,
+            batch_size=result.entries,
+            applied=result.applied,
+            rejected=result.rejected,
+        )
         return result.__dict__

@@ -142,3 +142,41 @@ def test_database_outage_under_load_loses_nothing(
     assert len(failures) <= SHARDS * 40, len(failures)
     assert "raised unexpected" not in worker.output()
     assert _retry_counters(h) == [0] * SHARDS
+
+
+def test_lock_wait_timeout_is_retried_not_dead_lettered(tmp_path: Path, prefix: str) -> None:
+    """A batch that times out waiting on a row lock is retried later, never sent to dead letters."""
+    import sqlalchemy as sa
+
+    from cachewarden.writebehind import flush_shard
+    from tests.conftest import _mariadb_database
+
+    databases = _mariadb_database(f"{prefix}lk")
+    url = next(databases)
+    h = Harness(tmp_path, url, prefix)
+    blocker = sa.create_engine(url)
+    try:
+        h.create_table("users", version=False)
+        # The flusher's sessions give up on a row lock after 1 s (the default is 50 s).
+        short_wait = url + "?init_command=SET%20SESSION%20innodb_lock_wait_timeout%3D1"
+        h.configure(
+            {"user": {"table": "users", "key": "id", "ttl": "1m"}},
+            {"user": {"shards": 1, "retry_base": "100ms"}},
+            db_url=short_wait,
+        )
+        h.cache.write("user", 1, {"name": "first"})
+        assert flush_shard(h.runtime, "user", 0).status == "done"
+        h.cache.write("user", 1, {"name": "second"})
+        with blocker.connect() as conn:
+            conn.execute(sa.text("SELECT * FROM users WHERE id = 1 FOR UPDATE"))
+            result = flush_shard(h.runtime, "user", 0)
+            conn.rollback()
+        assert result.status == "backoff", result
+        assert h.cache.redis.xlen(h.cache.keys.dead("user")) == 0
+        h.cache.redis.delete(h.cache.keys.queued("user", 0))
+        assert flush_shard(h.runtime, "user", 0).status == "done"
+        assert h.rows("users")[1]["name"] == "second"
+    finally:
+        blocker.dispose()
+        h.close()
+        next(databases, None)

@@ -10,6 +10,6 @@ import os
 # Flower listens on every interface by default; keep it on loopback unless asked.
 os.environ.setdefault("FLOWER_ADDRESS", "127.0.0.1")
 
-from worker.app import app  # noqa: E402
+from worker.app import app
 
 __all__ = ["app"]

@@ -19,6 +19,7 @@ from cachewarden.logs import configure_logging
 from cachewarden.runtime import set_runtime
 from cachewarden.settings import Settings, load_settings
 from worker.dispatcher import DispatcherStep
+from worker.sweeper import SweeperStep
 
 
 def _settings() -> Settings:
@@ -30,9 +31,10 @@ def _settings() -> Settings:
 
 
 settings = _settings()
-app = Celery("cachewarden", include=["tasks.writebehind"])
+app = Celery("cachewarden", include=["tasks.writebehind", "tasks.refresh"])
 app.conf.update(celery_config(settings))
 app.steps["worker"].add(DispatcherStep)
+app.steps["worker"].add(SweeperStep)
 
 
 @signals.setup_logging.connect

@@ -19,7 +19,7 @@ from cachewarden.settings import load_settings
 class DispatcherStep(bootsteps.StartStopStep):
     """Starts and stops the dispatcher thread with the worker."""
 
-    requires = {"celery.worker.components:Pool"}
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -34,8 +34,10 @@ class DispatcherStep(bootsteps.StartStopStep):
             app.send_task(FLUSH_TASK, args=[entity, shard])
 
         self.thread = threading.Thread(
-            target=run_dispatcher, args=(runtime, send, self.stop_event),
-            name="cachewarden-dispatcher", daemon=True,
+            target=run_dispatcher,
+            args=(runtime, send, self.stop_event),
+            name="cachewarden-dispatcher",
+            daemon=True,
         )
         self.thread.start()
 

@@ -29,6 +29,12 @@ class Scripts:
     release: Script
     replay: Script
     dispatch: Script
+    read: Script
+    fill: Script
+    lease_many: Script
+    fill_many: Script
+    lease_fail: Script
+    sweep_claim: Script
 
     @classmethod
     def register(cls, client: Redis) -> Scripts:
