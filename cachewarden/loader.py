@@ -16,12 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, MetaData, Table, any_, bindparam, select, text
-from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, any_, bindparam, select, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import Executable
 
-from cachewarden.errors import ConfigError, LoadFailed
+from cachewarden.errors import BackendUnavailable, LoadFailed
 from cachewarden.settings import EntitySettings
+from cachewarden.tables import reflect_table
 
 Row = dict[str, Any]
 _PLAIN = (str, int, float, bool, type(None))
@@ -34,7 +35,11 @@ class Loader:
     def __init__(self, engine: Engine, entity: EntitySettings, source: str = "config") -> None:
         self.engine = engine
         self.entity = entity
-        self.table = _reflect(engine, entity, source)
+        try:
+            self.table = reflect_table(engine, entity, source)
+        except BackendUnavailable as exc:
+            problem = f"cannot read table {entity.table!r}: {exc}"
+            raise LoadFailed(entity.name, "*", problem) from exc
         key_column = self.table.c[entity.key]
         try:
             python_type: Callable[[str], Any] = key_column.type.python_type
@@ -137,27 +142,3 @@ def _convert(value: Any) -> Any:
     if isinstance(value, dict):
         return jsonable(value)
     return str(value)
-
-
-def _reflect(engine: Engine, entity: EntitySettings, source: str) -> Table:
-    schema, _, name = entity.table.rpartition(".")
-    try:
-        table = Table(name, MetaData(), autoload_with=engine, schema=schema or None)
-    except NoSuchTableError:
-        raise ConfigError(
-            source,
-            f"entities.{entity.name}.table",
-            f"table {entity.table!r} does not exist in the database; create it or fix the name",
-        ) from None
-    except DBAPIError as exc:
-        problem = str(exc.orig or exc).strip().splitlines()
-        detail = problem[0] if problem else type(exc).__name__
-        raise LoadFailed(entity.name, "*", f"cannot read table {entity.table!r}: {detail}") from exc
-    if entity.key not in table.c:
-        raise ConfigError(
-            source,
-            f"entities.{entity.name}.key",
-            f"column {entity.key!r} is not in table {entity.table!r} "
-            f"(it has: {', '.join(table.c.keys())})",
-        )
-    return table

@@ -5,7 +5,7 @@ Two triggers, both asynchronous (no reader waits for them):
 - on read: a read that finds its entry due (see `cachewarden.xfetch`) sets the
   key's refresh marker (`SET NX`: one refresh per key in flight) and sends task
   "cachewarden.refresh" by name;
-- on schedule: every worker runs a sweeper thread (worker/sweeper.py). Once per
+- on schedule: every worker runs a sweeper thread (worker/steps.py). Once per
   sweep period per entity (a Redis guard admits one worker), it claims the hot
   keys expiring within the sweep window (the refresh window plus two sweep
   periods, so it gets there before their readers would) and sends them in batches.

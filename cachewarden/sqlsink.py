@@ -19,7 +19,6 @@ from sqlalchemy.exc import (
     DataError,
     DBAPIError,
     IntegrityError,
-    NoSuchTableError,
     ProgrammingError,
     SQLAlchemyError,
     StatementError,
@@ -32,6 +31,7 @@ from cachewarden.database import database_is_up, unavailable
 from cachewarden.errors import ConfigError, LockLost
 from cachewarden.fence import Fence, fence_table
 from cachewarden.settings import EntitySettings
+from cachewarden.tables import reflect_table
 
 ROW_ERRORS = (IntegrityError, DataError, ProgrammingError)
 
@@ -66,7 +66,7 @@ class SqlSink:
     def __init__(self, engine: Engine, entity: EntitySettings, source: str = "config") -> None:
         self.engine = engine
         self.entity = entity
-        self.table = _reflect(engine, entity, source)
+        self.table = reflect_table(engine, entity, source)
         self.dialect = engine.dialect.name
         self._statements: dict[tuple[str, ...], Insert] = {}
         # PostgreSQL through psycopg: one array parameter per column (see _ArrayColumn).
@@ -300,31 +300,6 @@ def _build_upsert(
             return mstmt.prefix_with("IGNORE")
         return mstmt.on_duplicate_key_update([(c, new[c]) for c in updated])
     raise ConfigError("database.url", "dialect", f"{dialect!r} has no upsert support here")
-
-
-def _reflect(engine: Engine, entity: EntitySettings, source: str) -> Table:
-    from sqlalchemy import MetaData
-
-    schema, _, name = entity.table.rpartition(".")
-    try:
-        table = Table(name, MetaData(), autoload_with=engine, schema=schema or None)
-    except NoSuchTableError:
-        raise ConfigError(
-            source,
-            f"entities.{entity.name}.table",
-            f"table {entity.table!r} does not exist in the database; create it or fix the name",
-        ) from None
-    except DBAPIError as exc:
-        raise unavailable(engine, exc) from exc
-    for setting, column in (("key", entity.key), ("version_column", entity.version_column)):
-        if column is not None and column not in table.c:
-            raise ConfigError(
-                source,
-                f"entities.{entity.name}.{setting}",
-                f"column {column!r} is not in table {entity.table!r} "
-                f"(it has: {', '.join(table.c.keys())})",
-            )
-    return table
 
 
 def _first_line(exc: BaseException) -> str:

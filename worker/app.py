@@ -18,8 +18,7 @@ from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
 from cachewarden.runtime import set_runtime
 from cachewarden.settings import Settings, load_settings
-from worker.dispatcher import DispatcherStep
-from worker.sweeper import SweeperStep
+from worker.steps import DispatcherStep, SweeperStep
 
 
 def _settings() -> Settings:
