@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,20 +29,19 @@ def key_text(entity: str, key: object) -> str:
     text = str(key)
     if not text:
         raise InvalidKey(f"{entity}: the key is empty; every row needs a non-empty key")
-    bad = sorted({ch for ch in text if ch in RESERVED_KEY_CHARS or ch.isspace() or _is_control(ch)})
-    if bad:
+    if _BAD_KEY_CHAR.search(text) is not None:
+        bad = sorted({ch for ch in text if _BAD_KEY_CHAR.match(ch)})
         raise InvalidKey(
             f"{entity}: key {text!r} contains {''.join(bad)!r}; keys may not hold "
             "'*', '?', '[', ']', ':', spaces or control characters"
         )
-    if len(text.encode("utf-8")) > MAX_KEY_BYTES:
+    if len(text) * 4 > MAX_KEY_BYTES and len(text.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKey(f"{entity}: key {text[:40]!r}... is over {MAX_KEY_BYTES} bytes")
     return text
 
 
-def _is_control(ch: str) -> bool:
-    """C0 controls, DEL and C1 controls (Unicode category Cc)."""
-    return ord(ch) < 32 or 127 <= ord(ch) < 160
+# Reserved characters, whitespace (str.isspace), C0 controls, DEL and C1 controls.
+_BAD_KEY_CHAR = re.compile(r"[*?\[\]:\s\x00-\x1f\x7f-\x9f]")
 
 
 def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) -> str:
@@ -57,7 +57,8 @@ def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) ->
             f"{entity}:{key}: the row cannot be encoded as JSON ({_explain(row, exc)}); "
             "convert it to str, int, float, bool, None, list or dict first"
         ) from None
-    size = len(text.encode("utf-8"))
+    # A UTF-8 character is at most 4 bytes: only measure rows that could be too big.
+    size = len(text) if len(text) * 4 <= max_bytes else len(text.encode("utf-8"))
     if size > max_bytes:
         raise InvalidValue(
             f"{entity}:{key}: the row is {size} bytes encoded, over the limit of "
