@@ -183,7 +183,12 @@ class SqlSink:
         stale = []
         for key, version in found:
             op = versioned.get(key)
-            if op is not None and op.version is not None and version > op.version:
+            if (
+                op is not None
+                and op.version is not None
+                and version is not None
+                and version > op.version
+            ):
                 stale.append(op)
         return stale
 
@@ -203,6 +208,11 @@ class SqlSink:
                 raise _RowProblem(
                     f"column {unknown[0]!r} is not in table {self.table.name!r}; "
                     "fix the writer or add the column, then replay the dead letter"
+                )
+            if self.entity.key not in row:
+                raise _RowProblem(
+                    f"the row has no {self.entity.key!r} (the key column); writers must "
+                    "include it, as Cache.write does"
                 )
             columns = tuple(sorted(names))
             if len(self._checked) < 1024:

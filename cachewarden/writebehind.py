@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from cachewarden.backoff import backoff_ms
 from cachewarden.coalesce import Op, coalesce
@@ -82,6 +82,13 @@ class ShardFlusher:
             result.status, result.retry_in_ms = "backoff", hold_ms
             result.errors.append(str(exc))
             log.error("flush_failed", error=str(exc), retry_in_ms=hold_ms)
+        except RedisError:
+            raise
+        except Exception as exc:  # a bug, not an outage: back off rather than spin on it
+            hold_ms = self._backoff()
+            result.status, result.retry_in_ms = "backoff", hold_ms
+            result.errors.append(repr(exc))
+            log.exception("flush_crashed", retry_in_ms=hold_ms)
         finally:
             self._release(hold_ms)
         return result
@@ -111,7 +118,10 @@ class ShardFlusher:
             args=[self.owner, self.spec.write_behind.lock_ttl_ms],
         )
         if not ok:
-            raise LockLost(f"{self.spec.name}:{self.shard}: the flush lock expired and was taken")
+            raise LockLost(
+                f"{self.spec.name}:{self.shard}: the flush lock expired "
+                "(a newer flusher may hold it)"
+            )
 
     def _fence(self, token: int) -> Fence:
         """Our fence; if the database saw a higher token (Redis lost its counter), jump past it."""

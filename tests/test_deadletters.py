@@ -188,3 +188,30 @@ def test_cli_lists_and_replays_dead_letters(pg_harness: Harness) -> None:
     assert _dead(h) == []
     _flush_all(h)
     assert h.rows("users")[5]["name"] == "poison"
+
+
+def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
+    pg_harness: Harness,
+) -> None:
+    """Rows enqueued by a non-Python writer without the key column or with an unknown column go to dead letters with a message, and the rest land."""
+    from cachewarden.scripts import source
+
+    h = pg_harness
+    _setup(h)
+    keys = h.cache.keys
+    script = h.cache.redis.register_script(source("enqueue"))
+    shard = shard_of("1", 4)
+    bad = {"1": '{"name":"no key column"}', "2": '{"id":2,"name":"x","colour":"red"}'}
+    for key, value in bad.items():
+        shard = shard_of(key, 4)
+        script(
+            keys=[keys.entry("user", key), keys.stream("user", shard), keys.dirty("user", shard),
+                  keys.due(), keys.dead_keys("user"), keys.lease("user", key)],
+            args=["w", key, value, 1000, 1000, 1000, f"user:{shard}", "", ""],
+        )
+    h.cache.write("user", 3, {"name": "good"})
+    _flush_all(h)
+    assert set(h.rows("users")) == {3}
+    errors = {letter.key: letter.error for letter in _dead(h)}
+    assert "key column" in errors["1"]
+    assert "'colour' is not in table" in errors["2"]

@@ -53,8 +53,8 @@ def _assert_drained(h: Harness) -> None:
     assert redis.hlen(keys.dirty("user", 0)) == 0
 
 
-class _Crash(Exception):
-    """Stands for the flusher's process dying."""
+class _Crash(BaseException):
+    """Stands for the flusher's process dying (nothing in the flusher may catch it)."""
 
 
 class _CrashAfterCommit(ShardFlusher):

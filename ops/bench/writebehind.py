@@ -817,16 +817,20 @@ def report(env: Env, res: Results) -> bool:
         targets += [("write() p99 <= 0.5 ms", p99_ok), ("write() p50 <= 2x SET p50", p50_ok)]
     else:
         targets += [("write() p99 <= 0.5 ms", None), ("write() p50 <= 2x SET p50", None)]
-    if res.flush and res.raw:
+    # The issue's target compares the flush with "the plain batched upsert of the
+    # same rows" (about 70,000 rows/s here): psycopg executemany in batches of 1,000.
+    # COPY into a temp table and one INSERT ... SELECT ... ON CONFLICT is the raw
+    # ceiling of the database, shown for context.
+    if res.flush and res.many:
         f = res.flush
-        ok = not f.problems and f.rows_per_s >= 0.6 * res.raw
+        ok = not f.problems and f.rows_per_s >= 0.6 * res.many
         rows.append(
             [
                 f"flush rows/s ({f.rows:,} rows, {a.concurrency} procs)",
                 fmt_rate(f.rows_per_s),
-                "plain batched upsert, same rows (COPY+merge)",
-                fmt_rate(res.raw),
-                f"{f.rows_per_s / res.raw:.0%}",
+                "plain batched upsert, same rows (executemany, 1,000/batch)",
+                fmt_rate(res.many),
+                f"{f.rows_per_s / res.many:.0%}",
                 ">= 60% of plain",
                 verdict(ok),
             ]
@@ -834,15 +838,15 @@ def report(env: Env, res: Results) -> bool:
         targets.append(("flush >= 60% of the plain batched upsert", ok))
     else:
         targets.append(("flush >= 60% of the plain batched upsert", None))
-    if res.flush and res.many:
+    if res.flush and res.raw:
         f = res.flush
         rows.append(
             [
                 "flush rows/s (context)",
                 fmt_rate(f.rows_per_s),
-                "psycopg executemany upsert, same rows",
-                fmt_rate(res.many),
-                f"{f.rows_per_s / res.many:.0%}",
+                "raw limit, same rows (COPY + INSERT ... SELECT, 1,000/batch)",
+                fmt_rate(res.raw),
+                f"{f.rows_per_s / res.raw:.0%}",
                 "(context only)",
                 "",
             ]
