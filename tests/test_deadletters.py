@@ -205,8 +205,14 @@ def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
     for key, value in bad.items():
         shard = shard_of(key, 4)
         script(
-            keys=[keys.entry("user", key), keys.stream("user", shard), keys.dirty("user", shard),
-                  keys.due(), keys.dead_keys("user"), keys.lease("user", key)],
+            keys=[
+                keys.entry("user", key),
+                keys.stream("user", shard),
+                keys.dirty("user", shard),
+                keys.due(),
+                keys.dead_keys("user"),
+                keys.lease("user", key),
+            ],
             args=["w", key, value, 1000, 1000, 1000, f"user:{shard}", "", ""],
         )
     h.cache.write("user", 3, {"name": "good"})

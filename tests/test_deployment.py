@@ -161,6 +161,7 @@ def test_flower_shows_flush_tasks_behind_auth(pg_harness: Harness, flower: str) 
 
     seen = wait_for(succeeded_flushes, 20, what="Flower to list a finished flush task")
     assert "user" in str(seen[0]["args"])
+
     def workers() -> object:
         found = _get(flower + "/api/workers?refresh=1", "ops:s3cret")
         return isinstance(found, dict) and found
