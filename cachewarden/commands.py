@@ -17,7 +17,7 @@ from cachewarden.deadletters import count_dead, discard, list_dead, replay
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
 from cachewarden.keys import Keyspace
 from cachewarden.settings import EntitySettings, Settings
-from cachewarden.sqlsink import SqlSink
+from cachewarden.tables import reflect_table
 
 OK, FAILED = 0, 1
 
@@ -66,13 +66,18 @@ def check(settings: Settings, _args: argparse.Namespace) -> int:
     for spec in settings.entities.values():
         print(_describe_entity(spec))
         try:
-            SqlSink(engine, spec, settings.source)
+            reflect_table(engine, spec, settings.source)
             print(f"    table {spec.table}: ok")
         except Exception as exc:
             print(f"    table {spec.table}: FAILED: {exc}")
             status = FAILED
     engine.dispose()
     return status
+
+
+def _number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, Any]:
@@ -87,12 +92,13 @@ def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, A
             "pending_per_shard": pending,
             "due_shards": [s for s in shards if f"{spec.name}:{s}" in due],
             "dead_letters": count_dead(client, keys, spec.name),
+            "read": {k: _number(v) for k, v in client.hgetall(keys.read_stats(spec.name)).items()},
         }
     return out
 
 
 def stats(settings: Settings, args: argparse.Namespace) -> int:
-    """Print pending writes, due shards and dead letters."""
+    """Print pending writes, due shards, dead letters and read-path counters."""
     client = redis_client(settings.redis)
     try:
         data = entity_stats(settings, client, Keyspace(settings.redis.prefix))
@@ -104,9 +110,11 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return OK
     for name, row in data.items():
+        reads = " ".join(f"{k}={v}" for k, v in sorted(row["read"].items())) or "none yet"
         print(
             f"{name}: pending={row['pending']} {row['pending_per_shard']} "
-            f"due_shards={row['due_shards']} dead_letters={row['dead_letters']}"
+            f"due_shards={row['due_shards']} dead_letters={row['dead_letters']} "
+            f"read: {reads}"
         )
     return OK
 

@@ -86,6 +86,18 @@ def test_stats_counts_pending_writes(pg_harness: Harness) -> None:
     assert data["user"]["dead_letters"] == 0
 
 
+def test_stats_shows_read_path_counters(pg_harness: Harness) -> None:
+    """`stats` reports the read path's loads next to the write buffer."""
+    pg_harness.create_table("users")
+    pg_harness.configure({"user": USER})
+    pg_harness.cache.get("user", 5)  # a miss: one load, cached as absent
+    result = cachewarden("stats", "--json", config=pg_harness.config_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["user"]["read"]["loads"] == 1
+    plain = cachewarden("stats", config=pg_harness.config_path)
+    assert "loads=1" in plain.stdout
+
+
 def test_demo_init_creates_the_table(pg_harness: Harness) -> None:
     """`demo init` creates each entity's table so the demo worker has somewhere to write."""
     pg_harness.configure({"user": USER})
