@@ -15,7 +15,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN, redis_client
-from cachewarden.errors import BackendUnavailable, Backpressure, InvalidValue, UnknownEntity
+from cachewarden.errors import BackendUnavailable, Backpressure, InvalidValue
 from cachewarden.keys import Keyspace, due_member, shard_of
 from cachewarden.readthrough import ReadThrough
 from cachewarden.scripts import Scripts
@@ -66,14 +66,7 @@ class Cache:
 
     def entity(self, name: str) -> EntitySettings:
         """The settings of entity `name`, or UnknownEntity naming the defined ones."""
-        try:
-            return self.settings.entities[name]
-        except KeyError:
-            known = ", ".join(sorted(self.settings.entities)) or "none"
-            raise UnknownEntity(
-                f"unknown entity {name!r}; {self.settings.source} defines: {known}. "
-                f"Add an [entities.{name}] table to the config."
-            ) from None
+        return self.settings.entity(name)
 
     def write(self, entity: str, key: str | int, row: Mapping[str, Any]) -> str:
         """Cache `row` under `key` and buffer its upsert; return the stream id.

@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from cachewarden.celeryconf import task_client
 from cachewarden.codec import ABSENT, decode_row, key_text
 from cachewarden.database import make_engine
-from cachewarden.errors import BackendUnavailable, UnknownEntity
+from cachewarden.errors import BackendUnavailable
 from cachewarden.keys import Keyspace
 from cachewarden.leases import EntityLeases, Reply, new_token
 from cachewarden.loader import Loader, Row
@@ -169,19 +169,10 @@ class ReadThrough:
             self._send = send
         return self._send
 
-    # -- misses ---------------------------------------------------------------
-
     # -- plumbing -------------------------------------------------------------
 
     def _spec(self, entity: str) -> EntitySettings:
-        try:
-            return self.settings.entities[entity]
-        except KeyError:
-            known = ", ".join(sorted(self.settings.entities)) or "none"
-            raise UnknownEntity(
-                f"unknown entity {entity!r}; {self.settings.source} defines: {known}. "
-                f"Add an [entities.{entity}] table to the config."
-            ) from None
+        return self.settings.entity(entity)
 
     def _side(self, spec: EntitySettings) -> EntityLeases:
         side = self._sides.get(spec.name)

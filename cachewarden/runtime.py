@@ -15,7 +15,6 @@ from sqlalchemy import Engine
 
 from cachewarden.connections import redis_client
 from cachewarden.database import make_engine
-from cachewarden.errors import UnknownEntity
 from cachewarden.keys import Keyspace
 from cachewarden.loader import Loader
 from cachewarden.scripts import Scripts
@@ -56,11 +55,8 @@ class Runtime:
         return self._engine
 
     def entity(self, name: str) -> EntitySettings:
-        """An entity's settings, or UnknownEntity."""
-        try:
-            return self.settings.entities[name]
-        except KeyError:
-            raise UnknownEntity(f"unknown entity {name!r} in {self.settings.source}") from None
+        """An entity's settings, or UnknownEntity naming the defined ones."""
+        return self.settings.entity(name)
 
     def sink(self, name: str) -> SqlSink:
         """The reflected table sink of an entity, built on first use."""

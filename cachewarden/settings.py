@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cachewarden.durations import parse_duration_ms
-from cachewarden.errors import ConfigError
+from cachewarden.errors import ConfigError, UnknownEntity
 
 DEFAULT_CONFIG_PATH = "config/cachewarden.toml"
 CONFIG_ENV = "CACHEWARDEN_CONFIG"
@@ -118,6 +118,17 @@ class Settings:
     def broker_url(self) -> str:
         """The Celery broker: `[celery] broker_url`, or else the Redis URL."""
         return self.celery.broker_url or self.redis.url
+
+    def entity(self, name: str) -> EntitySettings:
+        """The settings of entity `name`, or UnknownEntity naming the defined ones."""
+        try:
+            return self.entities[name]
+        except KeyError:
+            known = ", ".join(sorted(self.entities)) or "none"
+            raise UnknownEntity(
+                f"unknown entity {name!r}; {self.source} defines: {known}. "
+                f"Add an [entities.{name}] table to the config."
+            ) from None
 
 
 class _Reader:

@@ -23,13 +23,13 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
     StatementError,
 )
-from sqlalchemy.sql import sqltypes
 from sqlalchemy.sql.dml import Insert
 
 from cachewarden.coalesce import DELETE, Op
 from cachewarden.database import database_is_up, unavailable
 from cachewarden.errors import ConfigError, LockLost
 from cachewarden.fence import Fence, fence_table
+from cachewarden.pgarrays import UnnestUpsert, build_lookup, build_unnest
 from cachewarden.settings import EntitySettings
 from cachewarden.tables import reflect_table
 
@@ -69,10 +69,10 @@ class SqlSink:
         self.table = reflect_table(engine, entity, source)
         self.dialect = engine.dialect.name
         self._statements: dict[tuple[str, ...], Insert] = {}
-        # PostgreSQL through psycopg: one array parameter per column (see _ArrayColumn).
+        # PostgreSQL through psycopg: one array parameter per column (see ArrayColumn).
         self._fast = self.dialect == "postgresql" and engine.dialect.driver == "psycopg"
-        self._unnests: dict[tuple[str, ...], _UnnestUpsert | None] = {}
-        self._lookup = _build_lookup(engine, self.table, entity) if self._fast else None
+        self._unnests: dict[tuple[str, ...], UnnestUpsert | None] = {}
+        self._lookup = build_lookup(engine, self.table, entity) if self._fast else None
         self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
         key_type = self.table.c[entity.key].type
         try:
@@ -158,9 +158,7 @@ class SqlSink:
     ) -> None:
         if fast:
             if columns not in self._unnests:
-                self._unnests[columns] = _build_unnest(
-                    self.engine, self.table, columns, self.entity
-                )
+                self._unnests[columns] = build_unnest(self.engine, self.table, columns, self.entity)
             unnest = self._unnests[columns]
             params = unnest.params(rows) if unnest is not None else None
             if unnest is not None and params is not None:
@@ -315,154 +313,3 @@ def _build_upsert(
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-
-
-# -- PostgreSQL (psycopg): one array parameter per column --------------------------------------
-# Statements go to psycopg as written (exec_driver_sql), so arrays travel in binary ("%(c0)b").
-
-_CAST_KINDS = frozenset({int, float, str, bool})  # Python types sent under an explicit cast
-_PLAIN_KINDS = frozenset({int, float, bool})  # ... and those the driver may type itself
-
-
-def _quote(dialect: Any, name: str) -> str:
-    return str(dialect.identifier_preparer.quote(name)).replace("%", "%%")
-
-
-@dataclass(frozen=True)
-class _ArrayColumn:
-    """How one column's values travel as a single PostgreSQL array parameter.
-
-    The array is cast to the very type the generic statement casts each parameter to,
-    so each element converts as that parameter would; where the generic statement
-    casts nothing, the driver types the array and the INSERT applies the same
-    assignment cast. Values that might convert differently (mixed Python types,
-    anything but int/float/str/bool) are refused: the generic statement takes them.
-    """
-
-    name: str
-    quoted: str
-    cast: str  # "" when the generic statement sends the parameter without a cast
-    adapt: Callable[[Any], Any] | None  # what the generic path does to each value first
-
-    def sql(self, param: str) -> str:
-        return f"CAST(%({param})b AS {self.cast}[])" if self.cast else f"%({param})b"
-
-    def values(self, column: list[Any]) -> list[Any] | None:
-        """The values ready to bind as one array, or None when they must go one by one."""
-        if self.adapt is not None:
-            try:
-                column = [self.adapt(v) for v in column]
-            except Exception:  # the generic path meets the same error and reports it
-                return None
-        kinds = set(map(type, column))
-        kinds.discard(type(None))
-        if len(kinds) > 1 or not kinds <= (_CAST_KINDS if self.cast else _PLAIN_KINDS):
-            return None
-        if not kinds and not self.cast:
-            return None  # all NULL and nothing says of which type
-        return column
-
-
-def _array_column(engine: Engine, table: Table, name: str) -> _ArrayColumn | None:
-    """The array form of column `name`, or None where unnest would not carry it."""
-    dialect = engine.dialect
-    col_type = table.c[name].type
-    if isinstance(col_type, sqltypes.ARRAY):
-        return None  # unnest flattens nested arrays
-    # The cast the generic statement renders after this column's parameter ("::VARCHAR").
-    cast = str(bindparam("v", type_=col_type).compile(dialect=dialect)).partition("::")[2]
-    if cast.endswith("]") or "%" in cast:
-        return None
-    adapt: Callable[[Any], Any] | None
-    if isinstance(col_type, sqltypes.JSON):
-        if not cast:
-            return None
-        # The generic path wraps values for psycopg, which dumps them with this function.
-        dumps: Callable[[Any], str] = getattr(dialect, "_json_serializer", None) or json.dumps
-        none_as_null = bool(col_type.none_as_null)
-
-        def adapt(value: Any) -> Any:
-            return None if value is None and none_as_null else dumps(value)
-    else:
-        adapt = col_type.dialect_impl(dialect).bind_processor(dialect)
-    return _ArrayColumn(name, _quote(dialect, name), cast, adapt)
-
-
-@dataclass(frozen=True)
-class _UnnestUpsert:
-    """INSERT ... SELECT * FROM unnest(<one array per column>) ON CONFLICT ...: the generic
-    upsert's statement, with the same conflict target, assignments and version guard."""
-
-    sql: str
-    columns: tuple[_ArrayColumn, ...]
-
-    def params(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]] | None:
-        params: dict[str, list[Any]] = {}
-        for i, column in enumerate(self.columns):
-            values = column.values([row[column.name] for row in rows])
-            if values is None:
-                return None
-            params[f"c{i}"] = values
-        return params
-
-
-def _build_unnest(
-    engine: Engine, table: Table, columns: tuple[str, ...], entity: EntitySettings
-) -> _UnnestUpsert | None:
-    arrays = [_array_column(engine, table, name) for name in columns]
-    cols = tuple(a for a in arrays if a is not None)
-    key, version = entity.key, entity.version_column
-    if len(cols) != len(columns) or key not in columns:
-        return None
-    q = {c.name: c.quoted for c in cols}
-    target = engine.dialect.identifier_preparer.format_table(table).replace("%", "%%")
-    sql = (
-        f"INSERT INTO {target} ({', '.join(c.quoted for c in cols)}) "
-        f"SELECT * FROM unnest({', '.join(c.sql(f'c{i}') for i, c in enumerate(cols))})"
-    )
-    updated = [c for c in columns if c != key]
-    if not updated:
-        sql += f" ON CONFLICT ({q[key]}) DO NOTHING"
-    else:
-        sets = ", ".join(f"{q[c]} = EXCLUDED.{q[c]}" for c in updated)
-        sql += f" ON CONFLICT ({q[key]}) DO UPDATE SET {sets}"
-        if version is not None and version in columns:
-            sql += f" WHERE {target}.{q[version]} <= EXCLUDED.{q[version]}"
-    return _UnnestUpsert(sql, cols)
-
-
-@dataclass(frozen=True)
-class _VersionLookup:
-    """SELECT key, version ... WHERE key = ANY(<one array>): the generic `key IN (...)`
-    query, for key and version columns whose values SQLAlchemy hands over untouched."""
-
-    sql: str
-    key: _ArrayColumn
-
-    def run(self, conn: Connection, keys: list[Any]) -> Sequence[Any] | None:
-        values = self.key.values(keys)
-        if values is None:
-            return None
-        return conn.exec_driver_sql(self.sql, {"keys": values}).all()
-
-
-def _build_lookup(engine: Engine, table: Table, entity: EntitySettings) -> _VersionLookup | None:
-    if entity.version_column is None:
-        return None
-    for name in (entity.key, entity.version_column):
-        col_type = table.c[name].type
-        if not isinstance(col_type, sqltypes.Integer | sqltypes.String) or isinstance(
-            col_type, sqltypes.Enum
-        ):
-            return None
-        if col_type.dialect_impl(engine.dialect).result_processor(engine.dialect, None):
-            return None
-    key = _array_column(engine, table, entity.key)
-    if key is None or not key.cast:
-        return None
-    version = _quote(engine.dialect, entity.version_column)
-    target = engine.dialect.identifier_preparer.format_table(table).replace("%", "%%")
-    return _VersionLookup(
-        f"SELECT {key.quoted}, {version} FROM {target} WHERE {key.quoted} = ANY({key.sql('keys')})",
-        key,
-    )
