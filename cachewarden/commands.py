@@ -13,9 +13,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cachewarden.connections import check_redis_safety, redis_client
 from cachewarden.database import describe, make_engine
-from cachewarden.deadletters import count_dead, discard, list_dead, replay
+from cachewarden.deadletters import discard, list_dead, replay
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
-from cachewarden.keys import Keyspace
+from cachewarden.keys import Keyspace, due_member
 from cachewarden.settings import EntitySettings, Settings
 from cachewarden.tables import reflect_table
 
@@ -86,13 +86,18 @@ def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, A
     out: dict[str, Any] = {}
     for spec in settings.entities.values():
         shards = range(spec.write_behind.shards)
-        pending = [int(client.xlen(keys.stream(spec.name, s))) for s in shards]
+        with client.pipeline(transaction=False) as pipe:
+            for s in shards:
+                pipe.xlen(keys.stream(spec.name, s))
+            pipe.xlen(keys.dead(spec.name))
+            pipe.hgetall(keys.read_stats(spec.name))
+            *pending, dead, reads = pipe.execute()
         out[spec.name] = {
             "pending": sum(pending),
-            "pending_per_shard": pending,
-            "due_shards": [s for s in shards if f"{spec.name}:{s}" in due],
-            "dead_letters": count_dead(client, keys, spec.name),
-            "read": {k: _number(v) for k, v in client.hgetall(keys.read_stats(spec.name)).items()},
+            "pending_per_shard": [int(n) for n in pending],
+            "due_shards": [s for s in shards if due_member(spec.name, s) in due],
+            "dead_letters": int(dead),
+            "read": {k: _number(v) for k, v in reads.items()},
         }
     return out
 

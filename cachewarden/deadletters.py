@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 
 from cachewarden.errors import Backpressure
 from cachewarden.keys import Keyspace, due_member, shard_of
-from cachewarden.scripts import Scripts
+from cachewarden.scripts import source
 from cachewarden.settings import EntitySettings
 
 if TYPE_CHECKING:
@@ -94,9 +94,9 @@ def replay(
     """Re-enqueue a dead letter; return the new stream id, or "superseded"."""
     wb = spec.write_behind
     shard = shard_of(letter.key, wb.shards)
-    scripts = Scripts.register(redis)
+    script = redis.register_script(source("replay"))
     try:
-        result: str = scripts.replay(
+        result: str = script(
             keys=[
                 keys.entry(spec.name, letter.key),
                 keys.stream(spec.name, shard),

@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 
 import structlog
-from redis.exceptions import RedisError
 
 from cachewarden.keys import parse_due_member
+from cachewarden.loops import run_every
 from cachewarden.runtime import Runtime
 
 log = structlog.get_logger("cachewarden.dispatch")
@@ -57,13 +57,4 @@ def dispatch_once(rt: Runtime, send: Send) -> int:
 def run_dispatcher(rt: Runtime, send: Send, stop: threading.Event) -> None:
     """Dispatch every `dispatch_interval` until `stop` is set; survive Redis outages."""
     interval = rt.settings.dispatch_interval_ms / 1000
-    while not stop.is_set():
-        try:
-            dispatch_once(rt, send)
-        except RedisError as exc:
-            log.warning("dispatch_failed", error=str(exc))
-            stop.wait(min(5.0, interval * 20))
-        except Exception as exc:  # a broker outage in send(); keep the loop alive
-            log.exception("dispatch_failed", error=str(exc))
-            stop.wait(min(5.0, interval * 20))
-        stop.wait(interval)
+    run_every(interval, lambda: dispatch_once(rt, send), stop, "dispatch")

@@ -34,11 +34,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
-from redis.exceptions import RedisError
 
 from cachewarden.codec import ABSENT, encode_row
-from cachewarden.errors import CachewardenError, InvalidValue, LoadFailed
+from cachewarden.errors import InvalidValue, LoadFailed
 from cachewarden.leases import EntityLeases, new_token
+from cachewarden.loops import run_every
 from cachewarden.runtime import Runtime
 from cachewarden.settings import EntitySettings
 
@@ -201,24 +201,12 @@ def sweep_tick_s(rt: Runtime) -> float:
 
 def run_sweeper(rt: Runtime, send: SendRefresh, stop: threading.Event) -> None:
     """Sweep until `stop` is set; survive Redis and broker outages."""
-    tick = sweep_tick_s(rt)
-    while not stop.is_set():
-        try:
-            for result in sweep_due(rt, send):
-                if result.claimed:
-                    log.info(
-                        "sweep_done",
-                        entity=result.entity,
-                        keys=result.claimed,
-                        batches=result.batches,
-                    )
-        except RedisError as exc:
-            log.warning("sweep_failed", error=str(exc))
-            stop.wait(min(5.0, tick * 20))
-        except CachewardenError as exc:
-            log.error("sweep_failed", error=str(exc))
-            stop.wait(min(5.0, tick * 20))
-        except Exception as exc:  # a broker outage in send(); keep the loop alive
-            log.exception("sweep_failed", error=str(exc))
-            stop.wait(min(5.0, tick * 20))
-        stop.wait(tick)
+
+    def sweep() -> None:
+        for result in sweep_due(rt, send):
+            if result.claimed:
+                log.info(
+                    "sweep_done", entity=result.entity, keys=result.claimed, batches=result.batches
+                )
+
+    run_every(sweep_tick_s(rt), sweep, stop, "sweep")
