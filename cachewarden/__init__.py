@@ -5,6 +5,7 @@ from cachewarden import Cache
 cache = Cache.from_config("config/cachewarden.toml")
 cache.write("user", 42, {"name": "Ada", "version": 7})   # cached now, in the database soon
 cache.delete("user", 42)
+cache.get("user", 42)                                   # None: known absent
 """
 
 from cachewarden.cache import Cache
@@ -17,15 +18,16 @@ from cachewarden.errors import (
     InvalidValue,
     LoadFailed,
     LockLost,
-    RowRejected,
     UnknownEntity,
     UnsafeRedis,
 )
 from cachewarden.settings import Settings, load_settings
+from cachewarden.writebehind.enqueue import BatchResult
 
 __all__ = [
     "BackendUnavailable",
     "Backpressure",
+    "BatchResult",
     "Cache",
     "CachewardenError",
     "ConfigError",
@@ -33,7 +35,6 @@ __all__ = [
     "InvalidValue",
     "LoadFailed",
     "LockLost",
-    "RowRejected",
     "Settings",
     "UnknownEntity",
     "UnsafeRedis",

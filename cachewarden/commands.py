@@ -13,11 +13,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cachewarden.connections import check_redis_safety, redis_client
 from cachewarden.database import describe, make_engine
-from cachewarden.deadletters import discard, list_dead, replay
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
 from cachewarden.keys import Keyspace, due_member
 from cachewarden.settings import EntitySettings, Settings
 from cachewarden.tables import reflect_table
+from cachewarden.writebehind.deadletters import discard, list_dead, replay
 
 OK, FAILED = 0, 1
 
@@ -128,7 +128,7 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     """list / replay / discard dead letters of one entity."""
     from cachewarden.cache import Cache
 
-    cache = Cache(settings)
+    cache = Cache(settings, reflect=False)
     spec = cache.entity(args.entity)
     try:
         letters = list_dead(cache.redis, cache.keys, spec.name, count=args.count)

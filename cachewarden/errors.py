@@ -50,10 +50,6 @@ class LockLost(CachewardenError):
     """A lock or fencing token was taken over by a newer holder; stop without committing."""
 
 
-class RowRejected(CachewardenError):
-    """The database rejected one row; it goes to the dead-letter stream with this error."""
-
-
 class LoadFailed(CachewardenError):
     """Loading a key from the database failed (or waiting for its loader timed out)."""
 

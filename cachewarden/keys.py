@@ -13,7 +13,10 @@ Layout (prefix "cw", entity "user", shard 3):
     cw:@lock:flush:user:3      the shard's flusher lock (value: owner token)
     cw:@fence:flush:user:3     the shard's fencing-token counter
     cw:@lease:user:42          a loader's lease on one key; any write or delete voids it
-    cw:@refresh:user:42        marker: a refresh of this key is queued (deduplicates them)
+    cw:@refresh:user:42        marker: a refresh of this key is queued (deduplicates them);
+                               its value is when it was asked for (ms)
+    cw:@refreshq:user          sorted set: key -> horizon (ms), refreshes asked for by reads,
+                               which the workers send as batched refresh tasks
     cw:@hot:user               sorted set: key -> the entry's expiry (ms), for keys read
                                since their last load; the sweep reloads these before expiry
     cw:@warm:user              sorted set: key -> expiry, for keys reloaded and not read
@@ -58,11 +61,7 @@ class Keyspace:
 
     def stream(self, entity: str, shard: int) -> str:
         """The write stream of one shard."""
-        return f"{self.stream_prefix()}{due_member(entity, shard)}"
-
-    def stream_prefix(self) -> str:
-        """What precedes a due-set member in its stream's key (scripts append to it)."""
-        return f"{self.prefix}:@wb:"
+        return f"{self.prefix}:@wb:{entity}:{shard}"
 
     def dirty(self, entity: str, shard: int) -> str:
         """Key -> stream id of the newest unflushed write, for one shard."""
@@ -103,6 +102,10 @@ class Keyspace:
     def refresh_prefix(self, entity: str) -> str:
         """What precedes the key in a refresh marker's name (scripts append keys to it)."""
         return f"{self.prefix}:@refresh:{entity}:"
+
+    def refresh_requests(self, entity: str) -> str:
+        """Sorted set of keys whose reads asked for a refresh, scored by the reload's horizon."""
+        return f"{self.prefix}:@refreshq:{entity}"
 
     def hot(self, entity: str) -> str:
         """Sorted set of keys read since their last load, scored by the entry's expiry (ms)."""

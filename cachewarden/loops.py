@@ -1,4 +1,4 @@
-"""The loop the background threads (flush dispatcher, hot-key sweeper) run in."""
+"""The loop the worker's background threads (flush dispatcher, refresh-ahead) run in."""
 
 from __future__ import annotations
 

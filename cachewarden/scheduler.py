@@ -15,16 +15,16 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from redis.exceptions import RedisError
 
 from cachewarden.celeryconf import task_client
-from cachewarden.dispatch import FLUSH_TASK, dispatch_once
-from cachewarden.runtime import Runtime
+from cachewarden.context import Context
 from cachewarden.settings import Settings
+from cachewarden.writebehind.dispatch import FLUSH_TASK, dispatch_once
 
 log = structlog.get_logger("cachewarden.scheduler")
 
 
 def build_scheduler(settings: Settings) -> BlockingScheduler:
     """A blocking scheduler with the dispatcher as an interval job."""
-    runtime = Runtime.build(settings)
+    context = Context.build(settings)
     client = task_client(settings)
 
     def send(entity: str, shard: int) -> None:
@@ -32,7 +32,7 @@ def build_scheduler(settings: Settings) -> BlockingScheduler:
 
     def dispatch() -> None:
         try:
-            dispatch_once(runtime, send)
+            dispatch_once(context, send)
         except RedisError as exc:
             log.warning("dispatch_failed", error=str(exc))
 

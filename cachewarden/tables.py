@@ -1,8 +1,16 @@
-"""Reflecting an entity's table: names come from the database, never from formatting input."""
+"""Reflecting an entity's table: names come from the database, never from formatting input.
+
+`EntityTable` is the reflected table plus the one conversion of key text (the
+cache key) to the key column's Python type, used by loads and flushes alike.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, MetaData, Table
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, Engine, MetaData, Table
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from cachewarden.database import unavailable
@@ -10,7 +18,30 @@ from cachewarden.errors import ConfigError
 from cachewarden.settings import EntitySettings
 
 
-def reflect_table(engine: Engine, entity: EntitySettings, source: str) -> Table:
+@dataclass(frozen=True)
+class EntityTable:
+    """One entity's reflected table and how its key text becomes a key column value."""
+
+    entity: EntitySettings
+    table: Table
+    _key_of: Callable[[str], Any]
+
+    @property
+    def key_column(self) -> Column[Any]:
+        """The key (primary-key) column."""
+        return self.table.c[self.entity.key]
+
+    def key_value(self, text: str) -> Any:
+        """The key as the key column's Python type; ValueError when it cannot be one."""
+        try:
+            return self._key_of(text)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"key {text!r} does not fit column {self.entity.key!r} of {self.entity.table!r}"
+            ) from None
+
+
+def reflect_table(engine: Engine, entity: EntitySettings, source: str) -> EntityTable:
     """The entity's table as the database describes it.
 
     Raises ConfigError naming the setting when the table, its key column or its
@@ -36,4 +67,8 @@ def reflect_table(engine: Engine, entity: EntitySettings, source: str) -> Table:
                 f"column {column!r} is not in table {entity.table!r} "
                 f"(it has: {', '.join(table.c.keys())})",
             )
-    return table
+    try:
+        key_of: Callable[[str], Any] = table.c[entity.key].type.python_type
+    except NotImplementedError:
+        key_of = str
+    return EntityTable(entity, table, key_of)

@@ -8,9 +8,9 @@ import structlog
 from celery import Task, shared_task
 from redis.exceptions import RedisError
 
-from cachewarden.dispatch import FLUSH_TASK
-from cachewarden.runtime import get_runtime
-from cachewarden.writebehind import flush_shard
+from cachewarden.context import current
+from cachewarden.writebehind.dispatch import FLUSH_TASK
+from cachewarden.writebehind.flush import flush_shard
 
 log = structlog.get_logger("tasks.writebehind")
 
@@ -24,7 +24,7 @@ def flush(self: Task[Any, Any], entity: str, shard: int) -> dict[str, Any]:
     """
     with structlog.contextvars.bound_contextvars(task_id=self.request.id):
         try:
-            result = flush_shard(get_runtime(), entity, int(shard))
+            result = flush_shard(current(), entity, int(shard))
         except RedisError as exc:
             log.error("flush_redis_unavailable", entity=entity, shard=shard, error=str(exc))
             return {"entity": entity, "shard": shard, "status": "redis_unavailable"}

@@ -8,6 +8,7 @@ skips the tests that need it; under CI (CI=true) it fails them.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ import redis
 import sqlalchemy as sa
 
 from cachewarden.cache import Cache
+from cachewarden.context import Context, set_current
 from cachewarden.logs import configure_logging
-from cachewarden.runtime import Runtime, set_runtime
 from cachewarden.settings import Settings, load_settings
 from tests.helpers import (
     MARIADB_ADMIN_URL,
@@ -32,11 +33,32 @@ from tests.helpers import (
 BACKENDS = ["postgresql", "mariadb", "sqlite"]
 
 
+_NOT_REACHABLE = "is not reachable"
+
+
 def _unavailable(what: str, exc: BaseException) -> None:
-    message = f"{what} is not reachable ({exc}); start it (see ../shared/DESIGN.md)"
+    message = f"{what} {_NOT_REACHABLE} ({exc}); start it (see ../shared/DESIGN.md)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say, at the end of a local run, how many tests skipped for want of a server."""
+    missing: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else ""
+        if _NOT_REACHABLE in reason:
+            server = reason.removeprefix("Skipped: ").split(f" {_NOT_REACHABLE}")[0]
+            missing[server] = missing.get(server, 0) + 1
+    if missing:
+        counts = ", ".join(f"{n} for {server}" for server, n in sorted(missing.items()))
+        terminalreporter.write_line(
+            f"{sum(missing.values())} tests skipped for want of a server ({counts}); "
+            "start the servers (see README.md) to run them",
+            yellow=True,
+            bold=True,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -126,7 +148,8 @@ class Harness:
         self.engine = sa.create_engine(db_url)
         self.workers: list[WorkerProcess] = []
         self._cache: Cache | None = None
-        self._runtime: Runtime | None = None
+        self._lock = threading.Lock()
+        self._context: Context | None = None
         self.settings: Settings | None = None
 
     @property
@@ -153,23 +176,24 @@ class Harness:
             tables[f"entities.{name}.write_behind"] = (write_behind or {}).get(name, {})
         self.config_path.write_text(render_config(tables))
         self.settings = load_settings(self.config_path)
-        self._cache = None
-        self._runtime = None
+        self._close_clients()
         return self.settings
 
     @property
     def cache(self) -> Cache:
-        if self._cache is None:
-            assert self.settings is not None, "call configure() first"
-            self._cache = Cache(self.settings)
-        return self._cache
+        """The test's one Cache (threads that ask at once share it: no Cache is abandoned)."""
+        with self._lock:
+            if self._cache is None:
+                assert self.settings is not None, "call configure() first"
+                self._cache = Cache(self.settings)
+            return self._cache
 
     @property
-    def runtime(self) -> Runtime:
-        if self._runtime is None:
+    def context(self) -> Context:
+        if self._context is None:
             assert self.settings is not None, "call configure() first"
-            self._runtime = Runtime.build(self.settings)
-        return self._runtime
+            self._context = Context.build(self.settings)
+        return self._context
 
     def create_table(self, name: str, *, version: bool = True, extra: str = "") -> None:
         """CREATE TABLE name (id INTEGER PRIMARY KEY, name VARCHAR NOT NULL, version ...)."""
@@ -202,15 +226,20 @@ class Harness:
         self.workers.append(w)
         return w.start() if start else w
 
+    def _close_clients(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        if self._context is not None:
+            self._context.close()
+        self._cache = None
+        self._context = None
+
     def close(self) -> None:
         for w in self.workers:
             w.kill()
-        if self._cache is not None:
-            self._cache.close()
-        if self._runtime is not None:
-            self._runtime.close()
+        self._close_clients()
         self.engine.dispose()
-        set_runtime(None)
+        set_current(None)
 
 
 @pytest.fixture

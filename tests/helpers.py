@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
+
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("CACHEWARDEN_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 PG_ADMIN_URL = os.environ.get(
@@ -21,6 +23,16 @@ PG_ADMIN_URL = os.environ.get(
 MARIADB_ADMIN_URL = os.environ.get(
     "CACHEWARDEN_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"
 )
+
+
+class CountingConnection(redis.Connection):
+    """A real Redis connection that counts the commands (or pipelines) it sends."""
+
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.sent += 1
+        super().send_packed_command(command, check_health)
 
 
 def unique(stem: str = "t") -> str:

@@ -57,7 +57,8 @@ def test_layout_matches_the_documented_names() -> None:
     assert ks.flush_lock("user", 3) == "cw:@lock:flush:user:3"
     assert ks.flush_fence("user", 3) == "cw:@fence:flush:user:3"
     assert ks.lease("user", "42") == "cw:@lease:user:42"
-    assert ks.stream_prefix() + due_member("user", 3) == ks.stream("user", 3)
+    assert ks.refresh_requests("user") == "cw:@refreshq:user"
+    assert ks.stream(*parse_due_member(due_member("user", 3))) == ks.stream("user", 3)
     assert STREAM_GROUP == "flushers"
 
 

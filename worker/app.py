@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import threading
 from typing import Any
 
 import structlog
@@ -15,11 +16,11 @@ from celery import Celery, bootsteps, signals
 
 from cachewarden.celeryconf import celery_config
 from cachewarden.connections import check_redis_safety, redis_client
+from cachewarden.context import current, set_current
 from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
-from cachewarden.runtime import set_runtime
 from cachewarden.settings import Settings, load_settings
-from worker.steps import DispatcherStep, SweeperStep
+from worker.steps import DispatcherStep, RefreshAheadStep
 
 
 def _settings() -> Settings:
@@ -31,10 +32,10 @@ def _settings() -> Settings:
 
 
 settings = _settings()
-app = Celery("cachewarden", include=["tasks.writebehind", "tasks.refresh"])
+app = Celery("cachewarden", include=["tasks.writebehind", "tasks.readpath"])
 app.conf.update(celery_config(settings))
 app.steps["worker"].add(DispatcherStep)
-app.steps["worker"].add(SweeperStep)
+app.steps["worker"].add(RefreshAheadStep)
 
 
 @signals.setup_logging.connect
@@ -58,15 +59,20 @@ def _check_redis(**_: Any) -> None:
 
 
 @signals.worker_process_init.connect
-def _fresh_runtime(**_: Any) -> None:
-    """Each pool process builds its own clients (none crosses a fork).
+def _fresh_context(**_: Any) -> None:
+    """Each pool process builds its own context (no client crosses a fork).
+
+    Its tables are reflected at once, in the background, so the process's first
+    task does not pay for it (a task that needs a table meanwhile waits for that
+    one reflection instead of starting another).
 
     The objects inherited from the parent are frozen out of the garbage
     collector's generations: a flusher allocates many short-lived objects per
     batch, and rescanning the imported modules each time costs ~15% of its CPU.
     """
-    set_runtime(None)
+    set_current(None)
     gc.freeze()
+    threading.Thread(target=current().reflect_all, name="cachewarden-reflect", daemon=True).start()
 
 
 __all__ = ["app", "bootsteps"]

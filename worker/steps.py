@@ -1,8 +1,9 @@
 """Worker bootsteps that run background loops in the worker's main process.
 
 Every worker runs each loop; Redis claims keep the work to once per due time
-across all workers, so flushes and sweeps go on while any one worker lives.
-The loops only claim work and send tasks; the pool processes do the database work.
+across all workers, so flushes, requested refreshes and sweeps go on while any
+one worker lives. The loops only claim work and send tasks; the pool processes
+do the database work. Both loops share the main process's one context.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
 
-from cachewarden.dispatch import FLUSH_TASK, run_dispatcher
-from cachewarden.refresh import REFRESH_TASK, run_sweeper
-from cachewarden.runtime import Runtime
-from cachewarden.settings import load_settings
+from cachewarden.context import Context, current
+from cachewarden.readpath.refresh import REFRESH_TASK
+from cachewarden.readpath.sweep import run_refresh_ahead
+from cachewarden.writebehind.dispatch import FLUSH_TASK, run_dispatcher
 
 
 class LoopStep(bootsteps.StartStopStep):
@@ -29,15 +30,14 @@ class LoopStep(bootsteps.StartStopStep):
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def loop(self, runtime: Runtime, app: Celery, stop: threading.Event) -> None:
+    def loop(self, context: Context, app: Celery, stop: threading.Event) -> None:
         """The body of the thread; return when `stop` is set."""
         raise NotImplementedError
 
     def start(self, parent: Any) -> None:
-        runtime = Runtime.build(load_settings())
         self.thread = threading.Thread(
             target=self.loop,
-            args=(runtime, parent.app, self.stop_event),
+            args=(current(), parent.app, self.stop_event),
             name=self.thread_name,
             daemon=True,
         )
@@ -54,20 +54,20 @@ class DispatcherStep(LoopStep):
 
     thread_name = "cachewarden-dispatcher"
 
-    def loop(self, runtime: Runtime, app: Celery, stop: threading.Event) -> None:
+    def loop(self, context: Context, app: Celery, stop: threading.Event) -> None:
         def send(entity: str, shard: int) -> None:
             app.send_task(FLUSH_TASK, args=[entity, shard])
 
-        run_dispatcher(runtime, send, stop)
+        run_dispatcher(context, send, stop)
 
 
-class SweeperStep(LoopStep):
-    """The hot-key sweeper: reload batches of hot keys before they expire."""
+class RefreshAheadStep(LoopStep):
+    """Refresh-ahead: send the refreshes reads asked for, and sweep hot keys near expiry."""
 
-    thread_name = "cachewarden-sweeper"
+    thread_name = "cachewarden-refresh-ahead"
 
-    def loop(self, runtime: Runtime, app: Celery, stop: threading.Event) -> None:
-        def send(entity: str, keys: list[str], horizon: int | None, at: int | None) -> None:
-            app.send_task(REFRESH_TASK, args=[entity, keys, horizon, at])
+    def loop(self, context: Context, app: Celery, stop: threading.Event) -> None:
+        def send(entity: str, keys: list[str], horizon: int | None) -> None:
+            app.send_task(REFRESH_TASK, args=[entity, keys, horizon])
 
-        run_sweeper(runtime, send, stop)
+        run_refresh_ahead(context, send, stop)

@@ -1,45 +1,70 @@
--- Set a cache entry and append the write to its shard's stream, atomically.
--- KEYS: 1 entry, 2 stream, 3 dirty hash, 4 due zset, 5 dead-letter keys hash, 6 lease
--- ARGV: 1 op ("w" write, "d" delete), 2 key, 3 value (JSON; "null" for a delete),
---       4 max_pending, 5 batch_size, 6 max_delay_ms, 7 due member,
---       8 version column name ("" for none), 9 version of this write ("" for none)
--- Returns the stream id, or an error "BACKPRESSURE <pending>" when the shard is full.
+-- Buffer writes and deletes: for each operation, set its cache entry and append it
+-- to its shard's stream, atomically. write() sends one operation, write_many() many.
+-- KEYS: 1 due zset, 2 dead-letter keys hash, then 4 per operation:
+--       entry, stream, dirty hash, lease
+-- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
+--       then 5 per operation: op ("w" write, "d" delete), key, value (JSON; "null" for a
+--       delete), version ("" for none), due member ("entity:shard")
+-- Returns one reply per operation: its stream id, or "!BACKPRESSURE <pending>" when its
+-- shard holds max_pending unflushed operations (that operation was not taken).
 if redis.replicate_commands then redis.replicate_commands() end
-local pending = redis.call('XLEN', KEYS[2])
-if pending >= tonumber(ARGV[4]) then
-  return redis.error_reply('BACKPRESSURE ' .. pending)
+local max_pending, batch_size = tonumber(ARGV[1]), tonumber(ARGV[2])
+local column = ARGV[4]
+local pending = {}  -- stream -> its length, read once
+local full = {}     -- due member -> true when its shard holds a batch
+local due = {}      -- due members written to, in order
+local out = {}
+for i = 0, (#ARGV - 4) / 5 - 1 do
+  local a, k = 4 + i * 5, 2 + i * 4
+  local op, key, value, version, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  local entry, stream, dirty, lease = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local n = pending[stream]
+  if n == nil then n = redis.call('XLEN', stream) end
+  if n >= max_pending then
+    out[#out + 1] = '!BACKPRESSURE ' .. n
+  else
+    local keep_cache = false
+    if column ~= '' and version ~= '' then
+      local current = redis.call('GET', entry)
+      if current and current ~= 'null' then
+        local ok, row = pcall(cjson.decode, current)
+        if ok and type(row) == 'table' and tonumber(row[column]) and
+           tonumber(row[column]) > tonumber(version) then
+          keep_cache = true
+        end
+      end
+    end
+    if not keep_cache then
+      -- No TTL while the write is pending: the entry cannot expire before the
+      -- database holds it. The flusher sets the TTL once the write is committed.
+      redis.call('SET', entry, value)
+    end
+    local id
+    if version ~= '' then
+      id = redis.call('XADD', stream, '*', 'o', op, 'k', key, 'v', value, 'n', version)
+    else
+      id = redis.call('XADD', stream, '*', 'o', op, 'k', key, 'v', value)
+    end
+    redis.call('HSET', dirty, key, id)
+    redis.call('HDEL', KEYS[2], key)
+    -- A load or refresh of this key that began before now must not fill the cache.
+    redis.call('DEL', lease)
+    n = n + 1
+    if full[member] == nil then due[#due + 1] = member; full[member] = false end
+    if n >= batch_size then full[member] = true end
+    out[#out + 1] = id
+  end
+  pending[stream] = n
 end
-local keep_cache = false
-if ARGV[8] ~= '' and ARGV[9] ~= '' then
-  local current = redis.call('GET', KEYS[1])
-  if current and current ~= 'null' then
-    local ok, row = pcall(cjson.decode, current)
-    if ok and type(row) == 'table' and tonumber(row[ARGV[8]]) and
-       tonumber(row[ARGV[8]]) > tonumber(ARGV[9]) then
-      keep_cache = true
+if #due > 0 then
+  local t = redis.call('TIME')
+  local deadline = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+  for _, member in ipairs(due) do
+    if full[member] then
+      redis.call('ZADD', KEYS[1], 0, member)
+    else
+      redis.call('ZADD', KEYS[1], 'NX', deadline, member)
     end
   end
 end
-if not keep_cache then
-  -- No TTL while the write is pending: the entry cannot expire before the
-  -- database holds it. The flusher sets the TTL once the write is committed.
-  redis.call('SET', KEYS[1], ARGV[3])
-end
-local id
-if ARGV[9] ~= '' then
-  id = redis.call('XADD', KEYS[2], '*', 'o', ARGV[1], 'k', ARGV[2], 'v', ARGV[3], 'n', ARGV[9])
-else
-  id = redis.call('XADD', KEYS[2], '*', 'o', ARGV[1], 'k', ARGV[2], 'v', ARGV[3])
-end
-redis.call('HSET', KEYS[3], ARGV[2], id)
-redis.call('HDEL', KEYS[5], ARGV[2])
--- A load or refresh of this key that began before now must not fill the cache.
-redis.call('DEL', KEYS[6])
-if pending + 1 >= tonumber(ARGV[5]) then
-  redis.call('ZADD', KEYS[4], 0, ARGV[7])
-else
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[6]), ARGV[7])
-end
-return id
+return out

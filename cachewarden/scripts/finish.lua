@@ -1,15 +1,15 @@
 -- After a committed flush: acknowledge and delete the entries, and give each
 -- flushed key its TTL back (or drop its delete marker) unless a newer write
 -- for it is still pending.
--- KEYS: 1 stream, 2 dirty hash
+-- KEYS: 1 stream, 2 dirty hash, then the entry of each settled key, in triple order
 -- op: "w" written, "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
--- ARGV: 1 group, 2 entry key prefix ("cw:user:"), 3 ttl_ms, 4 number of ids N,
---       5..4+N stream ids, then triples (key, id of its applied write, op)
-local n = tonumber(ARGV[4])
+-- ARGV: 1 group, 2 ttl_ms, 3 number of ids N,
+--       4..3+N stream ids, then triples (key, id of its applied write, op)
+local n = tonumber(ARGV[3])
 if n > 0 then
   local ids = {}
-  for i = 1, n do ids[i] = ARGV[4 + i] end
+  for i = 1, n do ids[i] = ARGV[3 + i] end
   for i = 1, #ids, 1000 do
     local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
     redis.call('XACK', KEYS[1], ARGV[1], unpack(chunk))
@@ -17,11 +17,11 @@ if n > 0 then
   end
 end
 local settled = 0
-for i = 5 + n, #ARGV, 3 do
+for i = 4 + n, #ARGV, 3 do
   local key, id, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if redis.call('HGET', KEYS[2], key) == id then
     redis.call('HDEL', KEYS[2], key)
-    local entry = ARGV[2] .. key
+    local entry = KEYS[3 + (i - 4 - n) / 3]
     if op == 'd' then
       -- The delete won. The entry holds its 'null' marker, or a write that lost to it
       -- on version (cached when it was enqueued): either way, drop it.
@@ -40,9 +40,9 @@ for i = 5 + n, #ARGV, 3 do
         keep = ok and type(row) == 'table' and tonumber(row[column]) ~= nil
           and tonumber(row[column]) > tonumber(lost)
       end
-      if keep then redis.call('PEXPIRE', entry, ARGV[3]) else redis.call('DEL', entry) end
+      if keep then redis.call('PEXPIRE', entry, ARGV[2]) else redis.call('DEL', entry) end
     else
-      redis.call('PEXPIRE', entry, ARGV[3])
+      redis.call('PEXPIRE', entry, ARGV[2])
     end
     settled = settled + 1
   end

@@ -1,9 +1,13 @@
 -- Read one cache entry (a hit), or decide who loads it (a miss): one round trip.
--- KEYS: 1 entry, 2 hot index, 3 refresh marker, 4 lease, 5 dirty hash, 6 read stats
+-- A hit due for an early refresh records the request here, for a worker to send.
+-- KEYS: 1 entry, 2 hot index, 3 refresh marker, 4 lease, 5 dirty hash, 6 read stats,
+--       7 refresh requests (sorted set: key -> the horizon of its reload)
 -- ARGV: 1 key, 2 stale_ms, 3 lease token, 4 lock_timeout_ms, 5 track hot keys ("1"/"0"),
---       6 return the entity's refresh delay ("1"/"0")
--- A hit returns {value, pttl, queued, now_ms, delay_ms}: queued is 1 when a refresh
--- of the key is queued already; delay_ms is nil unless asked for (or unknown).
+--       6 ask for a refresh when at most this many ms are left (a row),
+--       7 the same for a known-absent entry, 8 return the entity's refresh delay ("1"/"0")
+-- A hit returns {value, pttl, asked, now_ms, delay_ms}: asked is 1 when this read
+-- recorded a refresh request (none was queued for the key yet); delay_ms is nil
+-- unless asked for (or unknown).
 -- A miss returns {nil, -2, state, now_ms, error}: state 1 = this caller took the lease
 -- and loads; 0 = another loader holds the lease; 2 = a write of the key is pending;
 -- 3 = the last load failed moments ago (error: its message).
@@ -13,17 +17,25 @@ local value = redis.call('GET', KEYS[1])
 if value then
   local pttl = redis.call('PTTL', KEYS[1])
   if pttl < 0 then return {value, pttl, 0, now} end
+  local remaining = pttl - tonumber(ARGV[2])
   if ARGV[5] == '1' then
     -- The hot-key index: a ZSCORE per read, a ZADD on the first read after a load.
-    local expiry = now + pttl - tonumber(ARGV[2])
+    local expiry = now + remaining
     local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
     if not score or math.abs(tonumber(score) - expiry) > 50 then
       redis.call('ZADD', KEYS[2], expiry, ARGV[1])
     end
   end
+  local asked = 0
+  local below = tonumber(value == 'null' and ARGV[7] or ARGV[6])
+  if remaining <= below and redis.call('SET', KEYS[3], now, 'NX', 'PX', ARGV[4]) then
+    -- The horizon: a reload that finds the entry expiring later (reloaded since) skips it.
+    redis.call('ZADD', KEYS[7], now + remaining + 5, ARGV[1])
+    asked = 1
+  end
   local delay = false
-  if ARGV[6] == '1' then delay = redis.call('HGET', KEYS[6], 'delay_ms') end
-  return {value, pttl, redis.call('EXISTS', KEYS[3]), now, delay}
+  if ARGV[8] == '1' then delay = redis.call('HGET', KEYS[6], 'delay_ms') end
+  return {value, pttl, asked, now, delay}
 end
 local lease = redis.call('GET', KEYS[4])
 if lease then

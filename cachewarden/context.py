@@ -1,0 +1,131 @@
+"""One process's resources: the Redis client, keyspace, scripts, engine and tables.
+
+Built after fork (a prefork Celery child builds its own), never at import, and
+shared by `Cache` and the worker in that process. Each table is reflected once
+per process and entity, never twice at once. This module is the only one that
+keeps a context in global state (`current()`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+from redis import Redis
+from sqlalchemy import Engine
+
+from cachewarden.connections import redis_client
+from cachewarden.database import make_engine
+from cachewarden.errors import CachewardenError
+from cachewarden.keys import Keyspace
+from cachewarden.scripts import Registry
+from cachewarden.settings import EntitySettings, Settings, load_settings
+from cachewarden.tables import EntityTable, reflect_table
+
+T = TypeVar("T")
+log = structlog.get_logger("cachewarden.context")
+
+
+def _consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Context:
+    """What one process needs: settings, clients, scripts, tables, and what is built on them.
+
+    Families keep what they build per entity (a sink, a loader, script helpers) with
+    `shared(kind, entity, build)`, so one process builds each once.
+    """
+
+    def __init__(self, settings: Settings, redis: Redis | None = None) -> None:
+        self.settings = settings
+        self._owns_redis = redis is None
+        self.redis = redis if redis is not None else redis_client(settings.redis)
+        self.keys = Keyspace(settings.redis.prefix)
+        self.lua = Registry(self.redis)
+        self.consumer = _consumer_name()
+        self._engine: Engine | None = None
+        self._lock = threading.RLock()
+        self._tables: dict[str, EntityTable] = {}
+        self._shared: dict[tuple[str, str], Any] = {}
+
+    @classmethod
+    def build(cls, settings: Settings) -> Context:
+        """A context on what `settings` names (connections are made on first use)."""
+        return cls(settings)
+
+    def entity(self, name: str) -> EntitySettings:
+        """An entity's settings, or UnknownEntity naming the defined ones."""
+        return self.settings.entity(name)
+
+    @property
+    def engine(self) -> Engine:
+        """The database engine, created on first use."""
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = make_engine(self.settings.database)
+        return self._engine
+
+    def table(self, name: str) -> EntityTable:
+        """The entity's reflected table, reflected on first use (once, under a lock)."""
+        found = self._tables.get(name)
+        if found is None:
+            spec = self.entity(name)
+            with self._lock:
+                found = self._tables.get(name)
+                if found is None:
+                    found = reflect_table(self.engine, spec, self.settings.source)
+                    self._tables[name] = found
+        return found
+
+    def reflect_all(self) -> None:
+        """Reflect every entity's table now, where it costs no request; a table that
+        cannot be reflected yet (database down, table missing) is reflected on first use."""
+        for name in self.settings.entities:
+            try:
+                self.table(name)
+            except CachewardenError as exc:
+                log.warning("reflect_deferred", entity=name, error=str(exc))
+
+    def shared(self, kind: str, entity: str, build: Callable[[], T]) -> T:
+        """The `kind` object of `entity`, built once per context by `build()`."""
+        key = (kind, entity)
+        found = self._shared.get(key)
+        if found is None:
+            with self._lock:
+                found = self._shared.get(key)
+                if found is None:
+                    found = build()
+                    self._shared[key] = found
+        result: T = found
+        return result
+
+    def close(self) -> None:
+        """Release connections (of a Redis client handed in, only its own connection)."""
+        self.redis.close()
+        if self._owns_redis:
+            self.redis.connection_pool.disconnect()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+_current: Context | None = None
+
+
+def current() -> Context:
+    """This process's context, built from the config on first call (and again after fork)."""
+    global _current
+    if _current is None or _current.consumer != _consumer_name():
+        _current = Context.build(load_settings())
+    return _current
+
+
+def set_current(context: Context | None) -> None:
+    """Install (or clear) this process's context; used after fork and by tests."""
+    global _current
+    _current = context

@@ -1,0 +1,153 @@
+"""Read-through: `get` and `get_many` over Redis, the lease protocol and the loader.
+
+A hit is one round trip (one EVALSHA of read.lua: the value, its TTL, the
+hot-key touch and, when the entry is due for an early refresh, the refresh
+request). A miss runs one loader per key across every process and host
+(`readpath.singleflight`, `scripts.readpath`); the others wait for the value.
+How little time may be left before a read asks for a refresh is decided here,
+before the round trip (`readpath.xfetch`); the read script compares and records
+the request, and the workers send it as a batched refresh task
+(`readpath.refresh`). No broker is involved on this side. Inside the stale
+grace (`stale_ttl`) the old value is served while that refresh runs or fails.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from redis.exceptions import RedisError
+
+from cachewarden.codec import decode_row, key_text
+from cachewarden.context import Context
+from cachewarden.errors import BackendUnavailable
+from cachewarden.readpath.misses import MissLoader, ReadStats
+from cachewarden.readpath.sqlload import Row, SqlLoader, loader_for
+from cachewarden.readpath.xfetch import EarlyRefresh
+from cachewarden.scripts.readpath import ReadScripts, Reply, new_token
+from cachewarden.settings import EntitySettings
+
+
+class _Entity:
+    """What reads of one entity reuse: its scripts, early-refresh rule, last delay."""
+
+    def __init__(self, context: Context, spec: EntitySettings) -> None:
+        self.spec = spec
+        self.scripts = ReadScripts(context.lua, context.keys, spec)
+        self.rule = EarlyRefresh(spec.early_refresh, spec.refresh_ahead, spec.xfetch_beta)
+        self.fixed = spec.early_refresh != "xfetch" or spec.refresh_ahead <= 0
+        self.delay_ms: float | None = None  # the refresh delay the last hit reported
+        self._factor = (
+            self.rule.refresh_below_ms(spec.ttl_ms, None, 1.0),
+            self.rule.refresh_below_ms(spec.negative_ttl_ms, None, 1.0),
+        )
+
+    def refresh_below_ms(self, rand: float) -> tuple[float, float]:
+        """(row, known-absent): ask for a refresh when at most this many ms are left."""
+        if self.fixed or self.delay_ms is None:
+            return self._factor
+        below = self.rule.refresh_below_ms(self.spec.ttl_ms, self.delay_ms, rand)
+        return below, below
+
+
+class ReadThrough:
+    """The read path of one `Cache`: entities, in-process flights and counters."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.settings = context.settings
+        self.stats = ReadStats()
+        self._misses = MissLoader(self.stats, self._loader)
+        self._entities: dict[str, _Entity] = {}
+        self._random = random.Random()
+
+    # -- public ---------------------------------------------------------------
+
+    def get(self, entity: str, key: str | int) -> Row | None:
+        """The row of `key`: from the cache, or loaded once across all processes.
+
+        One thread per process and key reads at a time: the others follow its
+        flight, so a stampede of threads costs one round trip per process.
+        """
+        side = self._entity(entity)
+        text = key_text(entity, key)
+        flights = self._misses.flights
+        flight, leads = flights.join((entity, text))
+        if not leads:
+            return decode_row(self._misses.follow(side.spec, text, flight))
+        try:
+            value = self._lead(side, text)
+        except BaseException as exc:
+            flight.fail(exc)
+            raise
+        finally:
+            flights.land((entity, text), flight)
+        flight.resolve(value)
+        return decode_row(value)
+
+    def _lead(self, side: _Entity, text: str) -> str:
+        """The entry's value as this flight's leader: a hit, or the miss resolved."""
+        token = new_token()
+        try:
+            reply = side.scripts.read(text, token, side.refresh_below_ms(self._draw()))
+            if reply.value is not None:
+                self._after_hit(side, reply)
+                return reply.value
+            return self._misses.miss(side.spec, side.scripts, text, token, reply)
+        except RedisError as exc:
+            raise _unavailable(side.spec, text, exc) from None
+
+    def get_many(self, entity: str, keys: Sequence[str | int]) -> list[Row | None]:
+        """The rows of `keys`, in order (None where absent): hits in one round trip,
+        misses loaded with one batched SELECT where this process leads them."""
+        side = self._entity(entity)
+        texts = [key_text(entity, k) for k in keys]
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return []
+        token = new_token()
+        values: dict[str, str] = {}
+        try:
+            replies = side.scripts.read_many(unique, token, side.refresh_below_ms(self._draw()))
+            missed = []
+            for text, reply in zip(unique, replies, strict=True):
+                if reply.value is None:
+                    missed.append((text, reply))
+                else:
+                    values[text] = reply.value
+                    self._after_hit(side, reply)
+            if missed:
+                values.update(self._misses.miss_many(side.spec, side.scripts, token, missed))
+        except RedisError as exc:
+            raise _unavailable(side.spec, unique[0], exc) from None
+        return [decode_row(values[t]) for t in texts]
+
+    # -- hits -------------------------------------------------------------------
+
+    def _after_hit(self, side: _Entity, reply: Reply) -> None:
+        """Count the hit (or stale hit) and the refresh it asked for; note the delay."""
+        # A pending write's entry has no TTL (pttl -1): a plain hit.
+        stale = 0 <= reply.pttl_ms <= side.spec.stale_ttl_ms
+        self.stats.hit(stale, reply.flag)
+        if reply.extra:
+            side.delay_ms = float(reply.extra)
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _draw(self) -> float:
+        return 1.0 - self._random.random()  # in (0, 1]
+
+    def _entity(self, name: str) -> _Entity:
+        found = self._entities.get(name)
+        if found is None:
+            found = _Entity(self.context, self.settings.entity(name))
+            self._entities[name] = found
+        return found
+
+    def _loader(self, spec: EntitySettings) -> SqlLoader:
+        return loader_for(self.context, spec.name)
+
+
+def _unavailable(spec: EntitySettings, key: str, exc: RedisError) -> BackendUnavailable:
+    """A redis-py error as BackendUnavailable naming the entity and key."""
+    return BackendUnavailable(f"{spec.name}:{key}: Redis error on read: {exc}")

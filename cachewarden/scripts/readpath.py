@@ -1,0 +1,266 @@
+"""The read path's scripts, one typed method per `.lua` file: the Redis side of leases.
+
+This is Facebook memcache's lease protocol on Redis, joined to the write
+path: a loader takes the key's lease (`SET lease token NX PX lock_timeout`,
+refused while a write of the key is pending) before it reads the database,
+and its fill lands only if the lease still holds its token and no write is
+pending. Every `write()` and `delete()` deletes the lease, so a load that
+began before a write can never put an older value over it (invariant 3),
+and one lease per key admits one loader (invariant 4).
+
+Entries are stored with their TTL plus the entity's `stale_ttl`, so the
+last `stale_ttl` of an entry's life in Redis is its stale grace.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cachewarden.codec import ABSENT
+from cachewarden.keys import Keyspace, shard_of
+from cachewarden.scripts import Registry
+from cachewarden.settings import EntitySettings
+
+# After a failed load, readers of the key get its error at once for this long
+# (or lock_timeout, if shorter) instead of all loading again.
+FAILURE_HOLD_MS = 1000
+
+_tokens = itertools.count()
+_host = os.urandom(6).hex()
+
+
+def new_token() -> str:
+    """A lease token unique across hosts (a random prefix), processes (the pid) and calls."""
+    return f"{_host}-{os.getpid()}-{next(_tokens)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What one read returned: a hit's value and TTL, or a miss's role (see read.lua)."""
+
+    value: str | None
+    pttl_ms: int
+    flag: int  # hit: 1 if this read asked for a refresh; miss: a singleflight.Role value
+    now_ms: int  # Redis's clock
+    extra: str | None  # hit: the refresh delay (ms); miss: the last load's error
+
+    @classmethod
+    def parse(cls, raw: Sequence[Any]) -> Reply:
+        """Decode the read script's reply."""
+        extra = raw[4] if len(raw) > 4 else None
+        return cls(raw[0], int(raw[1]), int(raw[2]), int(raw[3]), None if extra is None else extra)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What `sweep_candidates` found: the horizon and the keys from each index."""
+
+    horizon_ms: int
+    hot: list[str]
+    warm: list[str]
+
+
+class ReadScripts:
+    """The read path's scripts for one entity: read, fill, lease, give up, sweep."""
+
+    def __init__(self, lua: Registry, keys: Keyspace, spec: EntitySettings) -> None:
+        self.lua = lua
+        self.redis = lua.client
+        self.keys = keys
+        self.spec = spec
+        name = spec.name
+        self._hot = keys.hot(name)
+        self._warm = keys.warm(name)
+        self._stats = keys.read_stats(name)
+        self._requests = keys.refresh_requests(name)
+        self._entry = keys.entry_prefix(name)
+        self._lease = keys.lease_prefix(name)
+        self._marker = keys.refresh_prefix(name)
+        self._dirty = [keys.dirty(name, n) for n in range(spec.write_behind.shards)]
+        self._read = lua.script("read")
+        # The read's arguments after the key and the token, fixed per entity.
+        self._track_hot = "1" if spec.refresh_ahead > 0 else "0"
+        self._want_delay = "1" if spec.early_refresh == "xfetch" else "0"
+        self.px_row = spec.ttl_ms + spec.stale_ttl_ms
+        self.px_absent = spec.negative_ttl_ms + spec.stale_ttl_ms
+        self.failure_hold_ms = min(FAILURE_HOLD_MS, spec.lock_timeout_ms)
+
+    def dirty(self, key: str) -> str:
+        """The dirty hash of the key's write-behind shard."""
+        return self._dirty[shard_of(key, len(self._dirty))]
+
+    # -- read.lua -------------------------------------------------------------
+
+    def _read_call(
+        self, key: str, token: str, refresh_below_ms: tuple[float, float]
+    ) -> tuple[list[str], list[Any]]:
+        """read.lua's KEYS and ARGV."""
+        spec = self.spec
+        keys = [
+            self._entry + key,
+            self._hot,
+            self._marker + key,
+            self._lease + key,
+            self.dirty(key),
+            self._stats,
+            self._requests,
+        ]
+        args = [
+            key,
+            spec.stale_ttl_ms,
+            token,
+            spec.lock_timeout_ms,
+            self._track_hot,
+            int(refresh_below_ms[0]),
+            int(refresh_below_ms[1]),
+            self._want_delay,
+        ]
+        return keys, args
+
+    def read(self, key: str, token: str, refresh_below_ms: tuple[float, float] = (0, 0)) -> Reply:
+        """One round trip: the entry (and what the refresh decision needs), or a miss's role.
+
+        A hit with at most `refresh_below_ms` left (for a row, for a known-absent
+        entry) records a refresh request, unless one is queued for the key already.
+        """
+        keys, args = self._read_call(key, token, refresh_below_ms)
+        return Reply.parse(self.lua.call("read", keys, args))
+
+    def read_many(
+        self, keys: Sequence[str], token: str, refresh_below_ms: tuple[float, float] = (0, 0)
+    ) -> list[Reply]:
+        """`read` for many keys in one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            k, a = self._read_call(key, token, refresh_below_ms)
+            self._read(keys=k, args=a, client=pipe)
+        return [Reply.parse(raw) for raw in pipe.execute()]
+
+    # -- fill.lua -------------------------------------------------------------
+
+    def _fill_call(
+        self, key: str, token: str, value: str, load_ms: int | None
+    ) -> tuple[list[str], list[Any]]:
+        """fill.lua's KEYS and ARGV."""
+        keys = [
+            self._entry + key,
+            self._lease + key,
+            self.dirty(key),
+            self._marker + key,
+            self._hot,
+            self._stats,
+            self._warm,
+        ]
+        args = [
+            key,
+            token,
+            value,
+            self.px_absent if value == ABSENT else self.px_row,
+            "" if load_ms is None else load_ms,
+            self.spec.stale_ttl_ms,
+        ]
+        return keys, args
+
+    def fill(
+        self, key: str, token: str, value: str, load_ms: int | None = None
+    ) -> tuple[bool, str | None]:
+        """Fill one absent entry under our lease: (filled, the entry's value now)."""
+        keys, args = self._fill_call(key, token, value, load_ms)
+        return _filled(self.lua.run("fill", keys=keys, args=args))
+
+    def fill_each(
+        self, values: Mapping[str, str], token: str, load_ms: int | None = None
+    ) -> dict[str, tuple[bool, str | None]]:
+        """`fill` for many keys in one pipelined round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, value in values.items():
+            k, a = self._fill_call(key, token, value, load_ms)
+            self.lua.run("fill", keys=k, args=a, client=pipe)
+        return {key: _filled(raw) for key, raw in zip(values, pipe.execute(), strict=True)}
+
+    # -- lease_many.lua, fill_many.lua: batch reloads ---------------------------
+
+    def lease_many(self, keys: Sequence[str], token: str, horizon_ms: int | None) -> list[str]:
+        """Lease the keys that need a reload (see lease_many.lua); return those leased."""
+        names: list[str] = []
+        entry, lease = self._entry, self._lease
+        for key in keys:
+            names += [entry + key, lease + key, self.dirty(key)]
+        args = [
+            token,
+            self.spec.lock_timeout_ms,
+            "" if horizon_ms is None else horizon_ms,
+            self.spec.stale_ttl_ms,
+            *keys,
+        ]
+        positions = self.lua.run("lease_many", keys=names, args=args)
+        return [keys[int(p) - 1] for p in positions]
+
+    def fill_many(self, values: Mapping[str, str], token: str) -> int:
+        """Fill a batch under our leases (one script call); return how many landed."""
+        names = [self._hot, self._stats, self._warm]
+        entry, lease, marker = self._entry, self._lease, self._marker
+        args: list[Any] = [token, self.px_row, self.px_absent, self.spec.stale_ttl_ms]
+        for key, value in values.items():
+            names += [entry + key, lease + key, self.dirty(key), marker + key]
+            args += [key, value]
+        return int(self.lua.run("fill_many", keys=names, args=args))
+
+    # -- lease_fail.lua -------------------------------------------------------
+
+    def give_up(
+        self, keys: Iterable[str], token: str, error: str | None = None, counter: str = ""
+    ) -> int:
+        """Release our leases; with an `error`, hold it briefly for the keys' readers."""
+        names = [self._stats, *(self._lease + k for k in keys)]
+        hold = self.failure_hold_ms if error is not None else 0
+        return int(
+            self.lua.run("lease_fail", keys=names, args=[token, (error or "")[:500], hold, counter])
+        )
+
+    # -- sweep_candidates.lua, sweep_claim.lua ----------------------------------
+
+    def sweep_candidates(self, window_ms: int, most: int) -> Candidates:
+        """The hot, then warm, keys scored within `window_ms` from now (at most `most`)."""
+        raw = self.lua.run("sweep_candidates", keys=[self._hot, self._warm], args=[window_ms, most])
+        horizon, hot_count, members = int(raw[0]), int(raw[1]), [str(m) for m in raw[2:]]
+        return Candidates(horizon, members[:hot_count], members[hot_count:])
+
+    def sweep_claim(self, found: Candidates) -> list[str]:
+        """Claim the candidates whose entries expire by the horizon (see sweep_claim.lua)."""
+        candidates = [*found.hot, *found.warm]
+        if not candidates:
+            return []
+        names = [self._hot, self._warm]
+        for key in candidates:
+            names += [self._entry + key, self._marker + key]
+        spec = self.spec
+        args: list[Any] = [
+            found.horizon_ms,
+            spec.stale_ttl_ms,
+            spec.lock_timeout_ms,
+            spec.ttl_ms,
+            len(found.hot),
+            *candidates,
+        ]
+        return [str(k) for k in self.lua.run("sweep_claim", keys=names, args=args)]
+
+    # -- refresh requests (plain commands) ---------------------------------------
+
+    def take_requests(self, most: int) -> list[tuple[str, float]]:
+        """Pop up to `most` refresh requests: (key, horizon_ms), most urgent first."""
+        popped: list[tuple[str, float]] = self.redis.zpopmin(self._requests, most)  # type: ignore[assignment]
+        return popped
+
+    def counters(self) -> dict[str, int]:
+        """The entity's read-path counters in Redis (loads, refreshed, errors, delay_ms)."""
+        raw: dict[str, str] = self.redis.hgetall(self._stats)  # type: ignore[assignment]
+        return {k: int(float(v)) for k, v in raw.items()}
+
+
+def _filled(raw: Sequence[Any]) -> tuple[bool, str | None]:
+    return bool(raw[0]), raw[1] if len(raw) > 1 else None

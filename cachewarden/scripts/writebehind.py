@@ -1,0 +1,161 @@
+"""The write path's scripts, one typed method per `.lua` file.
+
+`enqueue` is the application's one round trip; the others are the flusher's
+lock, fence and acknowledgement steps, the dispatcher's due-shard query and
+the dead-letter replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
+from cachewarden.scripts import Client, Registry
+from cachewarden.settings import EntitySettings
+
+BACKPRESSURE = "!BACKPRESSURE"
+
+
+class Pending(NamedTuple):
+    """One operation to buffer: op ("w" write, "d" delete), key, JSON value, version."""
+
+    op: str
+    key: str
+    value: str
+    version: str  # "" for none
+
+
+class WriteScripts:
+    """The write path's scripts for one entity."""
+
+    def __init__(self, lua: Registry, keys: Keyspace, spec: EntitySettings) -> None:
+        self.lua = lua
+        self.keys = keys
+        self.spec = spec
+        name = spec.name
+        shards = spec.write_behind.shards
+        self._entry = keys.entry_prefix(name)
+        self._lease = keys.lease_prefix(name)
+        self._streams = [keys.stream(name, n) for n in range(shards)]
+        self._dirty = [keys.dirty(name, n) for n in range(shards)]
+        self._members = [due_member(name, n) for n in range(shards)]
+        self._head = [keys.due(), keys.dead_keys(name)]
+        wb = spec.write_behind
+        self._limits: list[Any] = [
+            wb.max_pending,
+            wb.batch_size,
+            wb.max_delay_ms,
+            spec.version_column or "",
+        ]
+        self._enqueue = lua.script("enqueue")
+
+    def shard(self, key: str) -> int:
+        """The shard a key's operations go to."""
+        return shard_of(key, len(self._streams))
+
+    # -- enqueue.lua ------------------------------------------------------------
+
+    def enqueue(self, ops: Sequence[Pending], client: Client | None = None) -> Any:
+        """Buffer `ops` in one script call: per op, its stream id or "!BACKPRESSURE n"."""
+        keys = list(self._head)
+        args = list(self._limits)
+        for op, key, value, version in ops:
+            shard = shard_of(key, len(self._streams))
+            keys += [self._entry + key, self._streams[shard], self._dirty[shard], self._lease + key]
+            args += [op, key, value, version, self._members[shard]]
+        return self._enqueue(keys=keys, args=args, client=client or self.lua.client)
+
+    # -- lock_acquire.lua, lock_extend.lua, release.lua: the flusher's lock --------
+
+    def lock_acquire(self, shard: int, owner: str) -> int:
+        """Take the shard's lock for `owner`: its fencing token, or 0 when another holds it."""
+        keys, name = self.keys, self.spec.name
+        token = self.lua.run(
+            "lock_acquire",
+            keys=[keys.flush_lock(name, shard), keys.flush_fence(name, shard)],
+            args=[owner, self.spec.write_behind.lock_ttl_ms],
+        )
+        return int(token)
+
+    def lock_extend(self, shard: int, owner: str) -> bool:
+        """Extend the lock and the shard's queued marker if `owner` still holds the lock."""
+        keys, name = self.keys, self.spec.name
+        ok = self.lua.run(
+            "lock_extend",
+            keys=[keys.flush_lock(name, shard), keys.queued(name, shard)],
+            args=[owner, self.spec.write_behind.lock_ttl_ms],
+        )
+        return bool(ok)
+
+    def release(self, shard: int, owner: str, hold_ms: int) -> None:
+        """Release the lock, hold or clear the queued marker, reschedule from the oldest entry."""
+        keys, name = self.keys, self.spec.name
+        self.lua.run(
+            "release",
+            keys=[
+                keys.flush_lock(name, shard),
+                keys.queued(name, shard),
+                keys.stream(name, shard),
+                keys.due(),
+            ],
+            args=[owner, self.spec.write_behind.max_delay_ms, due_member(name, shard), hold_ms],
+        )
+
+    # -- finish.lua -------------------------------------------------------------
+
+    def finish(
+        self, shard: int, ids: Sequence[str], settled: Sequence[tuple[str, str, str]]
+    ) -> int:
+        """Acknowledge and delete `ids`; settle each (key, id, op) whose id is still its newest.
+
+        op: "w" written, "d" deleted, "x" dropped from the cache (dead-lettered),
+        "s:<version>:<column>" outranked by a newer version in the database.
+        """
+        entry = self._entry
+        keys = [self._streams[shard], self._dirty[shard], *(entry + key for key, _, _ in settled)]
+        args: list[Any] = [STREAM_GROUP, self.spec.ttl_ms + self.spec.stale_ttl_ms, len(ids), *ids]
+        for triple in settled:
+            args += triple
+        return int(self.lua.run("finish", keys=keys, args=args))
+
+    # -- replay.lua -------------------------------------------------------------
+
+    def replay(self, letter_id: str, pending: Pending, force: bool) -> str:
+        """Re-enqueue a dead letter unless a newer write superseded it: its new id, or
+        "superseded"; raises redis' ResponseError "BACKPRESSURE" when the shard is full."""
+        keys, name, wb = self.keys, self.spec.name, self.spec.write_behind
+        shard = self.shard(pending.key)
+        result: str = self.lua.run(
+            "replay",
+            keys=[
+                self._entry + pending.key,
+                self._streams[shard],
+                self._dirty[shard],
+                keys.due(),
+                keys.dead_keys(name),
+                keys.dead(name),
+                self._lease + pending.key,
+            ],
+            args=[
+                pending.op,
+                pending.key,
+                pending.value,
+                wb.max_pending,
+                wb.batch_size,
+                wb.max_delay_ms,
+                self._members[shard],
+                letter_id,
+                "1" if force else "0",
+                pending.version,
+            ],
+        )
+        return result
+
+
+# -- dispatch.lua (all entities) ---------------------------------------------------
+
+
+def due_shards(lua: Registry, keys: Keyspace, most: int) -> list[str]:
+    """The due-set members ("entity:shard") whose flush deadline has passed."""
+    return [str(m) for m in lua.run("dispatch", keys=[keys.due()], args=[most])]

@@ -1,0 +1,67 @@
+"""Finding the shards whose flush is due and sending one flush task for each.
+
+Any number of dispatchers may run (one in each worker, one in each scheduler):
+a shard is claimed with its queued marker, set only if absent, so each due time
+sends one task. If that task is lost, the marker expires and the shard is sent again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from cachewarden.context import Context
+from cachewarden.keys import parse_due_member
+from cachewarden.loops import run_every
+from cachewarden.scripts.writebehind import due_shards
+
+log = structlog.get_logger("cachewarden.dispatch")
+
+FLUSH_TASK = "cachewarden.flush"
+Send = Callable[[str, int], None]
+
+
+def claim_due_shards(context: Context, most: int = 1000) -> list[tuple[str, int]]:
+    """Claim the due shards no flush is queued for; return (entity, shard) pairs."""
+    settings, keys = context.settings, context.keys
+    marker_ttl = max(
+        (e.write_behind.lock_ttl_ms for e in settings.entities.values()), default=10_000
+    )
+    due = [parse_due_member(m) for m in due_shards(context.lua, keys, most)]
+    if not due:
+        return []
+    with context.redis.pipeline(transaction=False) as pipe:
+        for entity, shard in due:
+            pipe.set(keys.queued(entity, shard), "queued", nx=True, px=marker_ttl)
+        taken = pipe.execute()
+    claimed = []
+    for (entity, shard), ok in zip(due, taken, strict=True):
+        if not ok:
+            continue
+        if entity in settings.entities:
+            claimed.append((entity, shard))
+        else:
+            log.warning(
+                "dispatch_unknown_entity",
+                entity=entity,
+                shard=shard,
+                detail="writes are buffered for an entity the config no longer defines",
+            )
+    return claimed
+
+
+def dispatch_once(context: Context, send: Send) -> int:
+    """Send a flush for every due shard; return how many were sent."""
+    sent = 0
+    for entity, shard in claim_due_shards(context):
+        send(entity, shard)
+        sent += 1
+    return sent
+
+
+def run_dispatcher(context: Context, send: Send, stop: threading.Event) -> None:
+    """Dispatch every `dispatch_interval` until `stop` is set; survive Redis outages."""
+    interval = context.settings.dispatch_interval_ms / 1000
+    run_every(interval, lambda: dispatch_once(context, send), stop, "dispatch")

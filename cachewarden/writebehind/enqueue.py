@@ -1,0 +1,135 @@
+"""Turning `write`, `delete` and their batch forms into buffered operations.
+
+Validation happens here, before anything is sent: an unknown entity, a bad key
+or an unencodable row is refused with an error naming it. The operations then
+go to Redis in one call of enqueue.lua, which reports per operation whether
+its shard took it (`Backpressure` when the shard is full).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError, ResponseError
+
+from cachewarden.codec import ABSENT, encode_row, key_text
+from cachewarden.connections import REDIS_DOWN
+from cachewarden.errors import BackendUnavailable, Backpressure, CachewardenError, InvalidValue
+from cachewarden.scripts.writebehind import BACKPRESSURE, Pending, WriteScripts
+from cachewarden.settings import EntitySettings
+
+
+@dataclass
+class BatchResult:
+    """What `write_many` or `delete_many` did, per key: the stream id of each operation
+    taken, and the error of each one refused (nothing of a refused one was sent).
+
+    A key given more than once keeps its last outcome of each kind, so it can be
+    in both: one of its writes taken, a later one refused.
+    """
+
+    taken: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, CachewardenError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when every operation was taken."""
+        return not self.refused
+
+
+def write_op(spec: EntitySettings, key: str | int, row: Mapping[str, Any]) -> Pending:
+    """The buffered form of a write; raises InvalidKey or InvalidValue naming the problem."""
+    text = key_text(spec.name, key)
+    row = _with_key(spec, text, key, row)
+    version = _version_of(spec, text, row)
+    return Pending("w", text, encode_row(spec.name, text, row, spec.max_value_bytes), version)
+
+
+def delete_op(spec: EntitySettings, key: str | int, version: int | None) -> Pending:
+    """The buffered form of a delete; raises InvalidKey or InvalidValue naming the problem."""
+    text = key_text(spec.name, key)
+    if version is not None and spec.version_column is None:
+        raise InvalidValue(f"{spec.name}:{text}: a version was given but no version_column is set")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise InvalidValue(f"{spec.name}:{text}: the version must be an int, got {version!r}")
+    return Pending("d", text, ABSENT, "" if version is None else str(version))
+
+
+def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpressure]:
+    """Send `ops` in one round trip: per op, its stream id or the Backpressure refusing it.
+
+    Raises BackendUnavailable when Redis cannot be reached or refuses the call.
+    """
+    spec = scripts.spec
+    try:
+        replies = scripts.enqueue(ops)
+    except ResponseError as exc:
+        raise BackendUnavailable(f"{spec.name}: Redis refused the write: {exc}") from None
+    except REDIS_DOWN as exc:
+        raise BackendUnavailable(
+            f"{spec.name}: Redis at {spec_url(scripts)} is unreachable ({exc}); "
+            "the write was not taken"
+        ) from None
+    except RedisError as exc:
+        raise BackendUnavailable(f"{spec.name}: Redis error: {exc}") from None
+    return [
+        _backpressure(scripts, op.key) if reply.startswith(BACKPRESSURE) else reply
+        for op, reply in zip(ops, replies, strict=True)
+    ]
+
+
+def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchResult) -> None:
+    """Send a batch's valid ops in one round trip; record each key's outcome in `result`."""
+    if not ops:
+        return
+    for op, outcome in zip(ops, enqueue(scripts, ops), strict=True):
+        if isinstance(outcome, Backpressure):
+            result.refused[op.key] = outcome
+        else:
+            result.taken[op.key] = outcome
+
+
+def spec_url(scripts: WriteScripts) -> str:
+    """The Redis URL the scripts talk to, for error messages."""
+    kwargs = scripts.lua.client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+
+def _backpressure(scripts: WriteScripts, key: str) -> Backpressure:
+    spec = scripts.spec
+    wb = spec.write_behind
+    return Backpressure(
+        f"{spec.name}: shard {scripts.shard(key)} holds {wb.max_pending} unflushed writes "
+        f"(write_behind.max_pending); the write of {key!r} was not taken. "
+        "Retry later; if this persists, check the flushers and the database."
+    )
+
+
+def _with_key(
+    spec: EntitySettings, text: str, key: str | int, row: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    if not isinstance(row, Mapping):
+        raise InvalidValue(
+            f"{spec.name}:{text}: the row is a {type(row).__name__}; pass a dict of column values"
+        )
+    if spec.key not in row:
+        return {**row, spec.key: key}
+    if str(row[spec.key]) != text:
+        raise InvalidValue(
+            f"{spec.name}:{text}: row[{spec.key!r}] is {row[spec.key]!r}, not the key {text!r}"
+        )
+    return row
+
+
+def _version_of(spec: EntitySettings, text: str, row: Mapping[str, Any]) -> str:
+    if spec.version_column is None:
+        return ""
+    version = row.get(spec.version_column)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise InvalidValue(
+            f"{spec.name}:{text}: row[{spec.version_column!r}] must be an int version "
+            f"(entities.{spec.name}.version_column), got {version!r}"
+        )
+    return str(version)

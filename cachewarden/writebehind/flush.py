@@ -1,0 +1,228 @@
+"""Flushing one shard of the write buffer into the database (the core, no Celery).
+
+One flusher per shard, admitted by a Redis lock that carries a fencing token.
+It reclaims whatever earlier flushers took and never acknowledged, then reads
+new entries, coalesces each batch, applies it in one fenced transaction, sends
+rejected rows to the dead-letter stream, and only then acknowledges.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError, ResponseError
+
+from cachewarden.context import Context
+from cachewarden.errors import BackendUnavailable, ConfigError, LockLost
+from cachewarden.keys import STREAM_GROUP
+from cachewarden.scripts.writebehind import WriteScripts
+from cachewarden.settings import EntitySettings
+from cachewarden.writebehind.backoff import backoff_ms
+from cachewarden.writebehind.coalesce import Op, coalesce
+from cachewarden.writebehind.deadletters import dead_letter
+from cachewarden.writebehind.fence import Fence, committed_token
+from cachewarden.writebehind.sink import Outcome, SqlSink
+
+log = structlog.get_logger("cachewarden.flush")
+
+Entries = list[tuple[str, dict[str, str] | None]]
+
+
+@dataclass
+class FlushResult:
+    """What one flush did."""
+
+    entity: str
+    shard: int
+    status: str = "done"  # done | busy | backoff | fenced
+    entries: int = 0
+    applied: int = 0
+    rejected: int = 0
+    batches: int = 0
+    retry_in_ms: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def write_scripts(context: Context, entity: str) -> WriteScripts:
+    """The context's write-path scripts of `entity`."""
+    spec = context.entity(entity)
+    return context.shared(
+        "write_scripts", entity, lambda: WriteScripts(context.lua, context.keys, spec)
+    )
+
+
+def sink_for(context: Context, entity: str) -> SqlSink:
+    """The context's SQL sink of `entity`, built (and its table reflected) once per process."""
+    spec = context.entity(entity)
+    return context.shared(
+        "sink", entity, lambda: SqlSink(context.engine, spec, context.table(entity))
+    )
+
+
+@dataclass
+class ShardFlusher:
+    """Flushes one shard while holding its lock."""
+
+    context: Context
+    spec: EntitySettings
+    shard: int
+    owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def _stream(self) -> str:
+        return self.context.keys.stream(self.spec.name, self.shard)
+
+    @property
+    def _scripts(self) -> WriteScripts:
+        return write_scripts(self.context, self.spec.name)
+
+    def run(self, budget_ms: int) -> FlushResult:
+        """Drain the shard for up to `budget_ms`, then release it."""
+        result = FlushResult(self.spec.name, self.shard)
+        token = self._acquire()
+        if token == 0:
+            result.status = "busy"
+            return result
+        hold_ms = 0
+        try:
+            fence = self._fence(token)
+            sink = sink_for(self.context, self.spec.name)
+            self._drain(sink, fence, result, time.monotonic() + budget_ms / 1000)
+            self.context.redis.delete(self.context.keys.retries(self.spec.name, self.shard))
+        except LockLost as exc:
+            result.status = "fenced"
+            result.errors.append(str(exc))
+            log.warning("flush_fenced", error=str(exc))
+        except (BackendUnavailable, ConfigError) as exc:
+            hold_ms = self._backoff()
+            result.status, result.retry_in_ms = "backoff", hold_ms
+            result.errors.append(str(exc))
+            log.error("flush_failed", error=str(exc), retry_in_ms=hold_ms)
+        except RedisError:
+            raise
+        except Exception as exc:  # a bug, not an outage: back off rather than spin on it
+            hold_ms = self._backoff()
+            result.status, result.retry_in_ms = "backoff", hold_ms
+            result.errors.append(repr(exc))
+            log.exception("flush_crashed", retry_in_ms=hold_ms)
+        finally:
+            self._release(hold_ms)
+        return result
+
+    # -- lock, fence, backoff ---------------------------------------------------
+
+    def _acquire(self) -> int:
+        token = self._scripts.lock_acquire(self.shard, self.owner)
+        if token:
+            self._extend()
+        return token
+
+    def _extend(self) -> None:
+        if not self._scripts.lock_extend(self.shard, self.owner):
+            raise LockLost(
+                f"{self.spec.name}:{self.shard}: the flush lock expired "
+                "(a newer flusher may hold it)"
+            )
+
+    def _fence(self, token: int) -> Fence:
+        """Our fence; if the database saw a higher token (Redis lost its counter), jump past it."""
+        name = f"{self.context.keys.prefix}:{self.spec.name}:{self.shard}"
+        committed = committed_token(self.context.engine, name)
+        if committed >= token:
+            counter = self.context.keys.flush_fence(self.spec.name, self.shard)
+            token = int(self.context.redis.incrby(counter, committed - token + 1))
+            # Only the lock's holder may jump: a flusher paused past its lock (the
+            # higher token is its successor's) must not come back above it.
+            self._extend()
+        return Fence(name, token)
+
+    def _backoff(self) -> int:
+        wb = self.spec.write_behind
+        attempt = int(
+            self.context.redis.incr(self.context.keys.retries(self.spec.name, self.shard))
+        )
+        return backoff_ms(attempt, wb.retry_base_ms, wb.retry_max_ms)
+
+    def _release(self, hold_ms: int) -> None:
+        self._scripts.release(self.shard, self.owner, hold_ms)
+
+    # -- reading and applying -----------------------------------------------------
+
+    def _drain(self, sink: SqlSink, fence: Fence, result: FlushResult, deadline: float) -> None:
+        for entries in self._batches():
+            self._apply(entries, sink, fence, result)
+            self._extend()
+            if time.monotonic() >= deadline:
+                break
+
+    def _batches(self) -> Iterator[Entries]:
+        """Entries others took and never acknowledged first, then new ones, in batches."""
+        redis, size = self.context.redis, self.spec.write_behind.batch_size
+        _ensure_group(redis, self._stream)
+        cursor = "0-0"
+        while True:
+            reply: list[Any] = redis.xautoclaim(
+                self._stream, STREAM_GROUP, self.context.consumer, 0, cursor, count=size
+            )
+            cursor, claimed = reply[0], reply[1]
+            if claimed:
+                yield claimed
+            if cursor == "0-0":
+                break
+        while True:
+            read: Any = redis.xreadgroup(
+                STREAM_GROUP, self.context.consumer, {self._stream: ">"}, count=size
+            )
+            if not read or not read[0][1]:
+                return
+            yield read[0][1]
+
+    def _apply(self, entries: Entries, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
+        ops = [Op.from_fields(sid, fields) for sid, fields in entries if fields]
+        winners = coalesce(ops)
+        outcome = sink.apply(winners, fence) if winners else Outcome()
+        rejected = outcome.rejected
+        for bad in rejected:
+            dead_letter(self.context, self.spec, self.shard, bad)
+        self._finish(entries, ops, winners, outcome)
+        result.entries += len(entries)
+        result.applied += len(winners) - len(rejected)
+        result.rejected += len(rejected)
+        result.batches += 1
+        log.info(
+            "flush_batch",
+            batch_size=len(entries),
+            applied=len(winners) - len(rejected),
+            rejected=len(rejected),
+            fence=fence.token,
+        )
+
+    def _finish(self, entries: Entries, ops: list[Op], winners: list[Op], outcome: Outcome) -> None:
+        last_id = {op.key: op.id for op in ops}
+        kind = {op.key: op.kind for op in winners}
+        # "x": drop the entry. The database refused the row, or holds a newer version.
+        kind.update({bad.op.key: "x" for bad in outcome.rejected})
+        for op in outcome.stale:
+            kind[op.key] = f"s:{op.version}:{self.spec.version_column}"
+        settled = [(key, sid, kind[key]) for key, sid in last_id.items()]
+        self._scripts.finish(self.shard, [sid for sid, _ in entries], settled)
+
+
+def _ensure_group(redis: Any, stream: str) -> None:
+    try:
+        redis.xgroup_create(stream, STREAM_GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def flush_shard(context: Context, entity: str, shard: int, budget_ms: int = 5000) -> FlushResult:
+    """Flush one shard of `entity` for up to `budget_ms` (the core of the flush task)."""
+    spec = context.entity(entity)
+    with structlog.contextvars.bound_contextvars(entity=entity, shard=shard):
+        return ShardFlusher(context, spec, shard).run(budget_ms)

@@ -1,0 +1,264 @@
+"""Applying a coalesced batch to the application's table, fenced, in one transaction.
+
+The table is reflected, never declared here; the upsert is the dialect's own
+(PostgreSQL and SQLite `ON CONFLICT`, MySQL/MariaDB `ON DUPLICATE KEY`).
+A batch the database rejects is bisected until the bad rows stand alone;
+those are returned, with the database's error, for the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.dml import Insert
+
+from cachewarden.database import unavailable
+from cachewarden.dberrors import Kind, classify, first_line
+from cachewarden.errors import ConfigError
+from cachewarden.settings import EntitySettings
+from cachewarden.tables import EntityTable
+from cachewarden.writebehind.coalesce import DELETE, Op
+from cachewarden.writebehind.fence import Fence, fence_table
+from cachewarden.writebehind.pgarrays import UnnestUpsert, build_lookup, build_unnest
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An operation the database refused, with its error."""
+
+    op: Op
+    error: str
+
+
+@dataclass
+class Outcome:
+    """What applying a batch did besides committing: rows refused, writes outranked."""
+
+    rejected: list[Rejected] = field(default_factory=list)
+    # Writes that lost to a newer version already in the database.
+    stale: list[Op] = field(default_factory=list)
+
+    def __add__(self, other: Outcome) -> Outcome:
+        return Outcome(self.rejected + other.rejected, self.stale + other.stale)
+
+
+class _RowProblem(Exception):
+    """A row that fails before it reaches the database (unknown column, bad JSON)."""
+
+
+class SqlSink:
+    """Writes batches of one entity into its reflected table."""
+
+    def __init__(self, engine: Engine, entity: EntitySettings, reflected: EntityTable) -> None:
+        self.engine = engine
+        self.entity = entity
+        self.reflected = reflected
+        self.table = reflected.table
+        self.dialect = engine.dialect.name
+        self._statements: dict[tuple[str, ...], Insert] = {}
+        # PostgreSQL through psycopg: one array parameter per column (see ArrayColumn).
+        self._fast = self.dialect == "postgresql" and engine.dialect.driver == "psycopg"
+        self._unnests: dict[tuple[str, ...], UnnestUpsert | None] = {}
+        self._lookup = build_lookup(engine, self.table, entity) if self._fast else None
+        self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
+        fence_table(engine)
+
+    # -- public ---------------------------------------------------------------
+
+    def apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
+        """Apply `ops` (one per key); report the rejected and the outranked ones.
+
+        Raises LockLost or BackendUnavailable, committing nothing of the failing
+        transaction."""
+        if self._fast and len(ops) > 1:
+            # The array statements first; on a row error the generic path below takes
+            # the whole batch and isolates the bad rows as always.
+            outcome = self._attempt(ops, fence, fast=True)
+            if isinstance(outcome, Outcome):
+                return outcome
+        problem = self._attempt(ops, fence, fast=False)
+        if isinstance(problem, Outcome):
+            return problem
+        if len(ops) == 1:
+            return Outcome(rejected=[Rejected(ops[0], problem)])
+        middle = len(ops) // 2
+        return self.apply(ops[:middle], fence) + self.apply(ops[middle:], fence)
+
+    def _attempt(self, ops: Sequence[Op], fence: Fence, fast: bool) -> Outcome | str:
+        """One try at the batch: its Outcome, or the row error that refused it.
+
+        Raises LockLost, and BackendUnavailable for any fault (dberrors.classify)."""
+        try:
+            return Outcome(stale=self._transaction(ops, fence, fast))
+        except _RowProblem as exc:
+            return str(exc)
+        except SQLAlchemyError as exc:
+            if classify(self.engine, exc) is not Kind.ROW:
+                raise unavailable(self.engine, exc) from exc
+            return first_line(exc)
+
+    # -- the transaction ------------------------------------------------------
+
+    def _transaction(self, ops: Sequence[Op], fence: Fence, fast: bool = False) -> list[Op]:
+        """One fenced transaction; returns the keys whose write a newer version outranked."""
+        writes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+        plain_deletes: list[Any] = []
+        versioned_deletes: list[dict[str, Any]] = []
+        cleared: list[Any] = []  # versioned writes that follow an unversioned delete
+        versioned: dict[Any, Op] = {}
+        for op in ops:
+            if op.kind == DELETE:
+                key = self._key_value(op)
+                if op.version is None or op.replaces or self.entity.version_column is None:
+                    plain_deletes.append(key)
+                else:
+                    versioned_deletes.append({"k": key, "v": op.version})
+            else:
+                columns, row = self._row(op)
+                writes[columns].append(row)
+                if op.version is not None and self.entity.version_column is not None:
+                    versioned[row[self.entity.key]] = op
+                    if op.replaces:
+                        cleared.append(row[self.entity.key])
+        with self.engine.begin() as conn:
+            fence.check(conn)
+            self._deletes(conn, cleared, [])
+            for columns, rows in writes.items():
+                self._upsert_rows(conn, columns, rows, fast)
+            self._deletes(conn, plain_deletes, versioned_deletes)
+            return self._outranked(conn, versioned, fast)
+
+    def _upsert_rows(
+        self, conn: Connection, columns: tuple[str, ...], rows: list[dict[str, Any]], fast: bool
+    ) -> None:
+        if fast:
+            if columns not in self._unnests:
+                self._unnests[columns] = build_unnest(self.engine, self.table, columns, self.entity)
+            unnest = self._unnests[columns]
+            params = unnest.params(rows) if unnest is not None else None
+            if unnest is not None and params is not None:
+                conn.exec_driver_sql(unnest.sql, params)
+                return
+        conn.execute(self._upsert(columns), rows)
+
+    def _outranked(
+        self, conn: Connection, versioned: dict[Any, Op], fast: bool = False
+    ) -> list[Op]:
+        """Keys whose row holds a newer version than the write just applied (guard said no)."""
+        if not versioned or self.entity.version_column is None:
+            return []
+        keys = list(versioned)
+        found = self._lookup.run(conn, keys) if fast and self._lookup is not None else None
+        if found is None:
+            key_col = self.table.c[self.entity.key]
+            version_col = self.table.c[self.entity.version_column]
+            found = conn.execute(select(key_col, version_col).where(key_col.in_(keys))).all()
+        stale = []
+        for key, version in found:
+            op = versioned.get(key)
+            if (
+                op is not None
+                and op.version is not None
+                and version is not None
+                and version > op.version
+            ):
+                stale.append(op)
+        return stale
+
+    def _row(self, op: Op) -> tuple[tuple[str, ...], dict[str, Any]]:
+        """The row of a write and its columns, sorted (the upsert statement's cache key)."""
+        try:
+            row = json.loads(op.value)
+        except ValueError:
+            raise _RowProblem(f"the buffered value is not JSON: {op.value[:60]!r}") from None
+        if not isinstance(row, dict):
+            raise _RowProblem(f"the buffered value is not a JSON object: {op.value[:60]!r}")
+        names = tuple(row)
+        columns = self._checked.get(names)
+        if columns is None:
+            unknown = [c for c in row if c not in self.table.c]
+            if unknown:
+                raise _RowProblem(
+                    f"column {unknown[0]!r} is not in table {self.table.name!r}; "
+                    "fix the writer or add the column, then replay the dead letter"
+                )
+            if self.entity.key not in row:
+                raise _RowProblem(
+                    f"the row has no {self.entity.key!r} (the key column); writers must "
+                    "include it, as Cache.write does"
+                )
+            columns = tuple(sorted(names))
+            if len(self._checked) < 1024:
+                self._checked[names] = columns
+        return columns, row
+
+    def _key_value(self, op: Op) -> Any:
+        try:
+            return self.reflected.key_value(op.key)
+        except ValueError as exc:
+            raise _RowProblem(str(exc)) from None
+
+    def _deletes(self, conn: Connection, keys: list[Any], versioned: list[dict[str, Any]]) -> None:
+        key_col = self.table.c[self.entity.key]
+        if keys:
+            conn.execute(self.table.delete().where(key_col.in_(keys)))
+        if versioned and self.entity.version_column is not None:
+            version_col = self.table.c[self.entity.version_column]
+            stmt = self.table.delete().where(
+                and_(key_col == bindparam("k"), version_col <= bindparam("v"))
+            )
+            conn.execute(stmt, versioned)
+
+    def _upsert(self, columns: tuple[str, ...]) -> Insert:
+        stmt = self._statements.get(columns)
+        if stmt is None:
+            stmt = _build_upsert(self.dialect, self.table, columns, self.entity)
+            self._statements[columns] = stmt
+        return stmt
+
+
+def _build_upsert(
+    dialect: str, table: Table, columns: tuple[str, ...], entity: EntitySettings
+) -> Insert:
+    key, version = entity.key, entity.version_column
+    updated = [c for c in columns if c != key]
+    if dialect in ("postgresql", "sqlite"):
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        stmt: Any = pg_insert(table) if dialect == "postgresql" else sqlite_insert(table)
+        if not updated:
+            done: Insert = stmt.on_conflict_do_nothing(index_elements=[table.c[key]])
+            return done
+        where = None
+        if version is not None and version in columns:
+            where = table.c[version] <= stmt.excluded[version]
+        upsert: Insert = stmt.on_conflict_do_update(
+            index_elements=[table.c[key]],
+            set_={c: stmt.excluded[c] for c in updated},
+            where=where,
+        )
+        return upsert
+    if dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+        mstmt = mysql_insert(table)
+        new = mstmt.inserted
+        if version is not None and version in columns:
+            # MySQL assigns left to right: the version column must be assigned last,
+            # so every guard compares against the old version.
+            guard = table.c[version] <= new[version]
+            ordered = [c for c in updated if c != version] + [version]
+            return mstmt.on_duplicate_key_update(
+                [(c, func.if_(guard, new[c], table.c[c])) for c in ordered]
+            )
+        if not updated:
+            return mstmt.prefix_with("IGNORE")
+        return mstmt.on_duplicate_key_update([(c, new[c]) for c in updated])
+    raise ConfigError("database.url", "dialect", f"{dialect!r} has no upsert support here")

@@ -1,0 +1,223 @@
+"""Dead letters: a row the database refuses is isolated, kept with its error, and replayable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from cachewarden.keys import shard_of
+from cachewarden.writebehind.deadletters import DeadLetter, count_dead, discard, list_dead, replay
+from cachewarden.writebehind.flush import flush_shard
+from tests.conftest import Harness
+from tests.helpers import wait_for
+
+ROWS = 1_000
+POISON = 577
+USER = {"table": "users", "key": "id", "ttl": "10m"}
+NO_POISON = "CONSTRAINT no_poison CHECK (name <> 'poison')"
+CLI = Path(sys.executable).with_name("cachewarden")
+
+
+def _setup(h: Harness) -> None:
+    """A users table that refuses the name 'poison', and a user entity on it."""
+    h.create_table("users", version=False, extra=NO_POISON)
+    h.configure({"user": USER}, {"user": {"max_delay": "50ms", "shards": 4}})
+
+
+def _flush_all(h: Harness) -> None:
+    """Flush every shard of "user" in this process until the buffer is empty."""
+    shards = h.context.entity("user").write_behind.shards
+    for shard in range(shards):
+        result = flush_shard(h.context, "user", shard)
+        assert result.status == "done", result
+    assert _pending(h) == 0
+
+
+def _pending(h: Harness) -> int:
+    """Entries left in the write streams of "user"."""
+    shards = h.context.entity("user").write_behind.shards
+    return sum(int(h.cache.redis.xlen(h.cache.keys.stream("user", s))) for s in range(shards))
+
+
+def _dead(h: Harness) -> list[DeadLetter]:
+    return list_dead(h.cache.redis, h.cache.keys, "user")
+
+
+def _replay(h: Harness, letter: DeadLetter, force: bool = False) -> str:
+    return replay(h.cache.redis, h.cache.keys, h.context.entity("user"), letter, force=force)
+
+
+def _fix_table(h: Harness) -> None:
+    """Drop the no_poison constraint (SQLite cannot: rebuild the table without it)."""
+    with h.engine.begin() as conn:
+        if h.dialect != "sqlite":
+            conn.execute(sa.text("ALTER TABLE users DROP CONSTRAINT no_poison"))
+            return
+        conn.execute(
+            sa.text("CREATE TABLE users_fixed (id INTEGER PRIMARY KEY, name VARCHAR(200) NOT NULL)")
+        )
+        conn.execute(sa.text("INSERT INTO users_fixed (id, name) SELECT id, name FROM users"))
+        conn.execute(sa.text("DROP TABLE users"))
+        conn.execute(sa.text("ALTER TABLE users_fixed RENAME TO users"))
+
+
+def _cached(h: Harness, key: int) -> str | None:
+    value: str | None = h.cache.redis.get(h.cache.keys.entry("user", str(key)))
+    return value
+
+
+def test_poison_row_is_isolated_dead_lettered_and_replayed(harness: Harness) -> None:
+    """One poison row among 1,000: 999 land, it waits dead-lettered with the database's error
+    and out of the cache, and it lands once the table is fixed and it is replayed."""
+    h = harness
+    _setup(h)
+    for i in range(1, ROWS + 1):
+        h.cache.write("user", i, {"name": "poison" if i == POISON else f"n{i}"})
+    _flush_all(h)
+
+    rows = h.rows("users")
+    assert len(rows) == ROWS - 1
+    assert POISON not in rows
+    assert all(rows[i]["name"] == f"n{i}" for i in rows)
+    dead = _dead(h)
+    assert [(d.op, d.key) for d in dead] == [("w", str(POISON))]
+    assert "no_poison" in dead[0].error, dead[0].error
+    assert json.loads(dead[0].value) == {"id": POISON, "name": "poison"}
+    assert _cached(h, POISON) is None, "the cache must not serve a row the database refused"
+    assert json.loads(_cached(h, 1) or "null") == {"id": 1, "name": "n1"}
+    assert h.cache.redis.pttl(h.cache.keys.entry("user", "1")) > 0
+
+    _fix_table(h)
+    assert _replay(h, dead[0]) != "superseded"
+    assert count_dead(h.cache.redis, h.cache.keys, "user") == 0
+    h.worker(concurrency=1)
+    wait_for(
+        lambda: _pending(h) == 0 and h.count("users") == ROWS, 60, what="the replayed row to land"
+    )
+    assert h.rows("users")[POISON]["name"] == "poison"
+    assert _dead(h) == []
+    shard = shard_of(str(POISON), 4)
+    wait_for(
+        lambda: not h.cache.redis.hexists(h.cache.keys.dirty("user", shard), str(POISON)),
+        30,
+        what="the replayed write to be settled",
+    )
+    assert json.loads(_cached(h, POISON) or "null") == {"id": POISON, "name": "poison"}
+    assert h.cache.redis.pttl(h.cache.keys.entry("user", str(POISON))) > 0
+
+
+def test_superseded_dead_letter_is_not_replayed(pg_harness: Harness) -> None:
+    """A dead letter whose key was written again is dropped on replay ("superseded"); the
+    newer value stays in the database and the cache."""
+    h = pg_harness
+    _setup(h)
+    h.cache.write("user", 7, {"name": "poison"})
+    _flush_all(h)
+    [letter] = _dead(h)
+    h.cache.write("user", 7, {"name": "newer"})
+    assert _replay(h, letter) == "superseded"
+    assert _dead(h) == []
+    _flush_all(h)
+    assert h.rows("users")[7]["name"] == "newer"
+    assert json.loads(_cached(h, 7) or "null") == {"id": 7, "name": "newer"}
+
+
+def test_force_replays_a_superseded_dead_letter(pg_harness: Harness) -> None:
+    """`force=True` replays a dead letter even though a newer write superseded it."""
+    h = pg_harness
+    _setup(h)
+    h.cache.write("user", 7, {"name": "poison"})
+    _flush_all(h)
+    [letter] = _dead(h)
+    h.cache.write("user", 7, {"name": "newer"})
+    _flush_all(h)
+    _fix_table(h)
+    assert _replay(h, letter, force=True) != "superseded"
+    assert _dead(h) == []
+    _flush_all(h)
+    assert h.rows("users")[7]["name"] == "poison"
+
+
+def test_discard_removes_one_dead_letter(pg_harness: Harness) -> None:
+    """`discard` deletes exactly the dead letter it names and leaves the others."""
+    h = pg_harness
+    _setup(h)
+    for key in (1, 2, 3):
+        h.cache.write("user", key, {"name": "poison" if key != 2 else "fine"})
+    _flush_all(h)
+    dead = {d.key: d for d in _dead(h)}
+    assert sorted(dead) == ["1", "3"]
+    assert discard(h.cache.redis, h.cache.keys, "user", dead["1"].id) is True
+    assert [d.key for d in _dead(h)] == ["3"]
+    assert discard(h.cache.redis, h.cache.keys, "user", dead["1"].id) is False
+    assert sorted(h.rows("users")) == [2]
+
+
+def _cli(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CACHEWARDEN_LOG_FORMAT": "json"}
+    return subprocess.run(
+        [str(CLI), "--config", str(h.config_path), "dead-letters", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+def test_cli_lists_and_replays_dead_letters(pg_harness: Harness) -> None:
+    """`cachewarden dead-letters list` shows the poison row and its error; `replay` re-enqueues
+    it so that it lands once the table is fixed."""
+    h = pg_harness
+    _setup(h)
+    h.cache.write("user", 5, {"name": "poison"})
+    _flush_all(h)
+    listed = _cli(h, "list", "user", "--json")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    [shown] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert shown["key"] == "5" and "no_poison" in shown["error"], shown
+    _fix_table(h)
+    replayed = _cli(h, "replay", "user")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "replayed" in replayed.stdout, replayed.stdout
+    assert _dead(h) == []
+    _flush_all(h)
+    assert h.rows("users")[5]["name"] == "poison"
+
+
+def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
+    pg_harness: Harness,
+) -> None:
+    """Rows enqueued by a non-Python writer without the key column or with an unknown column go to dead letters with a message, and the rest land."""
+    from cachewarden.scripts import source
+
+    h = pg_harness
+    _setup(h)
+    keys = h.cache.keys
+    script = h.cache.redis.register_script(source("enqueue"))
+    shard = shard_of("1", 4)
+    bad = {"1": '{"name":"no key column"}', "2": '{"id":2,"name":"x","colour":"red"}'}
+    for key, value in bad.items():
+        shard = shard_of(key, 4)
+        script(
+            keys=[
+                keys.due(),
+                keys.dead_keys("user"),
+                keys.entry("user", key),
+                keys.stream("user", shard),
+                keys.dirty("user", shard),
+                keys.lease("user", key),
+            ],
+            args=[1000, 1000, 1000, "", "w", key, value, "", f"user:{shard}"],
+        )
+    h.cache.write("user", 3, {"name": "good"})
+    _flush_all(h)
+    assert set(h.rows("users")) == {3}
+    errors = {letter.key: letter.error for letter in _dead(h)}
+    assert "key column" in errors["1"]
+    assert "'colour' is not in table" in errors["2"]
