@@ -18,7 +18,7 @@ import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachewarden.codec import ABSENT
 from cachewarden.keys import Keyspace, shard_of
@@ -31,15 +31,23 @@ FAILURE_HOLD_MS = 1000
 
 _tokens = itertools.count()
 _host = os.urandom(6).hex()
+_prefix = f"{_host}-{os.getpid()}-"
+
+
+def _forked() -> None:
+    global _prefix
+    _prefix = f"{_host}-{os.getpid()}-"
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def new_token() -> str:
     """A lease token unique across hosts (a random prefix), processes (the pid) and calls."""
-    return f"{_host}-{os.getpid()}-{next(_tokens)}"
+    return _prefix + str(next(_tokens))
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """What one read returned: a hit's value and TTL, or a miss's role (see read.lua)."""
 
     value: str | None
@@ -50,9 +58,8 @@ class Reply:
 
     @classmethod
     def parse(cls, raw: Sequence[Any]) -> Reply:
-        """Decode the read script's reply."""
-        extra = raw[4] if len(raw) > 4 else None
-        return cls(raw[0], int(raw[1]), int(raw[2]), int(raw[3]), None if extra is None else extra)
+        """Decode the read script's reply (its integers arrive as ints)."""
+        return cls(raw[0], raw[1], raw[2], raw[3], raw[4] if len(raw) > 4 else None)
 
 
 @dataclass(frozen=True)

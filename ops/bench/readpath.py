@@ -2,50 +2,57 @@
 
 cachewarden is measured next to naive cache-aside and dogpile.cache (Redis backend,
 distributed lock) in the same run, and the table ends with PASS/MISS per target.
-Not a pytest test: run it by hand.
+Not a pytest test: run it by hand (see README.md).
 
     .venv/bin/python ops/bench/readpath.py                # 60 s of Zipf reads per system
     .venv/bin/python ops/bench/readpath.py --seconds 10   # a quicker look
 
 Each run uses fresh Redis key prefixes and Celery queue and a fresh PostgreSQL
-schema, and removes them at the end (also on Ctrl-C or failure).
+schema, and removes them at the end (also on Ctrl-C or failure). The scaffolding
+(resources, workers, the table) is common.py's, shared with writebehind.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import math
-import os
-import platform
 import random
-import shlex
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however we are started
+
 import redis
 import sqlalchemy as sa
+from common import (
+    Env,
+    Worker,
+    Zipf,
+    add_common_args,
+    loadavg,
+    parse_phases,
+    percentile,
+    render,
+    run,
+    run_phase,
+    say,
+    verdict,
+)
 
 from cachewarden.cache import Cache
-from cachewarden.refresh import sweep_entity
-from cachewarden.runtime import Runtime
+from cachewarden.context import Context
+from cachewarden.readpath.sqlload import loader_for
+from cachewarden.readpath.sweep import sweep_entity
 from cachewarden.settings import load_settings
 
-REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ("cachewarden", "cache-aside", "dogpile.cache")
+PHASES = ("stampede", "zipf", "sweep", "hit")
 SCHEMA_SQL = """
 CREATE TABLE rows (id BIGINT PRIMARY KEY, name VARCHAR(200) NOT NULL,
                    score INTEGER NOT NULL, version BIGINT NOT NULL DEFAULT 0);
@@ -60,33 +67,21 @@ END $$;
 """
 
 
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q * len(ordered))) - 1]
-
-
 # -- the three readers ---------------------------------------------------------------
 
 
 class Reader:
-    """One process's way of reading a row through the cache (what the benchmark compares)."""
+    """One process's way of reading a row through the cache (what the benchmark compares).
+
+    `load_times` holds the wall time of each database load this process ran, timed
+    around the load call (pool checkout, the query, fetching the row).
+    """
 
     misses = 0
     loads = 0
+
+    def __init__(self) -> None:
+        self.load_times: list[float] = []
 
     def read(self, key: int) -> Any:
         raise NotImplementedError
@@ -98,12 +93,25 @@ class Reader:
 
 class CachewardenReader(Reader):
     def __init__(self, config: str, entity: str, threads: int) -> None:
+        super().__init__()
         settings = load_settings(config)
         client = redis.Redis.from_url(
             settings.redis.url, decode_responses=True, max_connections=threads + 10
         )
-        self.cache = Cache(settings, redis=client)
+        self.cache = Cache(settings, redis=client)  # reflects the table, as an app's would
         self.entity = entity
+        # Time the loader's own work where it runs: this process's SqlLoader.load.
+        loader = loader_for(self.cache.context, entity)
+        plain = loader.load
+
+        def timed(key: str) -> Any:
+            start = time.perf_counter()
+            try:
+                return plain(key)
+            finally:
+                self.load_times.append(time.perf_counter() - start)
+
+        loader.load = timed  # type: ignore[method-assign]
 
     def read(self, key: int) -> Any:
         return self.cache.get(self.entity, key)
@@ -114,34 +122,43 @@ class CachewardenReader(Reader):
 
 
 class _Counting(Reader):
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, Any], sql: str) -> None:
+        super().__init__()
         self._lock = threading.Lock()
+        self.engine = sa.create_engine(env["sa_url"], pool_size=5, max_overflow=0)
+        self.sql = sa.text(sql)
+        with self.engine.connect() as conn:  # one pooled connection, as cachewarden's reflection
+            conn.execute(sa.text("SELECT 1"))
 
     def count(self, misses: int = 0, loads: int = 0) -> None:
         with self._lock:
             self.misses += misses
             self.loads += loads
 
+    def load(self, key: int) -> Any:
+        start = time.perf_counter()
+        with self.engine.connect() as conn:
+            row = conn.execute(self.sql, {"key": key}).mappings().first()
+        self.load_times.append(time.perf_counter() - start)
+        return dict(row) if row else None
+
 
 class AsideReader(_Counting):
     """Naive cache-aside: GET; on a miss, load and SET with the TTL. No lock, no refresh."""
 
     def __init__(self, env: dict[str, Any], sql: str, threads: int) -> None:
-        super().__init__()
+        super().__init__(env, sql)
         self.redis = redis.Redis.from_url(
             env["redis_url"], decode_responses=True, max_connections=threads + 10
         )
-        self.engine = sa.create_engine(env["sa_url"], pool_size=5, max_overflow=0)
-        self.sql, self.prefix, self.ttl_ms = sa.text(sql), env["prefix"], env["ttl_ms"]
+        self.prefix, self.ttl_ms = env["prefix"], env["ttl_ms"]
 
     def read(self, key: int) -> Any:
         value = self.redis.get(f"{self.prefix}:{key}")
         if value is not None:
             return json.loads(value)
         self.count(misses=1, loads=1)
-        with self.engine.connect() as conn:
-            row = conn.execute(self.sql, {"key": key}).mappings().first()
-        data = dict(row) if row else None
+        data = self.load(key)
         self.redis.set(f"{self.prefix}:{key}", json.dumps(data), px=self.ttl_ms)
         return data
 
@@ -152,9 +169,7 @@ class DogpileReader(_Counting):
     def __init__(self, env: dict[str, Any], sql: str, threads: int) -> None:
         from dogpile.cache import make_region
 
-        super().__init__()
-        self.engine = sa.create_engine(env["sa_url"], pool_size=5, max_overflow=0)
-        self.sql = sa.text(sql)
+        super().__init__(env, sql)
         url = env["redis_url"]
         pool = redis.ConnectionPool.from_url(url, max_connections=threads + 10)
         prefix = env["prefix"]
@@ -173,9 +188,7 @@ class DogpileReader(_Counting):
 
     def _create(self, key: int) -> Any:
         self.count(misses=1, loads=1)
-        with self.engine.connect() as conn:
-            row = conn.execute(self.sql, {"key": key}).mappings().first()
-        return dict(row) if row else None
+        return self.load(key)
 
     def read(self, key: int) -> Any:
         return self.region.get_or_create(str(key), lambda: self._create(key))
@@ -194,61 +207,65 @@ def make_reader(spec: dict[str, Any], threads: int) -> Reader:
 
 
 def child_stampede(spec: dict[str, Any]) -> None:
-    """Read lines "KEY RELEASE_AT"; release all threads on KEY at once; print latencies."""
+    """One stampede in this fresh process: build the reader, say READY, read the line
+    "KEY RELEASE_AT", release all threads on KEY at that time, print the result."""
     threads = spec["threads"]
     reader = make_reader(spec, threads)
-    reader.read(spec["warm_key"])  # a warm process: pools and scripts ready
     print("READY", flush=True)
-    for line in sys.stdin:
-        key, release = line.split()
-        print(
-            "RESULT " + json.dumps(stampede_once(reader, int(key), float(release), threads)),
-            flush=True,
-        )
+    line = sys.stdin.readline()
+    if not line:
+        return  # the parent gave up
+    key, release = line.split()
+    print(
+        "RESULT " + json.dumps(stampede_once(reader, int(key), float(release), threads)),
+        flush=True,
+    )
 
 
 def stampede_once(reader: Reader, key: int, release: float, threads: int) -> dict[str, Any]:
     go = threading.Event()
     out: list[float] = []
     bad = [0]
+    errors: list[str] = []
+    # Readers stay alive until all have their row, as an application's request threads
+    # do: the exits of early threads must not delay the later readers.
+    done = threading.Barrier(threads)
 
     def one() -> None:
         go.wait()
-        row = reader.read(key)
+        try:
+            row = reader.read(key)
+        except Exception as exc:  # counted and reported, not a silent missing sample
+            errors.append(f"{type(exc).__name__}: {exc}")
+            done.wait()
+            return
         out.append(time.time() - release)
         if not row or row["id"] != key:
             bad[0] += 1
+        done.wait()
 
     pool = [threading.Thread(target=one) for _ in range(threads)]
     for t in pool:
         t.start()
     time.sleep(max(0.0, release - time.time()))
+    late = time.time() - release
     go.set()
     for t in pool:
         t.join()
-    return {"latencies": out, "bad": bad[0]}
-
-
-class ZipfKeys:
-    """Keys 1..n drawn with probability proportional to 1/rank^s."""
-
-    def __init__(self, n: int, s: float) -> None:
-        weights = [1.0 / (k**s) for k in range(1, n + 1)]
-        total = sum(weights)
-        acc, self.cdf = 0.0, []
-        for w in weights:
-            acc += w / total
-            self.cdf.append(acc)
-
-    def draw(self, rng: random.Random) -> int:
-        return min(bisect.bisect_left(self.cdf, rng.random()), len(self.cdf) - 1) + 1
+    return {
+        "latencies": out,
+        "bad": bad[0],
+        "errors": errors,
+        "loads": reader.load_times,
+        "late": late,
+    }
 
 
 def child_zipf(spec: dict[str, Any]) -> None:
     """Read Zipf keys from several threads; count reads and misses after the warm-up."""
     threads = spec["threads"]
     reader = make_reader(spec, threads)
-    keys = ZipfKeys(spec["keys"], spec["zipf_s"])
+    keys = Zipf(spec["keys"], spec["zipf_s"])
     start, boundary, end = spec["start"], spec["start"] + spec["warmup"], spec["end"]
     counts = {"reads": 0}
     lock = threading.Lock()
@@ -257,9 +274,9 @@ def child_zipf(spec: dict[str, Any]) -> None:
         rng = random.Random(spec["seed"] * 1000 + n)
         reads = 0
         while time.time() < boundary:
-            reader.read(keys.draw(rng))
+            reader.read(keys.sample(rng))
         while time.time() < end:
-            reader.read(keys.draw(rng))
+            reader.read(keys.sample(rng))
             reads += 1
         with lock:
             counts["reads"] += reads
@@ -295,58 +312,20 @@ def child_main(argv: list[str]) -> None:
         child_zipf(spec)
 
 
-def spawn(spec: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+# -- the environment (common.Env) ------------------------------------------------------
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            pipe.close()
+class ReadEnv(Env):
+    """common.Env plus the rows table, the slow loader and the reader processes."""
 
-
-# -- the environment -------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    """One run's resources; cleanup() removes them."""
-
-    args: argparse.Namespace
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cwread-")))
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def schema(self) -> str:
-        return f"cwread_{self.run_id}"
-
-    @property
-    def base(self) -> str:
-        return f"cwr{self.run_id}"
-
-    @property
-    def sa_url(self) -> str:
-        return f"{self.args.pg_url}?options=-csearch_path%3D{self.schema}"
-
-    def pg(self) -> psycopg.Connection[Any]:
-        dsn = self.args.pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
-        return psycopg.connect(dsn, autocommit=True, options=f"-csearch_path={self.schema}")
+    schema_prefix = "cwread"
+    key_prefix = "cwr"
+    entity = "row"
 
     def setup(self) -> None:
+        super().setup()
         rows = max(self.args.keys, self.args.sweep_keys, 1000)
         with self.pg() as conn:
-            conn.execute(f'CREATE SCHEMA "{self.schema}"')
-            conn.execute(f'SET search_path TO "{self.schema}"')
             conn.execute(SCHEMA_SQL.format(rows=rows).encode())
 
     def loader_calls(self) -> int:
@@ -354,97 +333,17 @@ class Env:
             row = conn.execute("SELECT pg_sequence_last_value('loader_calls')").fetchone()
         return int(row[0] or 0) if row else 0
 
-    def config(self, name: str, entity: dict[str, Any], file: str = "") -> Path:
-        """Write a config with its own key prefix and queue (both named by `name`)."""
-        a = self.args
-        lines = [
-            "[redis]",
-            f'url = "{a.redis_url}"',
-            f'prefix = "{self.base}-{name}"',
-            "",
-            "[database]",
-            f'url = "{self.sa_url}"',
-            "",
-            "[celery]",
-            f'queue = "{self.base}-{name}-q"',
-            "",
-            "[dispatch]",
-            'interval = "50ms"',
-            "",
-            "[entities.row]",
-            'table = "rows"',
-            'key = "id"',
-        ]
-        for key, value in entity.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-        path = self.tmp / f"{file or name}.toml"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+    def read_config(self, name: str, entity: dict[str, Any], file: str = "") -> Path:
+        """A config with its own key prefix and queue: the entity `row` on table `rows`."""
+        return self.config(name, "rows", entity, file=file)
 
-    def worker(self, config: Path, log: Path) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "CACHEWARDEN_CONFIG": str(config), "CACHEWARDEN_LOG_FORMAT": "json"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "--concurrency",
-            str(self.args.concurrency),
-            "-n",
-            f"bench-{uuid.uuid4().hex[:6]}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
-        ]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.workers.append(proc)
-        deadline = time.monotonic() + 90
-        while " ready." not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker did not start:\n" + log.read_text()[-3000:])
-            time.sleep(0.05)
-        return proc
-
-    def stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-
-    def cleanup(self) -> None:
-        for proc in self.workers:
-            self.stop_worker(proc)
-        try:
-            client = redis.Redis.from_url(self.args.redis_url, decode_responses=True)
-            for pattern in (f"{self.base}*", f"*{self.base}*"):
-                keys = list(client.scan_iter(pattern, count=5000))
-                for i in range(0, len(keys), 1000):
-                    client.delete(*keys[i : i + 1000])
-            client.close()
-        except redis.RedisError as exc:
-            say(f"cleanup: Redis keys under {self.base!r} not removed: {exc}")
-        try:
-            with self.pg() as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
-        except psycopg.Error as exc:
-            say(f"cleanup: schema {self.schema} not dropped: {exc}")
-        if not self.args.keep_logs:
-            for path in self.tmp.iterdir():
-                path.unlink()
-            self.tmp.rmdir()
+    def reader(self, spec: dict[str, Any]) -> Any:
+        """A fresh reader process of this script (killed by cleanup() if not before)."""
+        return self.spawn([__file__, "--child", json.dumps(spec)])
 
 
 def reader_spec(
-    env: Env, system: str, mode: str, sql: str, ttl_ms: int, config: Path | None
+    env: ReadEnv, system: str, mode: str, sql: str, ttl_ms: int, config: Path | None
 ) -> dict[str, Any]:
     return {
         "system": system,
@@ -459,56 +358,85 @@ def reader_spec(
     }
 
 
+def result_line(proc: Any, system: str) -> dict[str, Any]:
+    """The child's RESULT line, decoded (an error naming the system if it died)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("RESULT "):
+        raise RuntimeError(f"a {system} reader process failed (see its traceback above)")
+    data: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    return data
+
+
 # -- phase 1: stampede -------------------------------------------------------------------
 
 
 @dataclass
 class Stampede:
-    calls: list[int] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    firsts: list[float] = field(default_factory=list)
-    overheads: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)  # per round: loader calls in the database
+    latencies: list[float] = field(default_factory=list)  # every reader of every round
+    firsts: list[float] = field(default_factory=list)  # per round: the first reader back
+    overheads: list[float] = field(default_factory=list)  # per round: p99 - first reader back
+    loads: list[float] = field(default_factory=list)  # per round: the load's own time
+    excess: list[float] = field(default_factory=list)  # every reader: latency - its round's load
+    late: float = 0.0  # the latest any process released its readers, after the release time
     bad: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
-def phase_stampede(env: Env) -> dict[str, Stampede]:
+def stampede_round(env: ReadEnv, spec: dict[str, Any], key: int, result: Stampede) -> None:
+    """One stampede on `key` in `procs` freshly started processes: each builds its reader,
+    then every reader of every process starts at one shared release time."""
+    a = env.args
+    procs = [env.reader({**spec, "threads": a.threads}) for _ in range(a.procs)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "READY":
+                raise RuntimeError(f"a {spec['system']} reader process did not start")
+        before = env.loader_calls()
+        release = time.time() + a.release_s
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{key} {release}\n")
+            proc.stdin.flush()
+        lat: list[float] = []
+        loads: list[float] = []
+        for proc in procs:
+            data = result_line(proc, spec["system"])
+            lat += data["latencies"]
+            loads += data["loads"]
+            result.bad += data["bad"]
+            result.errors += data["errors"]
+            result.late = max(result.late, data["late"])
+    finally:
+        for proc in procs:
+            env.reap(proc)
+    result.calls.append(env.loader_calls() - before)
+    result.latencies += lat
+    if lat:
+        result.firsts.append(min(lat))
+        result.overheads.append(percentile(lat, 0.99) - min(lat))
+    # The load's own time: the one load (or, where several ran, the fastest of them),
+    # as timed by the process that ran it.
+    if loads:
+        result.loads.append(min(loads))
+        result.excess += [t - min(loads) for t in lat]
+    else:
+        result.errors.append(f"key {key}: no process timed a load (the round is not counted)")
+
+
+def phase_stampede(env: ReadEnv) -> dict[str, Stampede]:
     a = env.args
     sql = f"SELECT * FROM slow_row(:key, {a.loader_ms})"
     out: dict[str, Stampede] = {}
     for n, system in enumerate(SYSTEMS):
-        say(f"stampede: {system}")
-        config = env.config(f"st{n}", {"ttl": "10m", "loader": sql})
+        config = env.read_config(f"st{n}", {"ttl": "10m", "loader": sql})
         spec = reader_spec(env, system, "stampede", sql, 600_000, config)
-        procs = []
-        for p in range(a.procs):
-            procs.append(spawn({**spec, "threads": a.threads, "warm_key": 900 + 10 * n + p}))
         result = Stampede()
-        try:
-            for proc in procs:
-                assert proc.stdout is not None
-                if proc.stdout.readline().strip() != "READY":
-                    raise RuntimeError(f"a {system} reader process did not start")
-            for r in range(a.rounds):
-                key = 100 * (n + 1) + r
-                before = env.loader_calls()
-                release = time.time() + 0.3
-                for proc in procs:
-                    assert proc.stdin is not None
-                    proc.stdin.write(f"{key} {release}\n")
-                    proc.stdin.flush()
-                lat: list[float] = []
-                for proc in procs:
-                    assert proc.stdout is not None
-                    data = json.loads(proc.stdout.readline()[len("RESULT ") :])
-                    lat += data["latencies"]
-                    result.bad += data["bad"]
-                result.calls.append(env.loader_calls() - before)
-                result.latencies += lat
-                result.firsts.append(min(lat))
-                result.overheads.append(percentile(lat, 0.99) - min(lat))
-        finally:
-            for proc in procs:
-                stop(proc)
+        for r in range(a.rounds):  # each round a new key, in new processes
+            say(f"stampede: {system}, round {r + 1}/{a.rounds}")
+            stampede_round(env, spec, 100 * (n + 1) + r, result)
         out[system] = result
     return out
 
@@ -525,13 +453,10 @@ class ZipfRun:
     seconds: float = 0.0
 
 
-def worker_refreshes(log: Path, start: float, end: float) -> tuple[int, int]:
+def worker_refreshes(worker: Worker, start: float, end: float) -> tuple[int, int]:
     """(SELECTs, rows leased) of the worker's refresh tasks that finished in [start, end)."""
     queries = rows = 0
-    for line in log.read_text(errors="replace").splitlines():
-        if '"refresh_done"' not in line:
-            continue
-        event = json.loads(line)
+    for event in worker.events("refresh_done"):
         at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
         if start <= at < end:
             queries += int(event.get("batches", 0))
@@ -539,46 +464,50 @@ def worker_refreshes(log: Path, start: float, end: float) -> tuple[int, int]:
     return queries, rows
 
 
-def phase_zipf(env: Env) -> dict[str, ZipfRun]:
+def phase_zipf(env: ReadEnv) -> dict[str, ZipfRun]:
     a = env.args
     ttl_ms = int(a.ttl * 1000)
     sql = "SELECT * FROM rows WHERE id = :key"
     out: dict[str, ZipfRun] = {}
     for n, system in enumerate(SYSTEMS):
-        say(f"zipf: {system} ({a.ttl:g} s warm-up, then {a.seconds:g} s measured)")
-        config = env.config(f"z{n}", {"ttl": f"{ttl_ms}ms", "refresh_ahead": a.refresh_ahead})
-        log = env.tmp / f"worker-z{n}.log"
-        worker = env.worker(config, log) if system == "cachewarden" else None
-        start = time.time() + 3.0
-        spec = {
-            **reader_spec(env, system, "zipf", sql, ttl_ms, config),
-            "threads": a.threads,
-            "keys": a.keys,
-            "zipf_s": a.zipf_s,
-            "start": start,
-            "warmup": a.ttl,
-            "end": start + a.ttl + a.seconds,
-        }
-        procs = [spawn({**spec, "seed": a.seed + p}) for p in range(a.procs_zipf)]
-        run = ZipfRun(seconds=a.seconds)
-        try:
-            for proc in procs:
-                assert proc.stdout is not None
-                data = json.loads(proc.stdout.readline()[len("RESULT ") :])
-                run.reads += data["reads"]
-                run.misses += data["misses"]
-                run.queries += data["loads"]
-                run.rows += data["loads"]
-        finally:
-            for proc in procs:
-                stop(proc)
-        if worker is not None:
-            time.sleep(1.0)
-            env.stop_worker(worker)
-            queries, rows = worker_refreshes(log, start + a.ttl, spec["end"])
-            run.queries += queries
-            run.rows += rows
-        out[system] = run
+
+        def one(n: int = n, system: str = system) -> ZipfRun:
+            config = env.read_config(
+                f"z{n}", {"ttl": f"{ttl_ms}ms", "refresh_ahead": a.refresh_ahead}
+            )
+            worker = env.worker(config, f"worker-z{n}.log") if system == "cachewarden" else None
+            start = time.time() + 3.0
+            spec = {
+                **reader_spec(env, system, "zipf", sql, ttl_ms, config),
+                "threads": a.threads,
+                "keys": a.keys,
+                "zipf_s": a.zipf_s,
+                "start": start,
+                "warmup": a.ttl,
+                "end": start + a.ttl + a.seconds,
+            }
+            procs = [env.reader({**spec, "seed": a.seed + p}) for p in range(a.procs_zipf)]
+            run = ZipfRun(seconds=a.seconds)
+            try:
+                for proc in procs:
+                    data = result_line(proc, system)
+                    run.reads += data["reads"]
+                    run.misses += data["misses"]
+                    run.queries += data["loads"]
+                    run.rows += data["loads"]
+            finally:
+                for proc in procs:
+                    env.reap(proc)
+            if worker is not None:
+                time.sleep(1.0)
+                worker.stop()
+                queries, rows = worker_refreshes(worker, start + a.ttl, spec["end"])
+                run.queries += queries
+                run.rows += rows
+            return run
+
+        label = f"zipf: {system} ({a.ttl:g} s warm-up, then {a.seconds:g} s measured)"
+        out[system] = run_phase(label, one)
     return out
 
 
@@ -593,40 +522,39 @@ class SweepRun:
     plain_seconds: float = 0.0
 
 
-def phase_sweep(env: Env) -> SweepRun:
+def phase_sweep(env: ReadEnv) -> SweepRun:
     a = env.args
     n = a.sweep_keys
     # Keys are cached and read with a 600 s TTL and refresh-ahead 0.5 (none is due yet);
     # the sweep then runs with refresh-ahead 0.01 (a 594 s window): every key is due once
     # it is 6 s old, and none is due again for 6 s after its reload.
-    cached = env.config("sw", {"ttl": "600s", "refresh_ahead": 0.5})
-    sweeping = env.config("sw", {"ttl": "600s", "refresh_ahead": 0.01}, file="sw-sweep")
+    cached = env.read_config("sw", {"ttl": "600s", "refresh_ahead": 0.5})
+    sweeping = env.read_config("sw", {"ttl": "600s", "refresh_ahead": 0.01}, file="sw-sweep")
     cache = Cache(load_settings(cached))
     keys = list(range(1, n + 1))
     try:
         say(f"sweep: caching {n:,} keys and reading each once (hot)")
-        for i in range(0, n, 1000):
-            cache.get_many("row", keys[i : i + 1000])
-        for i in range(0, n, 1000):
-            cache.get_many("row", keys[i : i + 1000])
+        for _ in range(2):  # the first pass loads them, the second reads them: hot
+            for i in range(0, n, 1000):
+                cache.get_many("row", keys[i : i + 1000])
     finally:
         cache.close()
-    rt = Runtime.build(load_settings(sweeping))
+    context = Context.build(load_settings(sweeping))
     try:
         time.sleep(6.5)
-        say("sweep: reloading them all in one sweep (one process)")
-        rt.loader("row")
+        loader_for(context, "row")  # the table reflected before the clock starts
         started = time.perf_counter()
-        result = sweep_entity(rt, "row")
+        say("sweep: reloading them all in one sweep (one process)")
+        result = sweep_entity(context, "row")
         seconds = time.perf_counter() - started
         filled = sum(r.filled for r in result.refreshed)
     finally:
-        rt.close()
+        context.close()
     plain = plain_reload(env, keys)
     return SweepRun(keys=filled, seconds=seconds, plain_keys=n, plain_seconds=plain)
 
 
-def plain_reload(env: Env, keys: list[int]) -> float:
+def plain_reload(env: ReadEnv, keys: list[int]) -> float:
     """The same reload without cachewarden: SELECT ... IN per 1,000 keys, pipelined SETs."""
     client = redis.Redis.from_url(env.args.redis_url, decode_responses=True)
     engine = sa.create_engine(env.sa_url)
@@ -663,8 +591,11 @@ class HitRun:
     redis_get_us: list[float] = field(default_factory=list)
 
 
-def phase_hit(env: Env, calls: int = 20_000) -> HitRun:
-    config = env.config("hit", {"ttl": "10m"})
+def phase_hit(env: ReadEnv) -> HitRun:
+    """`calls` get() hits of one key, each followed by a plain GET of the same entry
+    (the same value) on the same client, after 1,000 untimed gets counting round trips."""
+    calls = env.args.hit_calls
+    config = env.read_config("hit", {"ttl": "10m"})
     settings = load_settings(config)
     pool = redis.ConnectionPool.from_url(
         settings.redis.url, decode_responses=True, connection_class=CountingConnection
@@ -694,20 +625,6 @@ def phase_hit(env: Env, calls: int = 20_000) -> HitRun:
 # -- the report -----------------------------------------------------------------------------
 
 
-def render(rows: list[list[str]]) -> str:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = []
-    for n, r in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 @dataclass
 class Results:
     stampede: dict[str, Stampede] | None = None
@@ -716,88 +633,141 @@ class Results:
     hit: HitRun | None = None
 
 
-def report(env: Env, res: Results) -> bool:
-    a = env.args
-    rows = [["measure", *SYSTEMS, "target", "result"]]
-    oks: list[bool] = []
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
 
-    def add(name: str, cells: list[str], target: str = "", ok: bool | None = None) -> None:
-        rows.append([name, *cells, target, "" if ok is None else verdict(ok)])
+
+class Table:
+    """The result table: one column per system, then the target and PASS/MISS."""
+
+    def __init__(self) -> None:
+        self.rows = [["measure", *SYSTEMS, "target", "result"]]
+        self.oks: list[bool] = []
+
+    def add(self, name: str, cells: list[str], target: str = "", ok: bool | None = None) -> None:
+        self.rows.append([name, *cells, target, "" if ok is None else verdict(ok)])
         if ok is not None:
-            oks.append(ok)
+            self.oks.append(ok)
 
+
+def stampede_rows(t: Table, a: argparse.Namespace, st: dict[str, Stampede]) -> None:
+    label = (
+        f"stampede ({a.procs} fresh procs x {a.threads} threads, {a.loader_ms} ms loader, "
+        f"{a.rounds} rounds)"
+    )
+    calls = [max(st[s].calls) for s in SYSTEMS]
+    t.add(
+        f"{label}: loader calls per stampede (worst round)",
+        [str(c) for c in calls],
+        "1",
+        calls[0] == 1,
+    )
+    t.add("stampede: reader p50 (pooled)", [ms(percentile(st[s].latencies, 0.5)) for s in SYSTEMS])
+    t.add("stampede: reader p99 (pooled)", [ms(percentile(st[s].latencies, 0.99)) for s in SYSTEMS])
+    t.add(
+        "stampede: the load as run (first reader back, median round)",
+        [ms(percentile(st[s].firsts, 0.5)) for s in SYSTEMS],
+    )
+    t.add(
+        "stampede: the load's own time (timed where it ran, median round)",
+        [ms(percentile(st[s].loads, 0.5)) for s in SYSTEMS],
+    )
+    t.add(
+        "stampede: p99 - first reader back (best round)",
+        [ms(min(st[s].overheads, default=math.nan)) for s in SYSTEMS],
+    )
+    excess = percentile(st["cachewarden"].excess, 0.99)
+    t.add(
+        "stampede: p99 of (reader latency - its round's load time), pooled",
+        [ms(percentile(st[s].excess, 0.99)) for s in SYSTEMS],
+        "<= 50 ms",
+        excess <= 0.05 and not st["cachewarden"].errors,
+    )
+    if any(st[s].bad for s in SYSTEMS):
+        t.add("stampede: readers that got a wrong row", [str(st[s].bad) for s in SYSTEMS])
+    if any(st[s].errors for s in SYSTEMS):
+        t.add("stampede: readers that failed", [str(len(st[s].errors)) for s in SYSTEMS])
+
+
+def zipf_rows(t: Table, a: argparse.Namespace, z: dict[str, ZipfRun]) -> None:
+    label = f"Zipf s={a.zipf_s} over {a.keys:,} keys, TTL {a.ttl:g} s, {a.seconds:g} s"
+    ratios = [z[s].misses / max(1, z[s].reads) for s in SYSTEMS]
+    t.add(
+        f"{label}: miss ratio after warm-up",
+        [f"{r:.4%}" for r in ratios],
+        "< 0.1%",
+        ratios[0] < 0.001,
+    )
+    windows = a.seconds / a.ttl
+    t.add(
+        "Zipf: misses per key per TTL window",
+        [f"{z[s].misses / (a.keys * windows):.3f}" for s in SYSTEMS],
+    )
+    t.add("Zipf: reads/s", [f"{z[s].reads / a.seconds:,.0f}" for s in SYSTEMS])
+    t.add("Zipf: database queries/s", [f"{z[s].queries / a.seconds:,.0f}" for s in SYSTEMS])
+    t.add("Zipf: rows loaded/s", [f"{z[s].rows / a.seconds:,.0f}" for s in SYSTEMS])
+
+
+def hit_rows(t: Table, h: HitRun) -> None:
+    t.add(
+        "get() hit: Redis round trips",
+        [f"{h.round_trips:g}", "1 (GET)", "-"],
+        "1",
+        h.round_trips == 1,
+    )
+    g50, r50 = percentile(h.get_us, 0.5), percentile(h.redis_get_us, 0.5)
+    t.add(
+        "get() hit p50 / p99 (vs a plain GET)",
+        [
+            f"{g50:.0f} / {percentile(h.get_us, 0.99):.0f} us",
+            f"{r50:.0f} / {percentile(h.redis_get_us, 0.99):.0f} us",
+            "-",
+        ],
+    )
+    ratio = g50 / r50 if r50 else math.inf
+    t.add(
+        f"get() hit p50 / plain GET p50, same value ({len(h.get_us):,} each)",
+        [f"{ratio:.2f}x", "1.00x (GET)", "-"],
+        "<= 1.2x",
+        ratio <= 1.2,
+    )
+
+
+def report(env: ReadEnv, res: Results) -> bool:
+    a = env.args
+    t = Table()
     if res.stampede:
-        st = res.stampede
-        label = f"stampede ({a.procs} procs x {a.threads} threads, {a.loader_ms} ms loader)"
-        calls = [max(st[s].calls) for s in SYSTEMS]
-        add(f"{label}: loader calls per stampede", [str(c) for c in calls], "1", calls[0] == 1)
-        add(
-            "stampede: reader p50",
-            [f"{percentile(st[s].latencies, 0.5) * 1000:.0f} ms" for s in SYSTEMS],
-        )
-        add(
-            "stampede: reader p99",
-            [f"{percentile(st[s].latencies, 0.99) * 1000:.0f} ms" for s in SYSTEMS],
-        )
-        add(
-            "stampede: the load as run (first reader back)",
-            [f"{percentile(st[s].firsts, 0.5) * 1000:.0f} ms" for s in SYSTEMS],
-        )
-        best = min(st["cachewarden"].overheads)
-        add(
-            "stampede: p99 - load (best round)",
-            [f"{min(st[s].overheads) * 1000:.0f} ms" for s in SYSTEMS],
-            "<= 50 ms",
-            best <= 0.05,
-        )
-        if any(st[s].bad for s in SYSTEMS):
-            add("stampede: readers that got a wrong row", [str(st[s].bad) for s in SYSTEMS])
+        stampede_rows(t, a, res.stampede)
     if res.zipf:
-        z = res.zipf
-        label = f"Zipf s={a.zipf_s} over {a.keys:,} keys, TTL {a.ttl:g} s, {a.seconds:g} s"
-        ratios = [z[s].misses / max(1, z[s].reads) for s in SYSTEMS]
-        add(
-            f"{label}: miss ratio after warm-up",
-            [f"{r:.4%}" for r in ratios],
-            "< 0.1%",
-            ratios[0] < 0.001,
-        )
-        windows = a.seconds / a.ttl
-        add(
-            "Zipf: misses per key per TTL window",
-            [f"{z[s].misses / (a.keys * windows):.3f}" for s in SYSTEMS],
-        )
-        add("Zipf: reads/s", [f"{z[s].reads / a.seconds:,.0f}" for s in SYSTEMS])
-        add("Zipf: database queries/s", [f"{z[s].queries / a.seconds:,.0f}" for s in SYSTEMS])
-        add("Zipf: rows loaded/s", [f"{z[s].rows / a.seconds:,.0f}" for s in SYSTEMS])
+        zipf_rows(t, a, res.zipf)
     if res.sweep:
         sw = res.sweep
         rate = sw.keys / sw.seconds
         plain = sw.plain_keys / sw.plain_seconds if sw.plain_seconds else math.nan
-        add(
+        t.add(
             f"sweep reload from PostgreSQL ({sw.keys:,} hot keys, 1 process)",
             [f"{rate:,.0f} keys/s", f"{plain:,.0f} keys/s (plain IN + pipeline)", "-"],
             ">= 20,000 keys/s",
             rate >= 20_000,
         )
     if res.hit:
-        h = res.hit
-        add(
-            "get() hit: Redis round trips",
-            [f"{h.round_trips:g}", "1 (GET)", "-"],
-            "1",
-            h.round_trips == 1,
-        )
-        add(
-            "get() hit p50 / p99 (vs a plain GET)",
-            [
-                f"{percentile(h.get_us, 0.5):.0f} / {percentile(h.get_us, 0.99):.0f} us",
-                f"{percentile(h.redis_get_us, 0.5):.0f} / {percentile(h.redis_get_us, 0.99):.0f} us",
-                "-",
-            ],
-        )
-    print(render(rows))
-    return all(oks)
+        hit_rows(t, res.hit)
+    print(render(t.rows))
+    if res.stampede:
+        print()
+        for s in SYSTEMS:
+            st = res.stampede[s]
+            print(
+                f"stampede {s}: loader calls per round {st.calls}; load's own time per round "
+                f"{[round(x * 1000) for x in st.loads]} ms; {len(st.latencies):,} readers "
+                f"timed; the latest release was {st.late * 1000:.1f} ms late"
+            )
+            for e in sorted(set(st.errors))[:3]:
+                print(f"stampede {s} PROBLEM: {e}")
+    return all(t.oks)
+
+
+# -- main -----------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -821,47 +791,54 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--threads",
         type=int,
         default=0,
-        help="threads per reader process (default: 125 stampede, 2 Zipf)",
+        help="threads per reader process (default: 50 stampede, 2 Zipf)",
     )
-    p.add_argument("--procs", type=int, default=4, help="stampede processes (default 4)")
+    p.add_argument(
+        "--procs", type=int, default=4, help="stampede processes, fresh each round (default 4)"
+    )
     p.add_argument("--loader-ms", type=int, default=200, help="stampede load time (default 200)")
-    p.add_argument("--rounds", type=int, default=3, help="stampedes per system (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="stampedes per system (default 5)")
+    p.add_argument(
+        "--release-s",
+        type=float,
+        default=0.5,
+        help="seconds from the last process being ready to the stampede (default 0.5)",
+    )
     p.add_argument("--sweep-keys", type=int, default=50_000, help="default 50000")
-    p.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument(
-        "--redis-url",
-        default="redis://127.0.0.1:6379/13",
-        help="Redis for the caches and the Celery broker (default db 13)",
-    )
-    p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    p.add_argument(
-        "--phases",
-        default="stampede,zipf,sweep,hit",
-        help="comma-separated subset of: stampede,zipf,sweep,hit",
-    )
-    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir (worker logs)")
+    p.add_argument("--hit-calls", type=int, default=20_000, help="timed get() hits (default 20000)")
+    add_common_args(p, redis_db=13, phases=PHASES)
     args = p.parse_args(argv)
-    args.phases = {s.strip() for s in args.phases.split(",") if s.strip()}
-    unknown = args.phases - {"stampede", "zipf", "sweep", "hit"}
-    if unknown:
-        p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
+    parse_phases(p, args, PHASES)
+    if not 1 <= args.rounds <= 99:
+        p.error("--rounds must be 1 to 99 (each round reads a new key of 100 per system)")
     return args
 
 
-@contextmanager
-def environment(args: argparse.Namespace) -> Iterator[Env]:
-    env = Env(args)
-    env.setup()
-    try:
-        yield env
-    finally:
-        env.cleanup()
+def phases(env: Any) -> bool:
+    args = env.args
+    res = Results()
+    stampede_threads = args.threads or 50
+    zipf_threads = args.threads or 2
+    if "stampede" in args.phases:
+        args.threads = stampede_threads
+        res.stampede = run_phase("stampede", lambda: phase_stampede(env))
+    if "zipf" in args.phases:
+        args.threads = zipf_threads
+        res.zipf = run_phase("zipf", lambda: phase_zipf(env))
+    args.threads = stampede_threads
+    if "sweep" in args.phases:
+        res.sweep = run_phase("sweep", lambda: phase_sweep(env))
+    if "hit" in args.phases:
+        res.hit = run_phase("hit", lambda: phase_hit(env))
+    print(f"load average at end: {loadavg()}")
+    print()
+    return report(env, res)
 
 
-def run_phase(name: str, fn: Callable[[], Any]) -> Any:
-    say(f"phase: {name}")
-    return fn()
+def dogpile_version() -> str:
+    import dogpile
+
+    return f", dogpile.cache {getattr(dogpile, '__version__', '?')}"
 
 
 def main(argv: list[str]) -> int:
@@ -869,31 +846,13 @@ def main(argv: list[str]) -> int:
         child_main(argv[1:])
         return 0
     args = parse_args(argv)
-    print("cachewarden read-path benchmark")
-    print("command: " + shlex.join([sys.executable, *sys.argv]))
-    print(
-        f"machine: nproc={os.cpu_count()} ({platform.machine()}), "
-        f"load average at start: {loadavg()}"
+    return run(
+        "cachewarden read-path benchmark",
+        "ops/bench/readpath.py",
+        lambda: ReadEnv(args),
+        phases,
+        extra_versions=dogpile_version,
     )
-    res = Results()
-    with environment(args) as env:
-        stampede_threads = args.threads or 125
-        zipf_threads = args.threads or 2
-        if "stampede" in args.phases:
-            args.threads = stampede_threads
-            res.stampede = run_phase("stampede", lambda: phase_stampede(env))
-        if "zipf" in args.phases:
-            args.threads = zipf_threads
-            res.zipf = run_phase("zipf", lambda: phase_zipf(env))
-        args.threads = stampede_threads
-        if "sweep" in args.phases:
-            res.sweep = run_phase("sweep", lambda: phase_sweep(env))
-        if "hit" in args.phases:
-            res.hit = run_phase("hit", lambda: phase_hit(env))
-        print(f"load average at end: {loadavg()}")
-        print()
-        ok = report(env, res)
-    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -137,11 +137,15 @@ def child_main() -> None:
 def _stampede(cache: Cache, key: int, release: float, threads: int) -> list[tuple[float, Any]]:
     go = threading.Event()
     results: list[tuple[float, Any]] = []
+    # Readers stay alive until all have their row, as an application's request
+    # threads do: the exits of early threads must not delay the later readers.
+    done = threading.Barrier(threads)
 
     def reader() -> None:
         go.wait()
         row = cache.get("user", key)
         results.append((time.time() - release, row))
+        done.wait()
 
     workers = [threading.Thread(target=reader) for _ in range(threads)]
     for t in workers:
