@@ -1,4 +1,4 @@
-"""Write-behind benchmark: write() latency, flush throughput into PostgreSQL, hot keys.
+"""Write-behind benchmark: write() and write_many() cost, flush throughput into PostgreSQL, hot keys.
 
 Every figure is printed next to a baseline measured in the same run, in one table,
 followed by PASS/MISS per target. Not a pytest test: run it by hand (see README.md).
@@ -7,48 +7,52 @@ followed by PASS/MISS per target. Not a pytest test: run it by hand (see README.
     .venv/bin/python ops/bench/writebehind.py --writes 200000  # a quicker look
 
 Each run uses a fresh Redis key prefix and Celery queue and a fresh PostgreSQL
-schema, and removes them at the end (also on Ctrl-C or failure).
+schema, and removes them at the end (also on Ctrl-C or failure). The scaffolding
+(resources, workers, the table) is common.py's, shared with readpath.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
-import math
 import multiprocessing
-import os
-import platform
 import random
-import shlex
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-try:
-    import psycopg
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, however we are started
+
+from common import (
+    MISSING,
+    CpuSample,
+    Env,
+    Zipf,
+    add_common_args,
+    loadavg,
+    parse_phases,
+    percentile,
+    render,
+    run,
+    run_phase,
+    say,
+    verdict,
+)
+
+if MISSING is None:
     import redis
 
     from cachewarden.cache import Cache
     from cachewarden.keys import Keyspace
     from cachewarden.settings import load_settings
-except ImportError as exc:  # --help works anywhere; a run says what is missing
-    MISSING: ImportError | None = exc
-else:
-    MISSING = None
 
-REPO = Path(__file__).resolve().parents[2]
 ENTITY = "row"
 COLUMNS = ("id", "name", "score", "version")
+PHASES = ("latency", "batch", "through", "raw", "flush", "zipf")
 TABLE_DDL = (
     "CREATE TABLE {name} (id BIGINT PRIMARY KEY, name VARCHAR(200) NOT NULL, "
     "score INTEGER NOT NULL, version BIGINT NOT NULL DEFAULT 0)"
@@ -57,6 +61,8 @@ UPSERT_TAIL = (
     " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, score = EXCLUDED.score, "
     "version = EXCLUDED.version WHERE {table}.version <= EXCLUDED.version"
 )
+# Worker log events that mean a flush did not go as it should.
+FLUSH_PROBLEMS = ("flush_failed", "flush_fenced", "flush_crashed")
 Row = tuple[int, str, int, int]
 
 
@@ -76,36 +82,12 @@ def sequential_key(i: int, keys: int) -> int:
     return i % keys + 1
 
 
-class Zipf:
-    """Samples ranks 1..n with P(k) proportional to 1/k**s (random + bisect; no numpy)."""
-
-    def __init__(self, n: int, s: float, seed: int) -> None:
-        total = 0.0
-        self.cumulative: list[float] = []
-        for k in range(1, n + 1):
-            total += 1.0 / k**s
-            self.cumulative.append(total)
-        self.total = total
-        self.random = random.Random(seed)
-
-    def sample(self) -> int:
-        return bisect.bisect_left(self.cumulative, self.random.random() * self.total) + 1
-
-
 def zipf_keys(writes: int, keys: int, s: float, seed: int) -> list[int]:
-    sampler = Zipf(keys, s, seed)
-    return [sampler.sample() for _ in range(writes)]
+    sampler, rng = Zipf(keys, s), random.Random(seed)
+    return [sampler.sample(rng) for _ in range(writes)]
 
 
 # -- measuring --------------------------------------------------------------------------
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    if not sorted_values:
-        return math.nan
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 @dataclass
@@ -119,254 +101,37 @@ class Latency:
 
     def p(self, q: float) -> float:
         """The q-th percentile in milliseconds."""
-        return percentile(sorted(self.samples_ns), q) / 1e6
+        return percentile(self.samples_ns, q) / 1e6
 
 
-def loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+# -- the environment: schema, Redis prefix, configs, workers (common.Env) ---------------
 
 
-def _proc_stats() -> Iterator[tuple[int, str, int, float]]:
-    """(pid, command name, process group, CPU seconds) of every process in /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        name = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        yield int(entry), name, int(fields[2]), (int(fields[11]) + int(fields[12])) / tick
+class WriteEnv(Env):
+    """common.Env plus this benchmark's tables and configs."""
 
-
-@dataclass
-class CpuSample:
-    """CPU seconds used so far by: our worker's process group, PostgreSQL, the machine."""
-
-    worker: float
-    postgres: float
-    redis_cpu: float
-    busy: float
-    total: float
-
-    @classmethod
-    def take(cls, worker_pgid: int, client: redis.Redis) -> CpuSample:
-        worker = postgres = 0.0
-        for _, name, pgrp, seconds in _proc_stats():
-            if pgrp == worker_pgid:
-                worker += seconds
-            elif name == "postgres":
-                postgres += seconds
-        info = client.info("cpu")
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        tick = os.sysconf("SC_CLK_TCK")
-        idle = ticks[3] + ticks[4]
-        return cls(
-            worker,
-            postgres,
-            float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
-            (sum(ticks) - idle) / tick,
-            sum(ticks) / tick,
-        )
-
-    def per_row(self, later: CpuSample, rows: int) -> str:
-        def us(a: float, b: float) -> str:
-            return f"{(b - a) / rows * 1e6:.1f} us"
-
-        busy = (later.busy - self.busy) / max(later.total - self.total, 1e-9)
-        return (
-            f"CPU per row: worker processes {us(self.worker, later.worker)}, "
-            f"PostgreSQL {us(self.postgres, later.postgres)}*, "
-            f"Redis {us(self.redis_cpu, later.redis_cpu)}*; machine busy {busy:.0%} "
-            "(*server-wide: includes any other clients of the server)"
-        )
-
-
-def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# -- the environment: schema, Redis prefix, configs, workers ----------------------------
-
-
-@dataclass
-class Env:
-    """One run's resources: names, URLs, temp dir; everything is removed by cleanup()."""
-
-    args: argparse.Namespace
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cwbench-")))
-    workers: list[Worker] = field(default_factory=list)
-
-    @property
-    def schema(self) -> str:
-        return f"cwbench_{self.run_id}"
-
-    @property
-    def base(self) -> str:
-        """Every Redis key and queue of this run contains this."""
-        return f"cwb{self.run_id}"
-
-    @property
-    def sa_url(self) -> str:
-        return f"{self.args.pg_url}?options=-csearch_path%3D{self.schema}"
-
-    def pg(self, autocommit: bool = True) -> psycopg.Connection[Any]:
-        dsn = self.args.pg_url.replace("postgresql+psycopg://", "postgresql://", 1)
-        conn = psycopg.connect(dsn, autocommit=autocommit, options=f"-csearch_path={self.schema}")
-        return conn
-
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.args.redis_url, decode_responses=True)
-
-    def setup(self) -> None:
-        with self.pg() as conn:
-            conn.execute(f'CREATE SCHEMA "{self.schema}"')
+    schema_prefix = "cwbench"
+    key_prefix = "cwb"
+    entity = ENTITY
 
     def table(self, name: str) -> None:
         with self.pg() as conn:
             conn.execute(TABLE_DDL.format(name=name))
 
-    def config(self, phase: str, table: str, *, max_pending: int, max_delay: str = "1s") -> Path:
-        """Write one phase's config (its own prefix and queue) and return its path."""
+    def wb_config(self, phase: str, table: str, *, max_pending: int, max_delay: str = "1s") -> Path:
+        """One phase's config (its own prefix and queue): the versioned entity on `table`."""
         a = self.args
-        text = f"""
-[redis]
-url = "{a.redis_url}"
-prefix = "{self.base}-{phase}"
-
-[database]
-url = "{self.sa_url}"
-
-[celery]
-queue = "{self.base}-{phase}-q"
-
-[dispatch]
-interval = "50ms"
-
-[entities.{ENTITY}]
-table = "{table}"
-key = "id"
-ttl = "10m"
-version_column = "version"
-
-[entities.{ENTITY}.write_behind]
-max_delay = "{max_delay}"
-batch_size = {a.batch_size}
-shards = {a.shards}
-max_pending = {max_pending}
-"""
-        path = self.tmp / f"{phase}.toml"
-        path.write_text(text)
-        return path
-
-    def cleanup(self) -> None:
-        for w in self.workers:
-            w.stop()
-        try:
-            client = self.redis()
-            for pattern in (f"{self.base}*", f"*{self.base}*"):
-                batch: list[str] = []
-                for key in client.scan_iter(pattern, count=5000):
-                    batch.append(key)
-                    if len(batch) >= 1000:
-                        client.delete(*batch)
-                        batch = []
-                if batch:
-                    client.delete(*batch)
-            client.close()
-        except redis.RedisError as exc:
-            say(f"cleanup: Redis keys under {self.base!r} not removed: {exc}")
-        try:
-            with self.pg() as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
-        except psycopg.Error as exc:
-            say(f"cleanup: schema {self.schema} not dropped: {exc}")
-        if not self.args.keep_logs:
-            for path in self.tmp.iterdir():
-                path.unlink()
-            self.tmp.rmdir()
-
-
-class Worker:
-    """A real `celery -A worker worker` process group started from the repository root."""
-
-    def __init__(self, config: Path, log: Path, concurrency: int) -> None:
-        self.config, self.log, self.concurrency = config, log, concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        env = {
-            **os.environ,
-            "CACHEWARDEN_CONFIG": str(self.config),
-            "CACHEWARDEN_LOG_FORMAT": "json",
-        }
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "--concurrency",
-            str(self.concurrency),
-            "-n",
-            f"bench-{uuid.uuid4().hex[:6]}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
-        ]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the worker did not get ready in {timeout:.0f}s:\n{self.tail()}"
-                )
-            time.sleep(0.05)
-
-    def _ready(self) -> bool:
-        text = self.log.read_text(errors="replace")
-        return " ready." in text or 'ready."' in text
-
-    def tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def events(self, name: str) -> Iterator[dict[str, Any]]:
-        """The worker's JSON log lines whose event is `name`."""
-        for line in self.log.read_text(errors="replace").splitlines():
-            if name in line and line.startswith("{"):
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if event.get("event") == name:
-                    yield event
-
-    def stop(self) -> None:
-        """Warm shutdown of our own process group, then SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group id is the pid we started
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(10)
+        return self.config(
+            phase,
+            table,
+            {"ttl": "10m", "version_column": "version"},
+            {
+                "max_delay": max_delay,
+                "batch_size": a.batch_size,
+                "shards": a.shards,
+                "max_pending": max_pending,
+            },
+        )
 
 
 # -- enqueueing through the real API -----------------------------------------------------
@@ -434,7 +199,7 @@ def wait_drained(client: redis.Redis, config: Path, shards: int, timeout: float)
         time.sleep(0.02)
 
 
-def check_table(env: Env, table: str, expected: dict[int, Row]) -> str:
+def check_table(env: WriteEnv, table: str, expected: dict[int, Row]) -> str:
     """Compare the table with the expected final rows; '' when they match."""
     with env.pg() as conn:
         count, vsum = conn.execute(
@@ -465,10 +230,10 @@ class LatencyResult:
     pg_upsert: Latency
 
 
-def phase_latency(env: Env) -> LatencyResult:
+def phase_latency(env: WriteEnv) -> LatencyResult:
     a = env.args
     n, warm = a.latency_writes, a.warmup
-    config = env.config("lat", "lat_rows", max_pending=n + warm + a.batch_size)
+    config = env.wb_config("lat", "lat_rows", max_pending=n + warm + a.batch_size)
     env.table("lat_rows")
     env.table("lat_direct")
     cache = Cache(load_settings(config))
@@ -508,10 +273,87 @@ def phase_latency(env: Env) -> LatencyResult:
     return result
 
 
+# -- phase 1b: write_many() against as many write() calls, per row ---------------------
+
+
+@dataclass
+class BatchRun:
+    rounds: int
+    size: int
+    single_ns: int  # all rounds' write() loops, summed
+    many_ns: int  # all rounds' write_many() calls, summed
+    problems: list[str]
+
+    @property
+    def rows(self) -> int:
+        return self.rounds * self.size
+
+    @property
+    def single_us(self) -> float:
+        """write(): microseconds per row, pooled over every round."""
+        return self.single_ns / 1000 / self.rows
+
+    @property
+    def many_us(self) -> float:
+        """write_many(): microseconds per row, pooled over every round."""
+        return self.many_ns / 1000 / self.rows
+
+
+def phase_batch(env: WriteEnv) -> BatchRun:
+    """Per round, `size` new keys by write() one call each and `size` other new keys by one
+    write_many() call, in alternating order, after one untimed round; no flusher runs."""
+    a = env.args
+    size, rounds = a.batch_rows, a.batch_rounds
+    per_round = 2 * size
+    env.table("batch_rows")
+    config = env.wb_config(
+        "batch", "batch_rows", max_pending=(rounds + 1) * per_round + a.batch_size
+    )
+    cache = Cache(load_settings(config))
+    run = BatchRun(rounds, size, 0, 0, [])
+    try:
+        for r in range(rounds + 1):
+            first = r * per_round + 1  # every key is new: both do the same work per row
+            singles = [(k, row_dict(make_row(k, k))) for k in range(first, first + size)]
+            batch = {k: row_dict(make_row(k, k)) for k in range(first + size, first + per_round)}
+            single_ns = many_ns = 0
+            for turn in (0, 1) if r % 2 == 0 else (1, 0):
+                if turn == 0:
+                    write = cache.write
+                    start = time.perf_counter_ns()
+                    for key, row in singles:
+                        write(ENTITY, key, row)
+                    single_ns = time.perf_counter_ns() - start
+                else:
+                    start = time.perf_counter_ns()
+                    result = cache.write_many(ENTITY, batch)
+                    many_ns = time.perf_counter_ns() - start
+                    if result.refused or len(result.taken) != size:
+                        first_error = next(iter(result.refused.values()), None)
+                        run.problems.append(
+                            f"round {r}: write_many took {len(result.taken)} of {size} rows, "
+                            f"refused {len(result.refused)} ({first_error})"
+                        )
+            if r == 0:
+                continue  # the untimed round: scripts loaded, pools and caches warm
+            run.single_ns += single_ns
+            run.many_ns += many_ns
+        say(
+            f"batch: {rounds} rounds of {size:,}: write() {run.single_us:.1f} us/row, "
+            f"write_many() {run.many_us:.1f} us/row"
+        )
+        stored = int(cache.redis.exists(*(cache.keys.entry(ENTITY, str(k)) for k in batch)))
+        if stored != size:
+            run.problems.append(f"last round: {stored} of {size} write_many entries in Redis")
+    finally:
+        cache.close()
+    return run
+
+
 # -- phase 2: naive write-through (Redis SET + single-row upsert per write) -------------
 
 
-def phase_write_through(env: Env) -> float:
+def phase_write_through(env: WriteEnv) -> float:
     n = env.args.through_writes
     env.table("wt_rows")
     client = env.redis()
@@ -537,7 +379,7 @@ def phase_write_through(env: Env) -> float:
 # -- phase 3: the raw limit (plain batched upsert of the same final rows) ----------------
 
 
-def phase_raw(env: Env, rows: list[Row]) -> float:
+def phase_raw(env: WriteEnv, rows: list[Row]) -> float:
     """The raw limit, one process, no cache: per batch of 1,000 rows, COPY them into a temp
     table, then INSERT ... SELECT ... ON CONFLICT DO UPDATE, one transaction per batch.
     (Of the plain psycopg methods measured here, the fastest: ahead of binary unnest arrays
@@ -565,9 +407,9 @@ def phase_raw(env: Env, rows: list[Row]) -> float:
     return len(rows) / seconds
 
 
-def phase_executemany(env: Env, rows: list[Row]) -> float:
-    """Context only: the same rows by psycopg executemany of a one-row upsert, 1,000 per
-    transaction (the usual hand-written batch; not what the target is judged against)."""
+def phase_executemany(env: WriteEnv, rows: list[Row]) -> float:
+    """The flush target's baseline ("the plain batched upsert"): the same rows by psycopg
+    executemany of a one-row upsert, 1,000 per transaction (the usual hand-written batch)."""
     env.table("many_rows")
     size = env.args.batch_size
     upsert = (
@@ -606,10 +448,10 @@ class FlushRun:
         return self.writes / self.seconds
 
 
-def phase_flush(env: Env, expected: dict[int, Row]) -> FlushRun:
+def phase_flush(env: WriteEnv, expected: dict[int, Row]) -> FlushRun:
     a = env.args
     env.table("wb_rows")
-    config = env.config("tp", "wb_rows", max_pending=a.writes + a.batch_size)
+    config = env.wb_config("tp", "wb_rows", max_pending=a.writes + a.batch_size)
     say(
         f"flush: enqueueing {a.writes:,} writes with Cache.write() from {a.enqueue_procs} "
         "processes (not timed)"
@@ -620,22 +462,17 @@ def phase_flush(env: Env, expected: dict[int, Row]) -> FlushRun:
     # Hold the due set back until the worker is ready, so the clock covers flushing only.
     due: list[tuple[str, float]] = client.zrange(keys.due(), 0, -1, withscores=True)  # type: ignore[assignment]
     client.delete(keys.due())
-    worker = Worker(config, env.tmp / "worker-tp.log", a.concurrency)
-    env.workers.append(worker)
-    worker.start()
+    worker = env.worker(config, "worker-tp.log")
     say(f"flush: worker ready; draining {pending(client, config, a.shards):,} entries")
-    assert worker.proc is not None
-    cpu_before = CpuSample.take(worker.proc.pid, client)
+    cpu_before = CpuSample.take(worker.pgid, client)
     start = time.monotonic()
     if due:
         client.zadd(keys.due(), {str(member): float(score) for member, score in due})
     end = wait_drained(client, config, a.shards, timeout=max(600.0, a.writes / 500))
-    cpu = cpu_before.per_row(CpuSample.take(worker.proc.pid, client), len(expected))
+    cpu = cpu_before.per_row(CpuSample.take(worker.pgid, client), len(expected))
     worker.stop()
     problems = [
-        f"worker logged {e['event']}: {e.get('error')}"
-        for name in ("flush_failed", "flush_fenced")
-        for e in worker.events(name)
+        f"worker logged {e['event']}: {e.get('error')}" for e in worker.events(*FLUSH_PROBLEMS)
     ]
     batches = sum(1 for _ in worker.events("flush_batch"))
     mismatch = check_table(env, "wb_rows", expected)
@@ -673,17 +510,15 @@ CREATE TRIGGER zipf_count AFTER INSERT OR UPDATE ON zipf_rows
 """
 
 
-def phase_zipf(env: Env) -> ZipfRun:
+def phase_zipf(env: WriteEnv) -> ZipfRun:
     a = env.args
     env.table("zipf_rows")
     with env.pg() as conn:
         conn.execute(ZIPF_TRIGGER)
-    config = env.config("zipf", "zipf_rows", max_pending=a.zipf_writes + a.batch_size)
+    config = env.wb_config("zipf", "zipf_rows", max_pending=a.zipf_writes + a.batch_size)
     sampled = zipf_keys(a.zipf_writes, a.zipf_keys, a.zipf_s, a.seed)
     expected = final_rows(a.zipf_writes, sampled.__getitem__)
-    worker = Worker(config, env.tmp / "worker-zipf.log", a.concurrency)
-    env.workers.append(worker)
-    worker.start()
+    worker = env.worker(config, "worker-zipf.log")
     say(
         f"zipf: writing {a.zipf_writes:,} writes over {a.zipf_keys:,} keys (s={a.zipf_s}) "
         "while the worker flushes"
@@ -694,9 +529,7 @@ def phase_zipf(env: Env) -> ZipfRun:
     client.close()
     worker.stop()
     problems = [
-        f"worker logged {e['event']}: {e.get('error')}"
-        for name in ("flush_failed", "flush_fenced")
-        for e in worker.events(name)
+        f"worker logged {e['event']}: {e.get('error')}" for e in worker.events(*FLUSH_PROBLEMS)
     ]
     mismatch = check_table(env, "zipf_rows", expected)
     if mismatch:
@@ -731,25 +564,10 @@ def fmt_rate(x: float) -> str:
     return f"{x:,.0f}/s"
 
 
-def verdict(ok: bool | None) -> str:
-    return "not run" if ok is None else ("PASS" if ok else "MISS")
-
-
-def render(rows: list[list[str]]) -> str:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = []
-    for n, r in enumerate(rows):
-        lines.append(
-            "| " + " | ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) + " |"
-        )
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 @dataclass
 class Results:
     latency: LatencyResult | None = None
+    batch: BatchRun | None = None
     through: float | None = None
     raw: float | None = None
     many: float | None = None
@@ -757,7 +575,67 @@ class Results:
     zipf: ZipfRun | None = None
 
 
-def report(env: Env, res: Results) -> bool:
+def latency_rows(lat: LatencyResult) -> tuple[list[list[str]], list[tuple[str, bool | None]]]:
+    w50, w99 = lat.write.p(0.50), lat.write.p(0.99)
+    s50, s99 = lat.redis_set.p(0.50), lat.redis_set.p(0.99)
+    u50, u99 = lat.pg_upsert.p(0.50), lat.pg_upsert.p(0.99)
+    p50_ok, p99_ok = w50 <= 2 * s50, w99 <= 0.5
+    rows = [
+        [
+            f"write() p50 ({len(lat.write.samples_ns):,} writes)",
+            fmt_ms(w50),
+            "Redis SET round trip p50",
+            fmt_ms(s50),
+            f"{w50 / s50:.2f}x",
+            "<= 2x SET p50",
+            verdict(p50_ok),
+        ],
+        [
+            "write() p99",
+            fmt_ms(w99),
+            "Redis SET round trip p99",
+            fmt_ms(s99),
+            f"{w99 / s99:.2f}x",
+            "<= 0.5 ms",
+            verdict(p99_ok),
+        ],
+        [
+            "write() p50",
+            fmt_ms(w50),
+            "PostgreSQL 1-row upsert p50 (autocommit)",
+            fmt_ms(u50),
+            f"{w50 / u50:.2f}x",
+            "",
+            "",
+        ],
+        [
+            "write() p99",
+            fmt_ms(w99),
+            "PostgreSQL 1-row upsert p99 (autocommit)",
+            fmt_ms(u99),
+            f"{w99 / u99:.2f}x",
+            "",
+            "",
+        ],
+    ]
+    return rows, [("write() p99 <= 0.5 ms", p99_ok), ("write() p50 <= 2x SET p50", p50_ok)]
+
+
+def batch_row(b: BatchRun) -> tuple[list[str], bool]:
+    speedup = b.single_us / b.many_us if b.many_us else float("inf")
+    ok = not b.problems and speedup >= 5.0
+    return [
+        f"write_many() per row ({b.rounds} x {b.size:,} rows, pooled)",
+        f"{b.many_us:.2f} us/row",
+        f"write() per row, same run ({b.rounds} x {b.size:,} calls, pooled)",
+        f"{b.single_us:.2f} us/row",
+        f"{speedup:.1f}x faster",
+        ">= 5x faster per row",
+        verdict(ok),
+    ], ok
+
+
+def report(env: WriteEnv, res: Results) -> bool:
     a = env.args
     header = [
         "measure",
@@ -771,52 +649,18 @@ def report(env: Env, res: Results) -> bool:
     rows: list[list[str]] = [header]
     targets: list[tuple[str, bool | None]] = []
     if res.latency:
-        lat = res.latency
-        w50, w99 = lat.write.p(0.50), lat.write.p(0.99)
-        s50, s99 = lat.redis_set.p(0.50), lat.redis_set.p(0.99)
-        u50, u99 = lat.pg_upsert.p(0.50), lat.pg_upsert.p(0.99)
-        p50_ok, p99_ok = w50 <= 2 * s50, w99 <= 0.5
-        rows += [
-            [
-                f"write() p50 ({len(lat.write.samples_ns):,} writes)",
-                fmt_ms(w50),
-                "Redis SET round trip p50",
-                fmt_ms(s50),
-                f"{w50 / s50:.2f}x",
-                "<= 2x SET p50",
-                verdict(p50_ok),
-            ],
-            [
-                "write() p99",
-                fmt_ms(w99),
-                "Redis SET round trip p99",
-                fmt_ms(s99),
-                f"{w99 / s99:.2f}x",
-                "<= 0.5 ms",
-                verdict(p99_ok),
-            ],
-            [
-                "write() p50",
-                fmt_ms(w50),
-                "PostgreSQL 1-row upsert p50 (autocommit)",
-                fmt_ms(u50),
-                f"{w50 / u50:.2f}x",
-                "",
-                "",
-            ],
-            [
-                "write() p99",
-                fmt_ms(w99),
-                "PostgreSQL 1-row upsert p99 (autocommit)",
-                fmt_ms(u99),
-                f"{w99 / u99:.2f}x",
-                "",
-                "",
-            ],
-        ]
-        targets += [("write() p99 <= 0.5 ms", p99_ok), ("write() p50 <= 2x SET p50", p50_ok)]
+        more, met = latency_rows(res.latency)
+        rows += more
+        targets += met
     else:
         targets += [("write() p99 <= 0.5 ms", None), ("write() p50 <= 2x SET p50", None)]
+    name = "write_many() >= 5x faster per row than write()"
+    if res.batch:
+        row, ok = batch_row(res.batch)
+        rows.append(row)
+        targets.append((name, ok))
+    else:
+        targets.append((name, None))
     # The issue's target compares the flush with "the plain batched upsert of the
     # same rows" (about 70,000 rows/s here): psycopg executemany in batches of 1,000.
     # COPY into a temp table and one INSERT ... SELECT ... ON CONFLICT is the raw
@@ -883,6 +727,26 @@ def report(env: Env, res: Results) -> bool:
         targets.append(("at most one DB row write per key per flush (Zipf)", None))
     print(render(rows))
     print()
+    notes(a, res)
+    print()
+    all_ok = True
+    for name, met in targets:
+        print(f"{verdict(met):7} {name}")
+        all_ok = all_ok and met is not False
+    return all_ok
+
+
+def notes(a: argparse.Namespace, res: Results) -> None:
+    """The lines under the table: what each run did, and any problem it saw."""
+    if res.batch:
+        b = res.batch
+        print(
+            f"batch: {b.rounds} timed rounds (after 1 untimed) of {b.size:,} write() calls and "
+            f"one write_many() of {b.size:,} rows, every key new; write() "
+            f"{b.single_ns / 1e6:,.1f} ms, write_many() {b.many_ns / 1e6:,.1f} ms in all"
+        )
+        for p in b.problems:
+            print(f"batch PROBLEM: {p}")
     if res.flush:
         f = res.flush
         print(
@@ -904,12 +768,6 @@ def report(env: Env, res: Results) -> bool:
         )
         for p in z.problems:
             print(f"zipf PROBLEM: {p}")
-    print()
-    all_ok = True
-    for name, met in targets:
-        print(f"{verdict(met):7} {name}")
-        all_ok = all_ok and met is not False
-    return all_ok
 
 
 # -- main --------------------------------------------------------------------------------
@@ -919,8 +777,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="ops/bench/writebehind.py",
         description="Benchmark cachewarden's write-behind against baselines measured in the "
-        "same run (Redis SET, single-row PostgreSQL upsert, plain batched upsert, naive "
-        "write-through) and print one table with PASS/MISS per target.",
+        "same run (Redis SET, single-row PostgreSQL upsert, write() one row at a time, plain "
+        "batched upsert, naive write-through) and print one table with PASS/MISS per target.",
     )
     p.add_argument(
         "--writes",
@@ -942,6 +800,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=2_000, help="untimed calls first (default 2000)")
     p.add_argument(
+        "--batch-rows",
+        type=int,
+        default=1_000,
+        help="rows per write_many() call, and write() calls per round (default 1000)",
+    )
+    p.add_argument(
+        "--batch-rounds",
+        type=int,
+        default=10,
+        help="timed rounds of write_many() vs write(), after one untimed (default 10)",
+    )
+    p.add_argument(
         "--through-writes",
         type=int,
         default=20_000,
@@ -950,8 +820,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zipf-writes", type=int, default=200_000, help="default 200000")
     p.add_argument("--zipf-keys", type=int, default=10_000, help="default 10000")
     p.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent (default 1.1)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
     p.add_argument(
         "--enqueue-procs",
         type=int,
@@ -961,118 +829,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1000, help="default 1000")
     p.add_argument("--shards", type=int, default=4, help="default 4")
     p.add_argument(
-        "--redis-url",
-        default="redis://127.0.0.1:6379/12",
-        help="Redis for the cache and the Celery broker (default db 12)",
-    )
-    p.add_argument(
-        "--pg-url",
-        default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
-        help="PostgreSQL (a fresh schema is created in it and dropped after)",
-    )
-    p.add_argument(
-        "--phases",
-        default="latency,through,raw,flush,zipf",
-        help="comma-separated subset of: latency,through,raw,flush,zipf",
-    )
-    p.add_argument(
         "--no-executemany",
         action="store_true",
         help="skip the executemany baseline (saves ~15 s per 1M rows; the flush target is then not judged)",
     )
-    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir (worker logs)")
+    add_common_args(p, redis_db=12, phases=PHASES)
     args = p.parse_args(argv)
     args.keys = args.keys or args.writes
-    args.phases = {s.strip() for s in args.phases.split(",") if s.strip()}
-    unknown = args.phases - {"latency", "through", "raw", "flush", "zipf"}
-    if unknown:
-        p.error(f"unknown phase(s): {', '.join(sorted(unknown))}")
+    parse_phases(p, args, PHASES)
+    for name in ("writes", "latency_writes", "batch_rows", "batch_rounds", "zipf_writes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
-@contextmanager
-def environment(args: argparse.Namespace) -> Iterator[Env]:
-    env = Env(args)
-    env.setup()
-    try:
-        yield env
-    finally:
-        env.cleanup()
-
-
-def versions(env: Env) -> str:
-    try:
-        client = env.redis()
-        rv = client.info("server").get("redis_version", "?")
-        client.close()
-    except redis.RedisError:
-        rv = "?"
-    with env.pg() as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    return (
-        f"Python {platform.python_version()}, Redis {rv}, PostgreSQL "
-        f"{row[0] if row else '?'}, redis-py {redis.__version__} (hiredis "
-        f"{'on' if redis.utils.HIREDIS_AVAILABLE else 'off'}), psycopg {psycopg.__version__}"
+def phases(env: Env) -> bool:
+    assert isinstance(env, WriteEnv)
+    args = env.args
+    print(
+        f"workload: rows (id BIGINT PK, name VARCHAR(200), score INTEGER, version BIGINT), "
+        f"version guard on; batch_size {args.batch_size}, {args.shards} shards; "
+        f"throughput: {args.writes:,} writes over {args.keys:,} keys"
     )
-
-
-def _stop(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the cleanup, like Ctrl-C
+    sys.stdout.flush()
+    res = Results()
+    if "latency" in args.phases:
+        res.latency = run_phase("write() latency", lambda: phase_latency(env))
+    if "batch" in args.phases:
+        res.batch = run_phase("write_many() vs write()", lambda: phase_batch(env))
+    if "through" in args.phases:
+        res.through = run_phase("naive write-through", lambda: phase_write_through(env))
+    expected: dict[int, Row] = {}
+    if {"raw", "flush"} & args.phases:
+        expected = final_rows(args.writes, lambda i: sequential_key(i, args.keys))
+    if "raw" in args.phases:
+        final = list(expected.values())
+        res.raw = run_phase("plain batched upsert (raw limit)", lambda: phase_raw(env, final))
+        if not args.no_executemany:
+            res.many = run_phase(
+                "executemany upsert (the target's baseline)", lambda: phase_executemany(env, final)
+            )
+    if "flush" in args.phases:
+        res.flush = run_phase("flush throughput", lambda: phase_flush(env, expected))
+    if "zipf" in args.phases:
+        res.zipf = run_phase("hot keys (Zipf)", lambda: phase_zipf(env))
+    print(f"load average at end: {loadavg()}")
+    print()
+    return report(env, res)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if MISSING is not None:
-        print(
-            f"cannot run: {MISSING}. Run it with the project's environment: "
-            ".venv/bin/python ops/bench/writebehind.py",
-            file=sys.stderr,
-        )
-        return 2
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)  # also when started in the background (SIG_IGN)
-    print("cachewarden write-behind benchmark")
-    print("command: " + shlex.join([sys.executable, *sys.argv]))
-    print(
-        f"machine: nproc={os.cpu_count()} ({platform.machine()}, {platform.system()}), "
-        f"load average at start: {loadavg()}"
+    note = (
+        f"NOTE: --writes {args.writes:,} (the issue's figure is for 1,000,000)"
+        if args.writes != 1_000_000
+        else ""
     )
-    if args.writes != 1_000_000:
-        print(f"NOTE: --writes {args.writes:,} (the issue's figure is for 1,000,000)")
-    res = Results()
-    with environment(args) as env:
-        print(f"versions: {versions(env)}")
-        print(
-            f"workload: rows (id BIGINT PK, name VARCHAR(200), score INTEGER, version BIGINT), "
-            f"version guard on; batch_size {args.batch_size}, {args.shards} shards; "
-            f"throughput: {args.writes:,} writes over {args.keys:,} keys"
-        )
-        sys.stdout.flush()
-        if "latency" in args.phases:
-            say("phase: write() latency")
-            res.latency = phase_latency(env)
-        if "through" in args.phases:
-            say("phase: naive write-through")
-            res.through = phase_write_through(env)
-        expected: dict[int, Row] = {}
-        if {"raw", "flush"} & args.phases:
-            expected = final_rows(args.writes, lambda i: sequential_key(i, args.keys))
-        if "raw" in args.phases:
-            say("phase: plain batched upsert (raw limit)")
-            res.raw = phase_raw(env, list(expected.values()))
-            if not args.no_executemany:
-                say("phase: executemany upsert (context)")
-                res.many = phase_executemany(env, list(expected.values()))
-        if "flush" in args.phases:
-            say("phase: flush throughput")
-            res.flush = phase_flush(env, expected)
-        if "zipf" in args.phases:
-            say("phase: hot keys (Zipf)")
-            res.zipf = phase_zipf(env)
-        print(f"load average at end: {loadavg()}")
-        print()
-        ok = report(env, res)
-    return 0 if ok else 1
+    return run(
+        "cachewarden write-behind benchmark",
+        "ops/bench/writebehind.py",
+        lambda: WriteEnv(args),
+        phases,
+        note=note,
+    )
 
 
 if __name__ == "__main__":
