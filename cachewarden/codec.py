@@ -67,6 +67,11 @@ def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) ->
     return text
 
 
+def encode_entry(entity: str, key: str, row: Mapping[str, Any] | None, max_bytes: int) -> str:
+    """The cache entry of a loaded row: its JSON, or ABSENT where the database has none."""
+    return ABSENT if row is None else encode_row(entity, key, row, max_bytes)
+
+
 def _explain(row: Mapping[str, Any], exc: Exception) -> str:
     for column, value in row.items():
         if isinstance(value, float) and not math.isfinite(value):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from cachewarden.codec import ABSENT, encode_row
+from cachewarden.codec import encode_entry
 from cachewarden.errors import InvalidValue, LoadFailed
 from cachewarden.readpath.singleflight import Flight, FlightTimeout, LocalFlights, Role, WaitPolicy
 from cachewarden.readpath.sqlload import SqlLoader
@@ -122,7 +122,7 @@ class MissLoader:
         started = time.monotonic()
         try:
             row = self._loader(spec).load(key)
-            value = ABSENT if row is None else encode_row(spec.name, key, row, spec.max_value_bytes)
+            value = encode_entry(spec.name, key, row, spec.max_value_bytes)
         except LoadFailed as exc:
             side.give_up([key], token, exc.problem, counter="load_errors")
             self.stats.add(load_errors=1)
@@ -210,9 +210,7 @@ class MissLoader:
         for key in keys:
             row = rows.get(key)
             try:
-                encoded[key] = (
-                    ABSENT if row is None else encode_row(spec.name, key, row, spec.max_value_bytes)
-                )
+                encoded[key] = encode_entry(spec.name, key, row, spec.max_value_bytes)
             except InvalidValue:
                 side.give_up([key], token)
                 raise

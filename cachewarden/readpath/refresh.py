@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from cachewarden.codec import ABSENT, encode_row
+from cachewarden.codec import encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import InvalidValue, LoadFailed
 from cachewarden.readpath.sqlload import loader_for
@@ -101,9 +101,7 @@ def _load(context: Context, spec: EntitySettings, keys: list[str]) -> dict[str, 
     for key in keys:
         row = rows.get(key)
         try:
-            values[key] = (
-                ABSENT if row is None else encode_row(spec.name, key, row, spec.max_value_bytes)
-            )
+            values[key] = encode_entry(spec.name, key, row, spec.max_value_bytes)
         except InvalidValue as exc:
             log.warning("refresh_row_not_cached", entity=spec.name, key=key, error=str(exc))
     return values

@@ -69,7 +69,7 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
         raise BackendUnavailable(f"{spec.name}: Redis refused the write: {exc}") from None
     except REDIS_DOWN as exc:
         raise BackendUnavailable(
-            f"{spec.name}: Redis at {spec_url(scripts)} is unreachable ({exc}); "
+            f"{spec.name}: Redis at {_redis_address(scripts)} is unreachable ({exc}); "
             "the write was not taken"
         ) from None
     except RedisError as exc:
@@ -91,8 +91,8 @@ def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchRes
             result.taken[op.key] = outcome
 
 
-def spec_url(scripts: WriteScripts) -> str:
-    """The Redis URL the scripts talk to, for error messages."""
+def _redis_address(scripts: WriteScripts) -> str:
+    """host:port of the Redis the scripts talk to, for error messages (never the password)."""
     kwargs = scripts.lua.client.connection_pool.connection_kwargs
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
