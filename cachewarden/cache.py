@@ -20,7 +20,7 @@ from cachewarden.context import Context
 from cachewarden.errors import Backpressure, InvalidKey, InvalidValue
 from cachewarden.keys import Keyspace
 from cachewarden.readpath.reader import ReadThrough
-from cachewarden.scripts.writebehind import Pending, WriteScripts
+from cachewarden.scripts.writebehind import Pending
 from cachewarden.settings import EntitySettings, Settings, load_settings
 from cachewarden.writebehind.enqueue import (
     BatchResult,
@@ -28,6 +28,7 @@ from cachewarden.writebehind.enqueue import (
     enqueue,
     enqueue_many,
     write_op,
+    write_scripts,
 )
 
 Row = Mapping[str, Any]
@@ -62,7 +63,6 @@ class Cache:
         self.context = context
         self.settings = context.settings
         self._reader = ReadThrough(context)
-        self._writers: dict[str, WriteScripts] = {}
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> Cache:
@@ -128,12 +128,12 @@ class Cache:
         Returns once both are in Redis. Raises UnknownEntity, InvalidKey or
         InvalidValue before anything is sent, Backpressure when the shard is full.
         """
-        scripts = self._writer(entity)
+        scripts = write_scripts(self.context, entity)
         return _one(enqueue(scripts, [write_op(scripts.spec, key, row)]))
 
     def delete(self, entity: str, key: str | int, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete; return the stream id."""
-        scripts = self._writer(entity)
+        scripts = write_scripts(self.context, entity)
         return _one(enqueue(scripts, [delete_op(scripts.spec, key, version)]))
 
     def write_many(
@@ -146,7 +146,7 @@ class Cache:
         error in `.refused`; every other row is taken (`.taken`: key -> stream id).
         Raises UnknownEntity before anything is sent.
         """
-        scripts = self._writer(entity)
+        scripts = write_scripts(self.context, entity)
         pairs = rows.items() if isinstance(rows, Mapping) else rows
         result = BatchResult()
         ops: list[Pending] = []
@@ -168,7 +168,7 @@ class Cache:
 
         `versions` gives the version of each delete where the entity has a version column.
         """
-        scripts = self._writer(entity)
+        scripts = write_scripts(self.context, entity)
         result = BatchResult()
         ops: list[Pending] = []
         for key in keys:
@@ -178,14 +178,6 @@ class Cache:
                 result.refused[str(key)] = exc
         enqueue_many(scripts, ops, result)
         return result
-
-    def _writer(self, entity: str) -> WriteScripts:
-        found = self._writers.get(entity)
-        if found is None:
-            spec = self.settings.entity(entity)
-            found = WriteScripts(self.context.lua, self.context.keys, spec)
-            self._writers[entity] = found
-        return found
 
 
 def _one(outcomes: list[str | Backpressure]) -> str:

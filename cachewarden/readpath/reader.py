@@ -22,9 +22,10 @@ from cachewarden.codec import decode_row, key_text
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable
 from cachewarden.readpath.misses import MissLoader, ReadStats
+from cachewarden.readpath.refresh import read_scripts
 from cachewarden.readpath.sqlload import Row, SqlLoader, loader_for
 from cachewarden.readpath.xfetch import EarlyRefresh
-from cachewarden.scripts.readpath import ReadScripts, Reply, new_token
+from cachewarden.scripts.readpath import Reply, new_token
 from cachewarden.settings import EntitySettings
 
 
@@ -33,7 +34,7 @@ class _Entity:
 
     def __init__(self, context: Context, spec: EntitySettings) -> None:
         self.spec = spec
-        self.scripts = ReadScripts(context.lua, context.keys, spec)
+        self.scripts = read_scripts(context, spec.name)
         self.rule = EarlyRefresh(spec.early_refresh, spec.refresh_ahead, spec.xfetch_beta)
         self.fixed = spec.early_refresh != "xfetch" or spec.refresh_ahead <= 0
         self.delay_ms: float | None = None  # the refresh delay the last hit reported

@@ -263,11 +263,6 @@ class ReadScripts:
         popped: list[tuple[str, float]] = self.redis.zpopmin(self._requests, most)  # type: ignore[assignment]
         return popped
 
-    def counters(self) -> dict[str, int]:
-        """The entity's read-path counters in Redis (loads, refreshed, errors, delay_ms)."""
-        raw: dict[str, str] = self.redis.hgetall(self._stats)  # type: ignore[assignment]
-        return {k: int(float(v)) for k, v in raw.items()}
-
 
 def _filled(raw: Sequence[Any]) -> tuple[bool, str | None]:
     return bool(raw[0]), raw[1] if len(raw) > 1 else None

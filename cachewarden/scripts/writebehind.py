@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
-from cachewarden.scripts import Client, Registry
+from cachewarden.scripts import Registry
 from cachewarden.settings import EntitySettings
 
 BACKPRESSURE = "!BACKPRESSURE"
@@ -56,7 +56,7 @@ class WriteScripts:
 
     # -- enqueue.lua ------------------------------------------------------------
 
-    def enqueue(self, ops: Sequence[Pending], client: Client | None = None) -> Any:
+    def enqueue(self, ops: Sequence[Pending]) -> Any:
         """Buffer `ops` in one script call: per op, its stream id or "!BACKPRESSURE n"."""
         keys = list(self._head)
         args = list(self._limits)
@@ -64,7 +64,7 @@ class WriteScripts:
             shard = shard_of(key, len(self._streams))
             keys += [self._entry + key, self._streams[shard], self._dirty[shard], self._lease + key]
             args += [op, key, value, version, self._members[shard]]
-        return self._enqueue(keys=keys, args=args, client=client or self.lua.client)
+        return self._enqueue(keys=keys, args=args, client=self.lua.client)
 
     # -- lock_acquire.lua, lock_extend.lua, release.lua: the flusher's lock --------
 

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
+from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, Backpressure, CachewardenError, InvalidValue
 from cachewarden.scripts.writebehind import BACKPRESSURE, Pending, WriteScripts
 from cachewarden.settings import EntitySettings
@@ -37,6 +38,14 @@ class BatchResult:
     def ok(self) -> bool:
         """True when every operation was taken."""
         return not self.refused
+
+
+def write_scripts(context: Context, entity: str) -> WriteScripts:
+    """The context's write-path scripts of `entity`."""
+    spec = context.entity(entity)
+    return context.shared(
+        "write_scripts", entity, lambda: WriteScripts(context.lua, context.keys, spec)
+    )
 
 
 def write_op(spec: EntitySettings, key: str | int, row: Mapping[str, Any]) -> Pending:

@@ -25,6 +25,7 @@ from cachewarden.settings import EntitySettings
 from cachewarden.writebehind.backoff import backoff_ms
 from cachewarden.writebehind.coalesce import Op, coalesce
 from cachewarden.writebehind.deadletters import dead_letter
+from cachewarden.writebehind.enqueue import write_scripts
 from cachewarden.writebehind.fence import Fence, committed_token
 from cachewarden.writebehind.sink import Outcome, SqlSink
 
@@ -46,14 +47,6 @@ class FlushResult:
     batches: int = 0
     retry_in_ms: int = 0
     errors: list[str] = field(default_factory=list)
-
-
-def write_scripts(context: Context, entity: str) -> WriteScripts:
-    """The context's write-path scripts of `entity`."""
-    spec = context.entity(entity)
-    return context.shared(
-        "write_scripts", entity, lambda: WriteScripts(context.lua, context.keys, spec)
-    )
 
 
 def sink_for(context: Context, entity: str) -> SqlSink:
