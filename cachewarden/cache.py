@@ -38,8 +38,9 @@ class Cache:
     """A handle on the cache: this process's context (Redis pool, scripts, tables).
 
     Build one per process and share it between threads. `Cache(settings)` builds
-    its own context and reflects the entities' tables at once (where that costs no
-    request; `reflect=False` defers it to the first miss); `Cache(context=...)`
+    its own context, reflects the entities' tables and opens its Redis connection
+    with the read scripts loaded at once (where that costs no request;
+    `reflect=False` defers both to the first read); `Cache(context=...)`
     shares one, as the worker does. Use it as a context manager, or `close()` it.
     """
 
@@ -56,13 +57,14 @@ class Cache:
                 raise TypeError("Cache needs settings (or a context)")
             context = Context(settings, redis)
             self._owns_context = True
-            if reflect:
-                context.reflect_all()
         else:
             self._owns_context = False
         self.context = context
         self.settings = context.settings
         self._reader = ReadThrough(context)
+        if self._owns_context and reflect:
+            context.reflect_all()
+            self._reader.warm()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> Cache:

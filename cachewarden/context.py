@@ -107,6 +107,7 @@ class Context:
 
     def close(self) -> None:
         """Release connections (of a Redis client handed in, only its own connection)."""
+        self.lua.close()
         self.redis.close()
         if self._owns_redis:
             self.redis.connection_pool.disconnect()

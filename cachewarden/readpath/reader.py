@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+import structlog
 from redis.exceptions import RedisError
 
 from cachewarden.codec import decode_row, key_text
@@ -25,8 +26,10 @@ from cachewarden.readpath.misses import MissLoader, ReadStats
 from cachewarden.readpath.refresh import read_scripts
 from cachewarden.readpath.sqlload import Row, SqlLoader, loader_for
 from cachewarden.readpath.xfetch import EarlyRefresh
-from cachewarden.scripts.readpath import Reply, new_token
+from cachewarden.scripts.readpath import Reply, new_token, preload
 from cachewarden.settings import EntitySettings
+
+log = structlog.get_logger("cachewarden.readpath")
 
 
 class _Entity:
@@ -63,6 +66,14 @@ class ReadThrough:
         self._random = random.Random()
 
     # -- public ---------------------------------------------------------------
+
+    def warm(self) -> None:
+        """Open the hit path's Redis connection and load its scripts now, so that the
+        first read pays neither; if Redis is down, the first read does it instead."""
+        try:
+            preload(self.context.lua)
+        except RedisError as exc:
+            log.warning("redis_warm_deferred", error=str(exc))
 
     def get(self, entity: str, key: str | int) -> Row | None:
         """The row of `key`: from the cache, or loaded once across all processes.

@@ -42,6 +42,11 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+def preload(lua: Registry) -> None:
+    """Load the scripts of a read and its miss's fill, on the registry's connection."""
+    lua.preload(("read", "fill"))
+
+
 def new_token() -> str:
     """A lease token unique across hosts (a random prefix), processes (the pid) and calls."""
     return _prefix + str(next(_tokens))
@@ -177,7 +182,7 @@ class ReadScripts:
     ) -> tuple[bool, str | None]:
         """Fill one absent entry under our lease: (filled, the entry's value now)."""
         keys, args = self._fill_call(key, token, value, load_ms)
-        return _filled(self.lua.run("fill", keys=keys, args=args))
+        return _filled(self.lua.call("fill", keys, args))
 
     def fill_each(
         self, values: Mapping[str, str], token: str, load_ms: int | None = None

@@ -460,3 +460,39 @@ def test_waiting_past_wait_timeout_is_a_clear_error(pg_harness: Harness) -> None
     with pytest.raises(LoadFailed, match=r"user:9: .*entities\.user\.wait_timeout"):
         h.cache.get("user", 9)
     assert 0.3 <= time.monotonic() - started < 2.0
+
+
+class _Connects(CountingConnection):
+    """A counting connection that also counts the connections opened."""
+
+    opened = 0
+
+    def _connect(self) -> Any:
+        _Connects.opened += 1
+        return super()._connect()
+
+
+def _first_hit(h: Harness, reflect: bool) -> tuple[int, int]:
+    """(connections opened, commands sent) by a new Cache's first hit of a cached key,
+    with Redis's script cache flushed before the Cache was built."""
+    assert h.settings is not None
+    with Cache(h.settings) as filler:
+        assert filler.get("user", 4) is not None
+    h.context.redis.script_flush()
+    pool = redis.ConnectionPool.from_url(
+        h.settings.redis.url, decode_responses=True, connection_class=_Connects
+    )
+    with Cache(h.settings, redis=redis.Redis(connection_pool=pool), reflect=reflect) as cache:
+        _Connects.opened = CountingConnection.sent = 0
+        assert cache.get("user", 4) == {"id": 4, "name": "v1-4", "version": 1}
+        opened, sent = _Connects.opened, CountingConnection.sent
+    pool.disconnect()
+    return opened, sent
+
+
+def test_a_new_caches_first_hit_costs_what_its_hundredth_does(pg_harness: Harness) -> None:
+    """A Cache opens its connection and loads the read script when built, so its first hit opens no connection and sends one command, where a lazily built one (reflect=False) connects and reloads the script."""
+    setup_users(pg_harness)
+    assert _first_hit(pg_harness, reflect=True) == (0, 1)
+    opened, sent = _first_hit(pg_harness, reflect=False)
+    assert opened == 1 and sent > 1
