@@ -83,6 +83,18 @@ class Context:
                     self._tables[name] = found
         return found
 
+    def reflect_again(self, name: str) -> EntityTable:
+        """Reflect the entity's table anew (its schema changed): later users get the new
+        one, and what was built on the old one (a sink, a loader) is built again."""
+        spec = self.entity(name)
+        with self._lock:
+            found = reflect_table(self.engine, spec, self.settings.source)
+            self._tables[name] = found
+            for key in [k for k in self._shared if k[1] == name]:
+                del self._shared[key]
+        log.info("table_reflected_again", entity=name, table=spec.table)
+        return found
+
     def reflect_all(self) -> None:
         """Reflect every entity's table now, where it costs no request; a table that
         cannot be reflected yet (database down, table missing) is reflected on first use."""

@@ -1,65 +1,121 @@
-"""The one classifier of database errors: a row the database rejects, or a fault.
+"""The one classifier of database errors: a row the database rejects, a schema that
+moved, or a fault.
 
-Every path that meets a SQLAlchemy error (the flusher's batches, the read
-path's loads) asks here. A row error is isolated and dead-lettered; a fault
-leaves the work pending and backs off.
+Every path that meets a SQLAlchemy error asks here, and the answer comes from
+what the database itself said, per dialect: PostgreSQL's SQLSTATE, MySQL's and
+MariaDB's error number, SQLite's result code. Only a data or constraint error
+(SQLSTATE class 22 or 23 and the equivalents) is about the rows: those are
+isolated and dead-lettered. A missing column means the table changed under us:
+re-reflect and try again. Everything else (a lost connection, a read-only
+transaction, a missing privilege or table, a full disk, a lock or serialization
+timeout, an error this module does not know) is a fault: the work stays pending
+and backs off, and nothing is dead-lettered for it.
 """
 
 from __future__ import annotations
 
 from enum import Enum
 
-from sqlalchemy import Engine
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    ProgrammingError,
-    SQLAlchemyError,
-    StatementError,
-)
-
-from cachewarden.database import database_is_up
-
-ROW_ERRORS = (IntegrityError, DataError, ProgrammingError)
-
-# Lock waits, deadlocks and serialization failures: retried with backoff, never dead-lettered.
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01"})
-_TRANSIENT_MYSQL_CODES = frozenset({1205, 1213, 2006, 2013})
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 
 
 class Kind(Enum):
     """What a database error says about the work that met it."""
 
     ROW = "row"  # the database refused these rows on their merits
+    SCHEMA = "schema"  # a column the statement names is not in the table: re-reflect
     FAULT = "fault"  # the database (or the way to it) failed: retry the same work later
 
 
-def classify(engine: Engine, exc: SQLAlchemyError) -> Kind:
-    """Whether `exc`, raised by a statement on `engine`, is about its rows or a fault."""
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated or is_transient(exc):
-            return Kind.FAULT
-        if isinstance(exc, ROW_ERRORS):
-            return Kind.ROW
-        # Drivers file some row errors (MariaDB CHECK, SQLite type rules) under
-        # OperationalError: if the database answers a probe, the data is at fault.
-        return Kind.ROW if database_is_up(engine) else Kind.FAULT
-    return Kind.ROW if isinstance(exc, StatementError) else Kind.FAULT
+# MySQL and MariaDB error numbers of data and constraint errors (SQLSTATE 22xxx and
+# 23000, and the strict-mode conversions MySQL files under HY000).
+_MYSQL_ROW_ERRORS = frozenset(
+    {
+        1048,  # column cannot be null
+        1062,  # duplicate entry
+        1138,  # invalid use of NULL
+        1169,  # duplicate unique entry
+        1216,  # foreign key: no parent row
+        1217,  # foreign key: row is referenced
+        1263,  # NULL supplied to a NOT NULL column
+        1264,  # out of range value
+        1265,  # data truncated
+        1292,  # incorrect datetime (or other) value
+        1300,  # invalid character string
+        1364,  # field has no default value
+        1366,  # incorrect value for column
+        1367,  # illegal value for type
+        1406,  # data too long
+        1411,  # incorrect value for a function
+        1451,  # foreign key: cannot delete or update a parent row
+        1452,  # foreign key: cannot add or update a child row
+        1557,  # foreign key would duplicate
+        1586,  # duplicate entry for key name
+        1690,  # value out of range
+        1859,  # duplicate entry in unknown index
+        3140,  # invalid JSON text
+        3819,  # check constraint violated (MySQL)
+        4025,  # CONSTRAINT failed (MariaDB CHECK)
+    }
+)
+_MYSQL_UNKNOWN_COLUMN = 1054
+
+# SQLite primary result codes (the extended code's low byte).
+_SQLITE_ROW_ERRORS = frozenset({18, 19, 20})  # TOOBIG, CONSTRAINT, MISMATCH
+_SQLITE_ERROR = 1
+_SQLITE_UNKNOWN_COLUMN = ("no such column", "has no column named")
 
 
-def is_transient(exc: DBAPIError) -> bool:
-    """True for errors about contention or the connection, not about the rows."""
+def classify(exc: SQLAlchemyError) -> Kind:
+    """Whether `exc` is about the rows of its statement, the table's shape, or a fault."""
+    if not isinstance(exc, DBAPIError):
+        # Parameters the driver could not take (a value of the wrong Python type):
+        # raised before the statement ran, so about the row.
+        return Kind.ROW if isinstance(exc, StatementError) else Kind.FAULT
+    if exc.connection_invalidated:
+        return Kind.FAULT
     orig = exc.orig
-    if getattr(orig, "sqlstate", None) in _TRANSIENT_SQLSTATES:
-        return True
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        if sqlstate[:2] in ("22", "23"):
+            return Kind.ROW
+        if sqlstate == "42703":  # undefined_column
+            return Kind.SCHEMA
+        if _mysql_errno(orig) is None:
+            return Kind.FAULT
+    errno = _mysql_errno(orig)
+    if errno is not None:
+        if errno in _MYSQL_ROW_ERRORS:
+            return Kind.ROW
+        return Kind.SCHEMA if errno == _MYSQL_UNKNOWN_COLUMN else Kind.FAULT
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        if code & 0xFF in _SQLITE_ROW_ERRORS:
+            return Kind.ROW
+        text = str(orig)
+        if code == _SQLITE_ERROR and any(s in text for s in _SQLITE_UNKNOWN_COLUMN):
+            return Kind.SCHEMA
+    return Kind.FAULT
+
+
+def _mysql_errno(orig: object) -> int | None:
+    """The MySQL/MariaDB error number of a driver exception, if it is one."""
+    module = type(orig).__module__
+    if not module.startswith(("pymysql", "MySQLdb", "mysql", "mariadb")):
+        return None
     args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _TRANSIENT_MYSQL_CODES:
-        return True
-    return "database is locked" in str(orig) or "database table is locked" in str(orig)
+    if args and isinstance(args[0], int):
+        return args[0]
+    errno = getattr(orig, "errno", None)
+    return errno if isinstance(errno, int) else None
 
 
 def first_line(exc: BaseException) -> str:
     """The driver's own message, first line only (SQLAlchemy appends the statement)."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def driver_text(exc: BaseException) -> str:
+    """The driver's whole message (on PostgreSQL its DETAIL names the failing row)."""
+    return str(getattr(exc, "orig", None) or exc).strip()

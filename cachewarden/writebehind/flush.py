@@ -53,7 +53,11 @@ def sink_for(context: Context, entity: str) -> SqlSink:
     """The context's SQL sink of `entity`, built (and its table reflected) once per process."""
     spec = context.entity(entity)
     return context.shared(
-        "sink", entity, lambda: SqlSink(context.engine, spec, context.table(entity))
+        "sink",
+        entity,
+        lambda: SqlSink(
+            context.engine, spec, context.table(entity), lambda: context.reflect_again(entity)
+        ),
     )
 
 

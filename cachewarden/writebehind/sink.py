@@ -2,15 +2,21 @@
 
 The table is reflected, never declared here; the upsert is the dialect's own
 (PostgreSQL and SQLite `ON CONFLICT`, MySQL/MariaDB `ON DUPLICATE KEY`).
-A batch the database rejects is bisected until the bad rows stand alone;
-those are returned, with the database's error, for the dead-letter stream.
+A batch the database rejects on the rows' merits (`dberrors.Kind.ROW`) is
+bisected until the bad rows stand alone; those are returned, with the
+database's error, for the dead-letter stream. Any other error is a fault: it
+raises, and the whole batch stays pending. So does a batch whose every row the
+database refused with the same words (a trigger, a constraint every row breaks
+after a migration): that is about the table, not the rows. A column the
+database or the reflection does not know re-reflects the table once and tries
+again, so a migration's new column is written without a restart.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +24,9 @@ from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.dml import Insert
 
-from cachewarden.database import unavailable
-from cachewarden.dberrors import Kind, classify, first_line
-from cachewarden.errors import ConfigError
+from cachewarden.database import describe, unavailable
+from cachewarden.dberrors import Kind, classify, driver_text, first_line
+from cachewarden.errors import BackendUnavailable, ConfigError
 from cachewarden.settings import EntitySettings
 from cachewarden.tables import EntityTable
 from cachewarden.writebehind.coalesce import DELETE, Op
@@ -34,6 +40,15 @@ class Rejected:
 
     op: Op
     error: str
+    # The database's whole message (None for a row refused before it reached the
+    # database): a batch refused row by row with one message is a fault.
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class _Refusal:
+    error: str
+    detail: str | None
 
 
 @dataclass
@@ -52,56 +67,103 @@ class _RowProblem(Exception):
     """A row that fails before it reaches the database (unknown column, bad JSON)."""
 
 
+class _UnknownColumn(_RowProblem):
+    """A row carrying a column the reflected table lacks."""
+
+
 class SqlSink:
     """Writes batches of one entity into its reflected table."""
 
-    def __init__(self, engine: Engine, entity: EntitySettings, reflected: EntityTable) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        entity: EntitySettings,
+        reflected: EntityTable,
+        reflect_again: Callable[[], EntityTable] | None = None,
+    ) -> None:
         self.engine = engine
         self.entity = entity
-        self.reflected = reflected
-        self.table = reflected.table
         self.dialect = engine.dialect.name
-        self._statements: dict[tuple[str, ...], Insert] = {}
         # PostgreSQL through psycopg: one array parameter per column (see ArrayColumn).
         self._fast = self.dialect == "postgresql" and engine.dialect.driver == "psycopg"
-        self._unnests: dict[tuple[str, ...], UnnestUpsert | None] = {}
-        self._lookup = build_lookup(engine, self.table, entity) if self._fast else None
-        self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
+        self._reflect_again = reflect_again
+        self._batch = 0  # apply() calls so far
+        self._bind(reflected)
         fence_table(engine)
+
+    def _bind(self, reflected: EntityTable) -> None:
+        """Build on `reflected` (again after a schema change): statements are per table."""
+        self.reflected = reflected
+        self.table = reflected.table
+        self._reflected_in = self._batch
+        self._statements: dict[tuple[str, ...], Insert] = {}
+        self._unnests: dict[tuple[str, ...], UnnestUpsert | None] = {}
+        self._lookup = build_lookup(self.engine, self.table, self.entity) if self._fast else None
+        self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
+
+    def _schema_moved(self) -> bool:
+        """Re-reflect the table, once per batch; True if it was (False: it already was,
+        so the column really is missing, or the table changes while we look)."""
+        if self._reflect_again is None or self._reflected_in == self._batch:
+            return False
+        self._bind(self._reflect_again())
+        return True
 
     # -- public ---------------------------------------------------------------
 
     def apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
         """Apply `ops` (one per key); report the rejected and the outranked ones.
 
-        Raises LockLost or BackendUnavailable, committing nothing of the failing
-        transaction."""
+        Raises LockLost, or BackendUnavailable for a fault (the database down,
+        read-only or refusing us, or refusing every row alike), committing nothing
+        of the failing transaction."""
+        self._batch += 1
+        outcome = self._apply(ops, fence)
+        details = {bad.detail for bad in outcome.rejected}
+        if len(ops) > 1 and len(outcome.rejected) == len(ops) and None not in details:
+            if len(details) == 1:
+                raise BackendUnavailable(
+                    f"the database refused every row of a batch of {len(ops)} "
+                    f"{self.entity.name} writes with the same error, so the fault is the "
+                    f"table's, not the rows' ({outcome.rejected[0].error}); they stay "
+                    f"pending (database {describe(self.engine)})"
+                )
+        return outcome
+
+    def _apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
         if self._fast and len(ops) > 1:
             # The array statements first; on a row error the generic path below takes
             # the whole batch and isolates the bad rows as always.
             outcome = self._attempt(ops, fence, fast=True)
             if isinstance(outcome, Outcome):
                 return outcome
-        problem = self._attempt(ops, fence, fast=False)
-        if isinstance(problem, Outcome):
-            return problem
+        refusal = self._attempt(ops, fence, fast=False)
+        if isinstance(refusal, Outcome):
+            return refusal
         if len(ops) == 1:
-            return Outcome(rejected=[Rejected(ops[0], problem)])
+            return Outcome(rejected=[Rejected(ops[0], refusal.error, refusal.detail)])
         middle = len(ops) // 2
-        return self.apply(ops[:middle], fence) + self.apply(ops[middle:], fence)
+        return self._apply(ops[:middle], fence) + self._apply(ops[middle:], fence)
 
-    def _attempt(self, ops: Sequence[Op], fence: Fence, fast: bool) -> Outcome | str:
+    def _attempt(self, ops: Sequence[Op], fence: Fence, fast: bool) -> Outcome | _Refusal:
         """One try at the batch: its Outcome, or the row error that refused it.
 
         Raises LockLost, and BackendUnavailable for any fault (dberrors.classify)."""
         try:
             return Outcome(stale=self._transaction(ops, fence, fast))
+        except _UnknownColumn as exc:
+            if self._schema_moved():
+                return self._attempt(ops, fence, fast)
+            return _Refusal(str(exc), None)
         except _RowProblem as exc:
-            return str(exc)
+            return _Refusal(str(exc), None)
         except SQLAlchemyError as exc:
-            if classify(self.engine, exc) is not Kind.ROW:
+            kind = classify(exc)
+            if kind is Kind.SCHEMA and self._schema_moved():
+                return self._attempt(ops, fence, fast)
+            if kind is not Kind.ROW:
                 raise unavailable(self.engine, exc) from exc
-            return first_line(exc)
+            return _Refusal(first_line(exc), driver_text(exc))
 
     # -- the transaction ------------------------------------------------------
 
@@ -184,9 +246,10 @@ class SqlSink:
         if columns is None:
             unknown = [c for c in row if c not in self.table.c]
             if unknown:
-                raise _RowProblem(
-                    f"column {unknown[0]!r} is not in table {self.table.name!r}; "
-                    "fix the writer or add the column, then replay the dead letter"
+                raise _UnknownColumn(
+                    f"column {unknown[0]!r} is not in table {self.table.name!r} (reflected "
+                    "again to be sure); fix the writer or add the column, then replay "
+                    "the dead letter"
                 )
             if self.entity.key not in row:
                 raise _RowProblem(
