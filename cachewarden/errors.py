@@ -50,6 +50,11 @@ class LockLost(CachewardenError):
     """A lock or fencing token was taken over by a newer holder; stop without committing."""
 
 
+class FlushFailed(CachewardenError):
+    """A flush could not apply its batch (database down or refusing, Redis down, lock
+    lost). Its entries stay pending and the shard is sent again after its backoff."""
+
+
 class LoadFailed(CachewardenError):
     """Loading a key from the database failed (or waiting for its loader timed out)."""
 

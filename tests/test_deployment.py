@@ -167,3 +167,28 @@ def test_flower_shows_flush_tasks_behind_auth(pg_harness: Harness, flower: str) 
         return isinstance(found, dict) and found
 
     wait_for(workers, 30, interval=1.0, what="Flower to list the worker")
+
+
+def test_flower_shows_a_flush_during_a_database_outage_as_failed(
+    pg_harness: Harness, flower: str
+) -> None:
+    """With the database unreachable, Flower lists the worker's flush tasks as FAILURE naming the database, and the write stays pending."""
+    h = pg_harness
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{_free_port()}/test"
+    h.configure({"user": USER}, {"user": {"max_delay": "200ms"}}, db_url=dead)
+    h.worker(concurrency=1)
+    h.cache.write("user", 1, {"name": "x"})
+
+    def failed_flushes() -> list[dict[str, object]]:
+        tasks = _get(flower + "/api/tasks?limit=50", "ops:s3cret")
+        assert isinstance(tasks, dict)
+        return [
+            t
+            for t in tasks.values()
+            if t.get("name") == "cachewarden.flush" and t.get("state") == "FAILURE"
+        ]
+
+    seen = wait_for(failed_flushes, 30, what="Flower to list a failed flush task")
+    assert "FlushFailed" in str(seen[0]["exception"]) and "unavailable" in str(seen[0]["exception"])
+    streams = [h.cache.keys.stream("user", s) for s in range(4)]
+    assert sum(h.cache.redis.xlen(stream) for stream in streams) == 1
