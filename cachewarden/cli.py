@@ -128,12 +128,12 @@ def _run(settings: Settings, config: str | None, no_embedded: bool) -> int:
     embedded = None
     if not redis_answers(settings.redis.url):
         if no_embedded:
-            print(f"cachewarden: Redis at {settings.redis.url} does not answer", file=sys.stderr)
+            print(f"cachewarden: Redis at {settings.redis.shown} does not answer", file=sys.stderr)
             return EXIT_FAILED
         embedded = start_embedded_redis(settings.redis.url, Path(".cachewarden/redis"))
         print(
             f"cachewarden: started an embedded Redis (AOF in .cachewarden/redis) at "
-            f"{settings.redis.url}",
+            f"{settings.redis.shown}",
             file=sys.stderr,
         )
     try:

@@ -47,11 +47,11 @@ def check(settings: Settings, _args: argparse.Namespace) -> int:
     try:
         client.ping()
         warnings = check_redis_safety(client, settings.redis)
-        print(f"redis: {settings.redis.url} ok (prefix {settings.redis.prefix!r})")
+        print(f"redis: {settings.redis.shown} ok (prefix {settings.redis.prefix!r})")
         for warning in warnings:
             print(f"  warning: {warning}")
     except (RedisError, BackendUnavailable, UnsafeRedis) as exc:
-        print(f"redis: {settings.redis.url} FAILED: {exc}")
+        print(f"redis: {settings.redis.shown} FAILED: {exc}")
         status = FAILED
     finally:
         client.close()
@@ -108,7 +108,7 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
     try:
         data = entity_stats(settings, client, Keyspace(settings.redis.prefix))
     except RedisError as exc:
-        raise BackendUnavailable(f"Redis at {settings.redis.url}: {exc}") from None
+        raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
     finally:
         client.close()
     if args.json:

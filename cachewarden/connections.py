@@ -49,7 +49,7 @@ def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:
         policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "")
         persistence = client.info("persistence")
     except REDIS_DOWN as exc:
-        raise BackendUnavailable(f"Redis at {settings.url} is unreachable: {exc}") from None
+        raise BackendUnavailable(f"Redis at {settings.shown} is unreachable: {exc}") from None
     except RedisError:
         return ["CONFIG GET is not allowed here; could not check maxmemory-policy"]
     problems: list[str] = []

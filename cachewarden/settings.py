@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from cachewarden.durations import parse_duration_ms
 from cachewarden.errors import ConfigError, UnknownEntity
@@ -27,6 +28,19 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
 
+def masked_url(url: str) -> str:
+    """`url` with its password (in the user part or a `password=` query) shown as ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     """Where the cache and the write buffer live."""
@@ -36,6 +50,11 @@ class RedisSettings:
     # "refuse" (default) stops on an eviction policy that can reach the buffer;
     # "warn" logs loudly and goes on.
     unsafe_policy: str = "refuse"
+
+    @property
+    def shown(self) -> str:
+        """The URL as any message shows it: the password masked."""
+        return masked_url(self.url)
 
 
 @dataclass(frozen=True)

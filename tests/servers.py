@@ -163,16 +163,19 @@ class PrivateRedis:
     or call `close()`: it always stops.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None, **options: str) -> None:
         self.port = free_port()
+        self.password = password
+        self.options = options  # more redis-server options, e.g. maxmemory="30mb"
         self.dir = Path(tempfile.mkdtemp(prefix="cwredis"))
         self.log_path = self.dir / "redis.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """The redis:// URL of its database 0."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The redis:// URL of its database 0 (with the password, if it has one)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> PrivateRedis:
         """Start (or restart) the server on the same port and directory; wait for PING."""
@@ -187,12 +190,17 @@ class PrivateRedis:
             "save": "",
             "logfile": str(self.log_path),
             "daemonize": "no",
+            **self.options,
         }
+        if self.password:
+            options["requirepass"] = self.password
         argv = [shutil.which("redis-server") or "redis-server"]
         for name, value in options.items():
             argv += [f"--{name}", value]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1
+        )
         try:
             for _ in range(300):
                 if self.proc.poll() is not None:
