@@ -131,12 +131,14 @@ class Cache:
         InvalidValue before anything is sent, Backpressure when the shard is full.
         """
         scripts = write_scripts(self.context, entity)
-        return _one(enqueue(scripts, [write_op(scripts.spec, key, row)]))
+        text = self.context.key_text(entity, key)
+        return _one(enqueue(scripts, [write_op(scripts.spec, key, row, text)]))
 
     def delete(self, entity: str, key: str | int, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete; return the stream id."""
         scripts = write_scripts(self.context, entity)
-        return _one(enqueue(scripts, [delete_op(scripts.spec, key, version)]))
+        text = self.context.key_text(entity, key)
+        return _one(enqueue(scripts, [delete_op(scripts.spec, key, version, text)]))
 
     def write_many(
         self, entity: str, rows: Mapping[str | int, Row] | Iterable[tuple[str | int, Row]]
@@ -154,7 +156,8 @@ class Cache:
         ops: list[Pending] = []
         for key, row in pairs:
             try:
-                ops.append(write_op(scripts.spec, key, row))
+                text = self.context.key_text(entity, key)
+                ops.append(write_op(scripts.spec, key, row, text))
             except (InvalidKey, InvalidValue) as exc:
                 result.refused[str(key)] = exc
         enqueue_many(scripts, ops, result)
@@ -175,7 +178,8 @@ class Cache:
         ops: list[Pending] = []
         for key in keys:
             try:
-                ops.append(delete_op(scripts.spec, key, (versions or {}).get(key)))
+                text = self.context.key_text(entity, key)
+                ops.append(delete_op(scripts.spec, key, (versions or {}).get(key), text))
             except (InvalidKey, InvalidValue) as exc:
                 result.refused[str(key)] = exc
         enqueue_many(scripts, ops, result)

@@ -2,14 +2,23 @@
 
 Values are JSON objects, never pickle, so an application in any language can
 read the cache. The JSON text `null` in a cache entry means "known absent".
+
+The values a SQLAlchemy or Django application holds that JSON has no type for
+are written as strings, exactly: a `Decimal` as its digits (`str(d)`, every
+digit kept), a `datetime`, `date` or `time` as ISO 8601 (`isoformat()`), a
+`UUID` in its canonical form. Loads write them the same way, and the flusher
+turns them back into the column's type (`writebehind.sink`).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
+import uuid
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 from cachewarden.errors import InvalidKey, InvalidValue
@@ -18,7 +27,23 @@ MAX_KEY_BYTES = 512
 RESERVED_KEY_CHARS = frozenset("*?[]:")
 ABSENT = "null"
 
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+def exact_text(value: Any) -> str:
+    """The JSON text of a Decimal, date, time, datetime or UUID; TypeError for others."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"{value!r} is not a finite number")
+        return str(value)
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encoder = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=exact_text
+)
 _decode = json.loads
 
 
@@ -55,7 +80,8 @@ def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) ->
     except (TypeError, ValueError) as exc:
         raise InvalidValue(
             f"{entity}:{key}: the row cannot be encoded as JSON ({_explain(row, exc)}); "
-            "convert it to str, int, float, bool, None, list or dict first"
+            "convert it to str, int, float, bool, None, list, dict, Decimal, datetime, date, "
+            "time or UUID first"
         ) from None
     # A UTF-8 character is at most 4 bytes: only measure rows that could be too big.
     size = len(text) if len(text) * 4 <= max_bytes else len(text.encode("utf-8"))
@@ -74,7 +100,9 @@ def encode_entry(entity: str, key: str, row: Mapping[str, Any] | None, max_bytes
 
 def _explain(row: Mapping[str, Any], exc: Exception) -> str:
     for column, value in row.items():
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float | Decimal) and not (
+            math.isfinite(value) if isinstance(value, float) else value.is_finite()
+        ):
             return f"column {column!r} holds {value!r}, which JSON cannot carry"
         try:
             _encoder.encode(value)

@@ -18,6 +18,7 @@ import structlog
 from redis import Redis
 from sqlalchemy import Engine
 
+from cachewarden.codec import key_text
 from cachewarden.connections import redis_client
 from cachewarden.database import make_engine
 from cachewarden.errors import CachewardenError
@@ -82,6 +83,12 @@ class Context:
                     found = reflect_table(self.engine, spec, self.settings.source)
                     self._tables[name] = found
         return found
+
+    def key_text(self, entity: str, key: str | int) -> str:
+        """The validated text of `key`: with the entity's table reflected, an integer key
+        column also refuses every spelling but the canonical one (tables.EntityTable)."""
+        table = self._tables.get(entity)
+        return key_text(entity, key) if table is None else table.key_text(key)
 
     def reflect_again(self, name: str) -> EntityTable:
         """Reflect the entity's table anew (its schema changed): later users get the new

@@ -6,6 +6,7 @@ cache key) to the key column's Python type, used by loads and flushes alike.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,9 +14,14 @@ from typing import Any
 from sqlalchemy import Column, Engine, MetaData, Table
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
+from cachewarden.codec import key_text
 from cachewarden.database import unavailable
-from cachewarden.errors import ConfigError
+from cachewarden.errors import ConfigError, InvalidKey
 from cachewarden.settings import EntitySettings
+
+# The one spelling of an integer key: ASCII decimal, no sign but a nonzero's '-', no
+# leading zero, no '_' (int() would take '007', '1_000' and other scripts' digits too).
+_CANONICAL_INT = re.compile(r"(0|-?[1-9][0-9]*)\Z")
 
 
 @dataclass(frozen=True)
@@ -31,14 +37,38 @@ class EntityTable:
         """The key (primary-key) column."""
         return self.table.c[self.entity.key]
 
+    @property
+    def integer_key(self) -> bool:
+        """True when the key column holds integers (its keys have one spelling)."""
+        return self._key_of is int
+
+    def key_text(self, key: str | int) -> str:
+        """The validated key text (codec.key_text), refusing an integer key's other spellings."""
+        text = key_text(self.entity.name, key)
+        if self._key_of is int and not isinstance(key, int) and not _CANONICAL_INT.match(text):
+            raise InvalidKey(f"{self.entity.name}: {self._not_canonical(text)}")
+        return text
+
     def key_value(self, text: str) -> Any:
         """The key as the key column's Python type; ValueError when it cannot be one."""
+        if self._key_of is int:
+            if not _CANONICAL_INT.match(text):
+                raise ValueError(self._not_canonical(text))
+            return int(text)
         try:
             return self._key_of(text)
         except (TypeError, ValueError):
             raise ValueError(
                 f"key {text!r} does not fit column {self.entity.key!r} of {self.entity.table!r}"
             ) from None
+
+    def _not_canonical(self, text: str) -> str:
+        where = f"the integer column {self.entity.key!r} of {self.entity.table!r}"
+        try:
+            number = int(text)
+        except ValueError:
+            return f"key {text!r} is not an integer, as {where} needs"
+        return f"key {text!r} is not how {where} spells {number}; write {str(number)!r}"
 
 
 def reflect_table(engine: Engine, entity: EntitySettings, source: str) -> EntityTable:

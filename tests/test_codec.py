@@ -98,13 +98,11 @@ def test_valid_keys_pass(key: str | int, text: str) -> None:
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        (datetime.datetime(2024, 1, 2, 3, 4, 5), "holds a datetime"),
-        (datetime.date(2024, 1, 2), "holds a date"),
         ({1, 2}, "holds a set"),
         (float("nan"), "holds nan"),
         (float("inf"), "holds inf"),
-        (decimal.Decimal("1.5"), "holds a Decimal"),
-        (uuid.UUID(int=1), "holds a UUID"),
+        (decimal.Decimal("NaN"), "holds Decimal('NaN')"),
+        (decimal.Decimal("-Infinity"), "holds Decimal('-Infinity')"),
         (b"raw", "holds a bytes"),
     ],
 )
@@ -116,7 +114,27 @@ def test_unencodable_column_names_column_and_fix(value: object, says: str) -> No
     assert message.startswith("user:42:")
     assert "column 'born'" in message
     assert says in message
-    assert "convert it to str, int, float, bool, None, list or dict" in message
+    assert "convert it to str, int, float, bool, None, list, dict, Decimal, datetime" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (decimal.Decimal("12345678901234567890.0123456789"), "12345678901234567890.0123456789"),
+        (decimal.Decimal("1E+3"), "1E+3"),
+        (datetime.datetime(2024, 1, 2, 3, 4, 5, 6), "2024-01-02T03:04:05.000006"),
+        (
+            datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+            "2024-01-02T03:04:05+00:00",
+        ),
+        (datetime.date(2024, 1, 2), "2024-01-02"),
+        (datetime.time(3, 4, 5), "03:04:05"),
+        (uuid.UUID(int=1), "00000000-0000-0000-0000-000000000001"),
+    ],
+)
+def test_exact_values_are_encoded_as_documented_strings(value: object, text: str) -> None:
+    """A Decimal keeps every digit, and datetimes, dates, times and UUIDs are ISO 8601 or canonical text."""
+    assert json.loads(encode_row("user", "42", {"v": value}, LIMIT)) == {"v": text}
 
 
 def test_nested_unencodable_value_names_its_column() -> None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import structlog
 from redis.exceptions import RedisError
 
-from cachewarden.codec import decode_row, key_text
+from cachewarden.codec import decode_row
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable
 from cachewarden.readpath.misses import MissLoader, ReadStats
@@ -64,6 +64,7 @@ class ReadThrough:
         self._misses = MissLoader(self.stats, self._loader)
         self._entities: dict[str, _Entity] = {}
         self._random = random.Random()
+        self._texts = context.key_text
 
     # -- public ---------------------------------------------------------------
 
@@ -82,7 +83,7 @@ class ReadThrough:
         flight, so a stampede of threads costs one round trip per process.
         """
         side = self._entity(entity)
-        text = key_text(entity, key)
+        text = self._texts(entity, key)
         flights = self._misses.flights
         flight, leads = flights.join((entity, text))
         if not leads:
@@ -113,7 +114,7 @@ class ReadThrough:
         """The rows of `keys`, in order (None where absent): hits in one round trip,
         misses loaded with one batched SELECT where this process leads them."""
         side = self._entity(entity)
-        texts = [key_text(entity, k) for k in keys]
+        texts = [self._texts(entity, k) for k in keys]
         unique = list(dict.fromkeys(texts))
         if not unique:
             return []

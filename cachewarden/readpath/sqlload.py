@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, any_, bindparam, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import Executable
 
+from cachewarden.codec import exact_text
 from cachewarden.context import Context
 from cachewarden.dberrors import first_line
 from cachewarden.errors import BackendUnavailable, LoadFailed
@@ -110,7 +111,8 @@ class SqlLoader:
 
 
 def jsonable(row: Mapping[Any, Any]) -> Row:
-    """The row with values JSON can carry: dates as ISO text, decimals as numbers, bytes as hex."""
+    """The row with values JSON can carry: dates, times, decimals and UUIDs as exact text
+    (codec.exact_text), bytes as hex."""
     if all(type(v) in _PLAIN_TYPES for v in row.values()):
         return {str(k): v for k, v in row.items()}
     out: Row = {}
@@ -122,12 +124,10 @@ def jsonable(row: Mapping[Any, Any]) -> Row:
 
 
 def _convert(value: Any) -> Any:
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
     if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, uuid.UUID):
-        return str(value)
+        return str(value)  # every digit (and PostgreSQL's 'NaN' as the text it is)
+    if isinstance(value, datetime.date | datetime.time | uuid.UUID):
+        return exact_text(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
     if isinstance(value, list | tuple):

@@ -48,17 +48,23 @@ def write_scripts(context: Context, entity: str) -> WriteScripts:
     )
 
 
-def write_op(spec: EntitySettings, key: str | int, row: Mapping[str, Any]) -> Pending:
-    """The buffered form of a write; raises InvalidKey or InvalidValue naming the problem."""
-    text = key_text(spec.name, key)
+def write_op(
+    spec: EntitySettings, key: str | int, row: Mapping[str, Any], text: str | None = None
+) -> Pending:
+    """The buffered form of a write; raises InvalidKey or InvalidValue naming the problem.
+
+    `text` is the key's validated text where the caller has it (Context.key_text)."""
+    text = key_text(spec.name, key) if text is None else text
     row = _with_key(spec, text, key, row)
     version = _version_of(spec, text, row)
     return Pending("w", text, encode_row(spec.name, text, row, spec.max_value_bytes), version)
 
 
-def delete_op(spec: EntitySettings, key: str | int, version: int | None) -> Pending:
+def delete_op(
+    spec: EntitySettings, key: str | int, version: int | None, text: str | None = None
+) -> Pending:
     """The buffered form of a delete; raises InvalidKey or InvalidValue naming the problem."""
-    text = key_text(spec.name, key)
+    text = key_text(spec.name, key) if text is None else text
     if version is not None and spec.version_column is None:
         raise InvalidValue(f"{spec.name}:{text}: a version was given but no version_column is set")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):

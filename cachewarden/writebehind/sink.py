@@ -14,10 +14,13 @@ again, so a migration's new column is written without a restart.
 
 from __future__ import annotations
 
+import datetime
 import json
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, select
@@ -100,6 +103,7 @@ class SqlSink:
         self._unnests: dict[tuple[str, ...], UnnestUpsert | None] = {}
         self._lookup = build_lookup(self.engine, self.table, self.entity) if self._fast else None
         self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
+        self._exact = _exact_columns(self.table)
 
     def _schema_moved(self) -> bool:
         """Re-reflect the table, once per batch; True if it was (False: it already was,
@@ -183,6 +187,7 @@ class SqlSink:
                     versioned_deletes.append({"k": key, "v": op.version})
             else:
                 columns, row = self._row(op)
+                row[self.entity.key] = self._key_value(op)  # the key's one conversion
                 writes[columns].append(row)
                 if op.version is not None and self.entity.version_column is not None:
                     versioned[row[self.entity.key]] = op
@@ -259,7 +264,23 @@ class SqlSink:
             columns = tuple(sorted(names))
             if len(self._checked) < 1024:
                 self._checked[names] = columns
+        if self._exact:
+            self._revive(row)
         return columns, row
+
+    def _revive(self, row: dict[str, Any]) -> None:
+        """Turn the exact text of decimals, dates, times and UUIDs back into the column's type."""
+        for column, parse in self._exact.items():
+            value = row.get(column)
+            if isinstance(value, str):
+                try:
+                    row[column] = parse(value)
+                except (ValueError, ArithmeticError):
+                    kind = parse.__qualname__.split(".")[0]
+                    raise _RowProblem(
+                        f"column {column!r} of table {self.table.name!r} holds {value[:60]!r}, "
+                        f"which is not a {kind} (see codec: ISO 8601 text, a Decimal's digits)"
+                    ) from None
 
     def _key_value(self, op: Op) -> Any:
         try:
@@ -284,6 +305,29 @@ class SqlSink:
             stmt = _build_upsert(self.dialect, self.table, columns, self.entity)
             self._statements[columns] = stmt
         return stmt
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {
+    Decimal: Decimal,
+    datetime.datetime: datetime.datetime.fromisoformat,
+    datetime.date: datetime.date.fromisoformat,
+    datetime.time: datetime.time.fromisoformat,
+    uuid.UUID: uuid.UUID,
+}
+
+
+def _exact_columns(table: Table) -> dict[str, Callable[[str], Any]]:
+    """The table's columns whose values travel as exact text (codec), with their parsers."""
+    found: dict[str, Callable[[str], Any]] = {}
+    for column in table.c:
+        try:
+            python_type = column.type.python_type
+        except NotImplementedError:
+            continue
+        parse = _PARSERS.get(python_type)
+        if parse is not None:
+            found[column.name] = parse
+    return found
 
 
 def _build_upsert(

@@ -1,0 +1,61 @@
+"""Reflected tables: the one conversion of key text to the key column's type."""
+
+from __future__ import annotations
+
+import pytest
+
+from cachewarden.cache import Cache
+from cachewarden.errors import InvalidKey
+from cachewarden.writebehind.flush import flush_shard
+from tests.conftest import Harness
+
+USER = {"table": "users", "key": "id", "ttl": "10m"}
+OTHER_SPELLINGS = {"007": "7", "1_000": "1000", "\u0663": "3", "+7": "7", "-0": "0"}
+
+
+def _setup(h: Harness) -> None:
+    h.create_table("users", version=False)
+    h.configure({"user": USER}, {"user": {"shards": 1}})
+
+
+@pytest.mark.parametrize("spelling", list(OTHER_SPELLINGS))
+def test_an_integer_key_has_one_spelling(pg_harness: Harness, spelling: str) -> None:
+    """write, delete and get refuse another spelling of an integer key with InvalidKey naming the canonical one, and send nothing."""
+    _setup(pg_harness)
+    cache = pg_harness.cache
+    canonical = OTHER_SPELLINGS[spelling]
+    calls = {
+        "write": lambda: cache.write("user", spelling, {"name": "x"}),
+        "delete": lambda: cache.delete("user", spelling),
+        "get": lambda: cache.get("user", spelling),
+    }
+    for name, call in calls.items():
+        with pytest.raises(InvalidKey, match=f"write '{canonical}'"):
+            call()
+        assert not cache.redis.keys(f"{pg_harness.prefix}*"), name
+    refused = cache.write_many("user", {spelling: {"name": "x"}, 5: {"name": "five"}})
+    assert list(refused.refused) == [spelling] and list(refused.taken) == ["5"]
+    assert cache.write("user", canonical, {"name": "y"})  # the canonical text is taken
+
+
+def test_a_non_integer_key_names_the_column(pg_harness: Harness) -> None:
+    """A key that is no integer at all is refused naming the integer column it does not fit."""
+    _setup(pg_harness)
+    with pytest.raises(InvalidKey, match="'abc' is not an integer, as the integer column 'id'"):
+        pg_harness.cache.write("user", "abc", {"name": "x"})
+
+
+def test_a_buffered_other_spelling_is_dead_lettered_not_written_elsewhere(
+    pg_harness: Harness,
+) -> None:
+    """A '1_000' that reached the buffer (a Cache that never reflected) is dead-lettered naming '1000', and row 1000 is untouched."""
+    h = pg_harness
+    _setup(h)
+    assert h.settings is not None
+    with Cache(h.settings, reflect=False) as blind:
+        blind.write("user", 1000, {"name": "right"})
+        blind.write("user", "1_000", {"name": "wrong"})
+    assert flush_shard(h.context, "user", 0).status == "done"
+    assert h.rows("users") == {1000: {"id": 1000, "name": "right"}}
+    ((_, letter),) = h.context.redis.xrange(h.context.keys.dead("user"))
+    assert letter["k"] == "1_000" and "write '1000'" in letter["error"]
