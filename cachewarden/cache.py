@@ -127,15 +127,20 @@ class Cache:
     def write(self, entity: str, key: str | int, row: Row) -> str:
         """Cache `row` under `key` and buffer its upsert; return the stream id.
 
-        Returns once both are in Redis. Raises UnknownEntity, InvalidKey or
-        InvalidValue before anything is sent, Backpressure when the shard is full.
+        Returns once both are in Redis; returns "" (nothing taken) when the row's
+        version is no higher than a delete of the key within `tombstone_ttl`. Raises
+        UnknownEntity, InvalidKey or InvalidValue before anything is sent,
+        Backpressure when the shard is full.
         """
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
         return _one(enqueue(scripts, [write_op(scripts.spec, key, row, text)]))
 
     def delete(self, entity: str, key: str | int, version: int | None = None) -> str:
-        """Mark `key` absent in the cache and buffer its delete; return the stream id."""
+        """Mark `key` absent in the cache and buffer its delete; return the stream id.
+
+        A versioned delete leaves a tombstone: for `tombstone_ttl`, writes and deletes
+        of the key at that version or lower are ignored (this returns "" for one)."""
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
         return _one(enqueue(scripts, [delete_op(scripts.spec, key, version, text)]))

@@ -95,6 +95,14 @@ class Keyspace:
         """What precedes the key in a lease's name."""
         return f"{self.prefix}:@lease:{entity}:"
 
+    def tombstone(self, entity: str, key: str) -> str:
+        """The version of the key's last versioned delete (for `tombstone_ttl`)."""
+        return f"{self.tombstone_prefix(entity)}{key}"
+
+    def tombstone_prefix(self, entity: str) -> str:
+        """What precedes the key in a tombstone's name."""
+        return f"{self.prefix}:@tomb:{entity}:"
+
     def refresh_queued(self, entity: str, key: str) -> str:
         """Marker: a refresh of this key is queued; set only if absent, cleared by a fill."""
         return f"{self.refresh_prefix(entity)}{key}"

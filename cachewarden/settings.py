@@ -95,6 +95,8 @@ class EntitySettings:
     key: str
     ttl_ms: int
     version_column: str | None = None
+    # How long a flushed delete at version v refuses writes and deletes at versions <= v.
+    tombstone_ttl_ms: int = 86_400_000
     max_value_bytes: int = 512 * 1024
     write_behind: WriteBehindSettings = field(default_factory=WriteBehindSettings)
     # The read path (see config/reference.toml for what each one does).
@@ -272,6 +274,7 @@ def _entity(name: str, reader: _Reader) -> EntitySettings:
         key=key,
         ttl_ms=ttl_ms,
         version_column=reader.get("version_column", str, None),
+        tombstone_ttl_ms=reader.required_duration("tombstone_ttl", 86_400_000),
         max_value_bytes=reader.positive("max_value_bytes", 512 * 1024),
         write_behind=_write_behind(reader.sub("write_behind")),
         **_read_path(reader, ttl_ms),

@@ -1,26 +1,37 @@
 -- Buffer writes and deletes: for each operation, set its cache entry and append it
 -- to its shard's stream, atomically. write() sends one operation, write_many() many.
--- KEYS: 1 due zset, 2 dead-letter keys hash, then 4 per operation:
---       entry, stream, dirty hash, lease
+-- KEYS: 1 due zset, 2 dead-letter keys hash, then 5 per operation:
+--       entry, stream, dirty hash, lease, tombstone
 -- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
---       then 5 per operation: op ("w" write, "d" delete), key, value (JSON; "null" for a
---       delete), version ("" for none), due member ("entity:shard")
--- Returns one reply per operation: its stream id, or "!BACKPRESSURE <pending>" when its
--- shard holds max_pending unflushed operations (that operation was not taken).
+--       5 tombstone_ttl_ms, then 5 per operation: op ("w" write, "d" delete), key, value
+--       (JSON; "null" for a delete), version ("" for none), due member ("entity:shard")
+-- A versioned delete leaves a tombstone (its version, for tombstone_ttl_ms); a versioned
+-- operation at a version no higher than the key's tombstone is ignored.
+-- Returns one reply per operation: its stream id, "!BACKPRESSURE <pending>" when its
+-- shard holds max_pending unflushed operations, or "!TOMBSTONE <version>" when a delete
+-- at that version outranks it (neither was taken).
 if redis.replicate_commands then redis.replicate_commands() end
 local max_pending, batch_size = tonumber(ARGV[1]), tonumber(ARGV[2])
-local column = ARGV[4]
+local column, tomb_ttl = ARGV[4], ARGV[5]
 local pending = {}  -- stream -> its length, read once
 local full = {}     -- due member -> true when its shard holds a batch
 local due = {}      -- due members written to, in order
 local out = {}
-for i = 0, (#ARGV - 4) / 5 - 1 do
-  local a, k = 4 + i * 5, 2 + i * 4
+for i = 0, (#ARGV - 5) / 5 - 1 do
+  local a, k = 5 + i * 5, 2 + i * 5
   local op, key, value, version, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local entry, stream, dirty, lease = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local tomb = KEYS[k + 5]
   local n = pending[stream]
   if n == nil then n = redis.call('XLEN', stream) end
-  if n >= max_pending then
+  local buried = false  -- the version of a delete that outranks this operation
+  if column ~= '' and version ~= '' then
+    local at = redis.call('GET', tomb)
+    if at and tonumber(at) >= tonumber(version) then buried = at end
+  end
+  if buried then
+    out[#out + 1] = '!TOMBSTONE ' .. buried
+  elseif n >= max_pending then
     out[#out + 1] = '!BACKPRESSURE ' .. n
   else
     local keep_cache = false
@@ -46,6 +57,9 @@ for i = 0, (#ARGV - 4) / 5 - 1 do
       id = redis.call('XADD', stream, '*', 'o', op, 'k', key, 'v', value)
     end
     redis.call('HSET', dirty, key, id)
+    if op == 'd' and version ~= '' and column ~= '' then
+      redis.call('SET', tomb, version, 'PX', tomb_ttl)
+    end
     redis.call('HDEL', KEYS[2], key)
     -- A load or refresh of this key that began before now must not fill the cache.
     redis.call('DEL', lease)

@@ -15,6 +15,7 @@ from cachewarden.scripts import Registry
 from cachewarden.settings import EntitySettings
 
 BACKPRESSURE = "!BACKPRESSURE"
+TOMBSTONE = "!TOMBSTONE"
 
 
 class Pending(NamedTuple):
@@ -37,6 +38,7 @@ class WriteScripts:
         shards = spec.write_behind.shards
         self._entry = keys.entry_prefix(name)
         self._lease = keys.lease_prefix(name)
+        self._tomb = keys.tombstone_prefix(name)
         self._streams = [keys.stream(name, n) for n in range(shards)]
         self._dirty = [keys.dirty(name, n) for n in range(shards)]
         self._members = [due_member(name, n) for n in range(shards)]
@@ -47,6 +49,7 @@ class WriteScripts:
             wb.batch_size,
             wb.max_delay_ms,
             spec.version_column or "",
+            spec.tombstone_ttl_ms,
         ]
         self._enqueue = lua.script("enqueue")
 
@@ -57,12 +60,19 @@ class WriteScripts:
     # -- enqueue.lua ------------------------------------------------------------
 
     def enqueue(self, ops: Sequence[Pending]) -> Any:
-        """Buffer `ops` in one script call: per op, its stream id or "!BACKPRESSURE n"."""
+        """Buffer `ops` in one script call: per op, its stream id, "!BACKPRESSURE n" or
+        "!TOMBSTONE v" (a delete at version v outranks it: it was ignored)."""
         keys = list(self._head)
         args = list(self._limits)
         for op, key, value, version in ops:
             shard = shard_of(key, len(self._streams))
-            keys += [self._entry + key, self._streams[shard], self._dirty[shard], self._lease + key]
+            keys += [
+                self._entry + key,
+                self._streams[shard],
+                self._dirty[shard],
+                self._lease + key,
+                self._tomb + key,
+            ]
             args += [op, key, value, version, self._members[shard]]
         return self._enqueue(keys=keys, args=args, client=self.lua.client)
 

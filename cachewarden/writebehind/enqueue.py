@@ -18,14 +18,16 @@ from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, Backpressure, CachewardenError, InvalidValue
-from cachewarden.scripts.writebehind import BACKPRESSURE, Pending, WriteScripts
+from cachewarden.scripts.writebehind import BACKPRESSURE, TOMBSTONE, Pending, WriteScripts
 from cachewarden.settings import EntitySettings
 
 
 @dataclass
 class BatchResult:
     """What `write_many` or `delete_many` did, per key: the stream id of each operation
-    taken, and the error of each one refused (nothing of a refused one was sent).
+    taken, the error of each one refused (nothing of a refused one was sent), and the
+    keys whose versioned operation a newer delete's tombstone outranked (ignored, as
+    the database's version guard ignores an older write).
 
     A key given more than once keeps its last outcome of each kind, so it can be
     in both: one of its writes taken, a later one refused.
@@ -33,6 +35,7 @@ class BatchResult:
 
     taken: dict[str, str] = field(default_factory=dict)
     refused: dict[str, CachewardenError] = field(default_factory=dict)
+    outranked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -73,7 +76,8 @@ def delete_op(
 
 
 def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpressure]:
-    """Send `ops` in one round trip: per op, its stream id or the Backpressure refusing it.
+    """Send `ops` in one round trip: per op, its stream id, the Backpressure refusing it,
+    or "" when a versioned delete's tombstone outranks it (nothing was buffered).
 
     Raises BackendUnavailable when Redis cannot be reached or refuses the call.
     """
@@ -90,7 +94,9 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
     except RedisError as exc:
         raise BackendUnavailable(f"{spec.name}: Redis error: {exc}") from None
     return [
-        _backpressure(scripts, op.key) if reply.startswith(BACKPRESSURE) else reply
+        _backpressure(scripts, op.key)
+        if reply.startswith(BACKPRESSURE)
+        else ("" if reply.startswith(TOMBSTONE) else reply)
         for op, reply in zip(ops, replies, strict=True)
     ]
 
@@ -102,6 +108,8 @@ def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchRes
     for op, outcome in zip(ops, enqueue(scripts, ops), strict=True):
         if isinstance(outcome, Backpressure):
             result.refused[op.key] = outcome
+        elif outcome == "":
+            result.outranked.append(op.key)
         else:
             result.taken[op.key] = outcome
 
