@@ -51,7 +51,6 @@ class WriteScripts:
             spec.version_column or "",
             spec.tombstone_ttl_ms,
         ]
-        self._enqueue = lua.script("enqueue")
 
     def shard(self, key: str) -> int:
         """The shard a key's operations go to."""
@@ -74,7 +73,7 @@ class WriteScripts:
                 self._tomb + key,
             ]
             args += [op, key, value, version, self._members[shard]]
-        return self._enqueue(keys=keys, args=args, client=self.lua.client)
+        return self.lua.call("enqueue", keys, args)
 
     # -- lock_acquire.lua, lock_extend.lua, release.lua: the flusher's lock --------
 
