@@ -9,12 +9,21 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
+from cachewarden.readpath.refresh import REFRESH_TASK
+from cachewarden.readpath.sweep import SWEEP_TASK
 from cachewarden.settings import Settings
+from cachewarden.writebehind.dispatch import FLUSH_TASK
+
+# Each job family's tasks run on a queue of their own (Settings.queue).
+FAMILIES = ("writebehind", "readpath", "warming")
+ROUTES = {FLUSH_TASK: "writebehind", REFRESH_TASK: "readpath", SWEEP_TASK: "readpath"}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Celery settings: JSON only, late acks, no results, events on for Flower."""
+    """Celery settings: JSON only, late acks, no results, events on for Flower, and one
+    queue per job family (a worker consumes them all unless told otherwise by -Q)."""
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
@@ -24,11 +33,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "event_serializer": "json",
         "task_ignore_result": True,
         "result_backend": None,
-        "task_default_queue": settings.celery.queue,
+        "task_default_queue": settings.queue("writebehind"),
+        "task_queues": [Queue(settings.queue(family)) for family in FAMILIES],
+        "task_routes": {name: {"queue": settings.queue(fam)} for name, fam in ROUTES.items()},
         # A task a dead worker held is redelivered, not acknowledged and lost.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # Flushes run up to seconds; one at a time per process keeps others free.
+        # Flushes run up to seconds; one at a time per process keeps others free. (Prefetch
+        # is per worker: a deployment wanting another for refreshes runs them apart.)
         "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": 60,
         "task_time_limit": 120,

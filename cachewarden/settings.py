@@ -134,6 +134,12 @@ class Settings:
     celery: CelerySettings
     entities: Mapping[str, EntitySettings]
     dispatch_interval_ms: int = 100
+    # A flush task queued this long and not started is taken as lost and sent again.
+    requeue_after_ms: int = 120_000
+
+    def queue(self, family: str) -> str:
+        """The Celery queue of one job family's tasks: `<[celery] queue>.<family>`."""
+        return f"{self.celery.queue}.{family}"
 
     @property
     def broker_url(self) -> str:
@@ -330,6 +336,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     entities = {name: _entity(name, ents.sub(name)) for name in ents.table}
     dispatch = root.sub("dispatch")
     interval = dispatch.required_duration("interval", 100)
+    requeue_after = dispatch.required_duration("requeue_after", 120_000)
     dispatch.reject_unknown()
     root.reject_unknown()
     return Settings(
@@ -339,6 +346,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         celery=celery,
         entities=entities,
         dispatch_interval_ms=interval,
+        requeue_after_ms=requeue_after,
     )
 
 

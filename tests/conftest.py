@@ -163,13 +163,15 @@ class Harness:
         dispatch_interval: str = "50ms",
         redis_url: str = REDIS_URL,
         db_url: str | None = None,
+        requeue_after: str | None = None,
     ) -> Settings:
         """Write the config file for `entities` and load it."""
         tables: dict[str, dict[str, Any]] = {
             "redis": {"url": redis_url, "prefix": self.prefix},
             "database": {"url": db_url or self.db_url},
             "celery": {"queue": self.queue},
-            "dispatch": {"interval": dispatch_interval},
+            "dispatch": {"interval": dispatch_interval}
+            | ({"requeue_after": requeue_after} if requeue_after else {}),
         }
         for name, spec in entities.items():
             tables[f"entities.{name}"] = spec

@@ -81,7 +81,8 @@ def test_scheduler_dispatches_when_workers_only_consume(pg_harness: Harness) -> 
     try:
         pg_harness.cache.write("user", 7, {"name": "x"})
         # The scheduler alone claims the due shard and sends the task; it waits in the queue.
-        queue_len = lambda: pg_harness.cache.redis.llen(pg_harness.queue)  # noqa: E731
+        flushes = f"{pg_harness.queue}.writebehind"
+        queue_len = lambda: pg_harness.cache.redis.llen(flushes)  # noqa: E731
         wait_for(queue_len, 10, what="the scheduler to send a flush task")
         pg_harness.worker(concurrency=1)
         wait_for(lambda: _landed(pg_harness, 1), 15, what="the write to land")

@@ -2,7 +2,9 @@
 
 Any number of dispatchers may run (one in each worker, one in each scheduler):
 a shard is claimed with its queued marker, set only if absent, so each due time
-sends one task. If that task is lost, the marker expires and the shard is sent again.
+sends one task, and the marker lasts until the flush runs (its lock then keeps
+it) or `requeue_after`: however long the queue, a shard has one flush queued. If
+the task is lost, the marker expires and the shard is sent again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ def claim_due_shards(context: Context, most: int = 1000) -> list[tuple[str, int]
     """Claim the due shards no flush is queued for; return (entity, shard) pairs."""
     settings, keys = context.settings, context.keys
     marker_ttl = max(
-        (e.write_behind.lock_ttl_ms for e in settings.entities.values()), default=10_000
+        [
+            settings.requeue_after_ms,
+            *(e.write_behind.lock_ttl_ms for e in settings.entities.values()),
+        ]
     )
     due = [parse_due_member(m) for m in due_shards(context.lua, keys, most)]
     if not due:
