@@ -81,6 +81,9 @@ class WriteBehindSettings:
     batch_size: int = 1000
     shards: int = 4
     max_pending: int = 100_000
+    # At this many dead letters the entity's writes and flushes stop until an operator
+    # replays or discards them (nothing is dropped).
+    max_dead_letters: int = 10_000
     lock_ttl_ms: int = 10_000
     retry_base_ms: int = 500
     retry_max_ms: int = 30_000
@@ -252,6 +255,7 @@ def _write_behind(reader: _Reader) -> WriteBehindSettings:
         batch_size=reader.positive("batch_size", defaults.batch_size),
         shards=reader.positive("shards", defaults.shards),
         max_pending=reader.positive("max_pending", defaults.max_pending),
+        max_dead_letters=reader.positive("max_dead_letters", defaults.max_dead_letters),
         lock_ttl_ms=reader.required_duration("lock_ttl", defaults.lock_ttl_ms),
         retry_base_ms=reader.required_duration("retry_base", defaults.retry_base_ms),
         retry_max_ms=reader.required_duration("retry_max", defaults.retry_max_ms),

@@ -1,24 +1,32 @@
 -- Buffer writes and deletes: for each operation, set its cache entry and append it
 -- to its shard's stream, atomically. write() sends one operation, write_many() many.
--- KEYS: 1 due zset, 2 dead-letter keys hash, then 5 per operation:
+-- KEYS: 1 due zset, 2 dead-letter keys hash, 3 dead-letter stream, then 5 per operation:
 --       entry, stream, dirty hash, lease, tombstone
 -- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
---       5 tombstone_ttl_ms, then 5 per operation: op ("w" write, "d" delete), key, value
---       (JSON; "null" for a delete), version ("" for none), due member ("entity:shard")
+--       5 tombstone_ttl_ms, 6 max_dead_letters, then 5 per operation: op ("w" write,
+--       "d" delete), key, value (JSON; "null" for a delete), version ("" for none),
+--       due member ("entity:shard")
 -- A versioned delete leaves a tombstone (its version, for tombstone_ttl_ms); a versioned
 -- operation at a version no higher than the key's tombstone is ignored.
 -- Returns one reply per operation: its stream id, "!BACKPRESSURE <pending>" when its
--- shard holds max_pending unflushed operations, or "!TOMBSTONE <version>" when a delete
--- at that version outranks it (neither was taken).
+-- shard holds max_pending unflushed operations, "!DEADLETTERS <n>" when the entity
+-- holds max_dead_letters, or "!TOMBSTONE <version>" when a delete at that version
+-- outranks it (none of these was taken).
 if redis.replicate_commands then redis.replicate_commands() end
 local max_pending, batch_size = tonumber(ARGV[1]), tonumber(ARGV[2])
 local column, tomb_ttl = ARGV[4], ARGV[5]
+local dead = redis.call('XLEN', KEYS[3])
+if dead >= tonumber(ARGV[6]) then
+  local out = {}
+  for i = 1, (#ARGV - 6) / 5 do out[i] = '!DEADLETTERS ' .. dead end
+  return out
+end
 local pending = {}  -- stream -> its length, read once
 local full = {}     -- due member -> true when its shard holds a batch
 local due = {}      -- due members written to, in order
 local out = {}
-for i = 0, (#ARGV - 5) / 5 - 1 do
-  local a, k = 5 + i * 5, 2 + i * 5
+for i = 0, (#ARGV - 6) / 5 - 1 do
+  local a, k = 6 + i * 5, 3 + i * 5
   local op, key, value, version, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local entry, stream, dirty, lease = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local tomb = KEYS[k + 5]

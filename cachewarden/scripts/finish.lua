@@ -1,27 +1,49 @@
--- After a committed flush: acknowledge and delete the entries, and give each
--- flushed key its TTL back (or drop its delete marker) unless a newer write
--- for it is still pending.
--- KEYS: 1 stream, 2 dirty hash, then the entry of each settled key, in triple order
+-- After a committed flush: acknowledge and delete the entries, move the operations the
+-- database refused to the dead-letter stream, and give each flushed key its TTL back
+-- (or drop its delete marker), all at once: a crash leaves either the whole batch
+-- pending (and applied again) or none of it.
+-- Each key settles only while the operation the flush applied is still its newest
+-- pending one; a key written again meanwhile is left to that newer write (a refused
+-- operation it superseded leaves no dead letter: the newer write replaces it).
+-- KEYS: 1 stream, 2 dirty hash, 3 dead-letter stream, 4 dead-letter keys hash,
+--       then the entry of each settled key, in triple order
 -- op: "w" written, "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
--- ARGV: 1 group, 2 ttl_ms, 3 number of ids N,
---       4..3+N stream ids, then triples (key, id of its applied write, op)
-local n = tonumber(ARGV[3])
+-- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 number of ids N, 6..5+N stream ids,
+--       then M, then M triples (key, id of its applied operation, op), then for each
+--       triple with op "x", in order, its letter: o, v, n (version, ""), error, stream_id
+-- Returns {keys settled, dead letters added}.
+local n = tonumber(ARGV[5])
 if n > 0 then
   local ids = {}
-  for i = 1, n do ids[i] = ARGV[3 + i] end
+  for i = 1, n do ids[i] = ARGV[5 + i] end
   for i = 1, #ids, 1000 do
     local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
     redis.call('XACK', KEYS[1], ARGV[1], unpack(chunk))
     redis.call('XDEL', KEYS[1], unpack(chunk))
   end
 end
-local settled = 0
-for i = 4 + n, #ARGV, 3 do
+local m = tonumber(ARGV[6 + n])
+local first = 7 + n
+local letter = first + m * 3  -- the next letter's fields
+local settled, dead = 0, 0
+for t = 0, m - 1 do
+  local i = first + t * 3
   local key, id, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('HGET', KEYS[2], key) == id then
+  local newest = redis.call('HGET', KEYS[2], key) == id
+  if op == 'x' then
+    if newest then
+      local dead_id = redis.call('XADD', KEYS[3], '*', 'o', ARGV[letter], 'k', key,
+        'v', ARGV[letter + 1], 'n', ARGV[letter + 2], 'error', ARGV[letter + 3],
+        'stream_id', ARGV[letter + 4], 'shard', ARGV[3], 'failed_at_ms', ARGV[4])
+      redis.call('HSET', KEYS[4], key, dead_id)
+      dead = dead + 1
+    end
+    letter = letter + 5
+  end
+  if newest then
     redis.call('HDEL', KEYS[2], key)
-    local entry = KEYS[3 + (i - 4 - n) / 3]
+    local entry = KEYS[5 + t]
     if op == 'd' then
       -- The delete won. The entry holds its 'null' marker, or a write that lost to it
       -- on version (cached when it was enqueued): either way, drop it.
@@ -47,4 +69,4 @@ for i = 4 + n, #ARGV, 3 do
     settled = settled + 1
   end
 end
-return settled
+return {settled, dead}

@@ -7,6 +7,7 @@ the dead-letter replay.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -16,6 +17,7 @@ from cachewarden.settings import EntitySettings
 
 BACKPRESSURE = "!BACKPRESSURE"
 TOMBSTONE = "!TOMBSTONE"
+DEAD_LETTERS = "!DEADLETTERS"
 
 
 class Pending(NamedTuple):
@@ -42,7 +44,7 @@ class WriteScripts:
         self._streams = [keys.stream(name, n) for n in range(shards)]
         self._dirty = [keys.dirty(name, n) for n in range(shards)]
         self._members = [due_member(name, n) for n in range(shards)]
-        self._head = [keys.due(), keys.dead_keys(name)]
+        self._head = [keys.due(), keys.dead_keys(name), keys.dead(name)]
         wb = spec.write_behind
         self._limits: list[Any] = [
             wb.max_pending,
@@ -50,6 +52,7 @@ class WriteScripts:
             wb.max_delay_ms,
             spec.version_column or "",
             spec.tombstone_ttl_ms,
+            wb.max_dead_letters,
         ]
 
     def shard(self, key: str) -> int:
@@ -59,7 +62,8 @@ class WriteScripts:
     # -- enqueue.lua ------------------------------------------------------------
 
     def enqueue(self, ops: Sequence[Pending]) -> Any:
-        """Buffer `ops` in one script call: per op, its stream id, "!BACKPRESSURE n" or
+        """Buffer `ops` in one script call: per op, its stream id, "!BACKPRESSURE n",
+        "!DEADLETTERS n" (the entity holds max_dead_letters: nothing was taken) or
         "!TOMBSTONE v" (a delete at version v outranks it: it was ignored)."""
         keys = list(self._head)
         args = list(self._limits)
@@ -114,19 +118,42 @@ class WriteScripts:
     # -- finish.lua -------------------------------------------------------------
 
     def finish(
-        self, shard: int, ids: Sequence[str], settled: Sequence[tuple[str, str, str]]
-    ) -> int:
-        """Acknowledge and delete `ids`; settle each (key, id, op) whose id is still its newest.
+        self,
+        shard: int,
+        ids: Sequence[str],
+        settled: Sequence[tuple[str, str, str]],
+        letters: Sequence[tuple[str, str, str, str, str]] = (),
+    ) -> tuple[int, int]:
+        """Acknowledge and delete `ids`; settle each (key, id, op) whose id is still its
+        newest; dead-letter each refused one: (settled, dead letters added).
 
-        op: "w" written, "d" deleted, "x" dropped from the cache (dead-lettered),
-        "s:<version>:<column>" outranked by a newer version in the database.
+        op: "w" written, "d" deleted, "x" refused (its letter, in order, in `letters`:
+        op, value, version, error, stream id), "s:<version>:<column>" outranked by a
+        newer version in the database.
         """
-        entry = self._entry
-        keys = [self._streams[shard], self._dirty[shard], *(entry + key for key, _, _ in settled)]
-        args: list[Any] = [STREAM_GROUP, self.spec.ttl_ms + self.spec.stale_ttl_ms, len(ids), *ids]
+        name = self.spec.name
+        keys = [
+            self._streams[shard],
+            self._dirty[shard],
+            self.keys.dead(name),
+            self.keys.dead_keys(name),
+            *(self._entry + key for key, _, _ in settled),
+        ]
+        args: list[Any] = [
+            STREAM_GROUP,
+            self.spec.ttl_ms + self.spec.stale_ttl_ms,
+            shard,
+            int(time.time() * 1000),
+            len(ids),
+            *ids,
+            len(settled),
+        ]
         for triple in settled:
             args += triple
-        return int(self.lua.run("finish", keys=keys, args=args))
+        for letter in letters:
+            args += letter
+        done, dead = self.lua.run("finish", keys=keys, args=args)
+        return int(done), int(dead)
 
     # -- replay.lua -------------------------------------------------------------
 

@@ -1,5 +1,10 @@
 """The dead-letter stream: rows the database refused, kept with the error.
 
+The flusher moves a refused row here in the same script that acknowledges its
+batch (finish.lua), and only while it is still its key's newest pending
+operation: no crash can leave a letter half made or its batch acknowledged
+without it.
+
 Nothing is dropped: a rejected row waits here until it is replayed (after the
 data or the table is fixed) or discarded by an operator. A newer write of the
 same key supersedes its dead letter, so a replay never overwrites newer data.
@@ -7,14 +12,12 @@ same key supersedes its dead letter, so a replay never overwrites newer data.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.exceptions import ResponseError
 
-from cachewarden.context import Context
 from cachewarden.errors import Backpressure
 from cachewarden.keys import Keyspace
 from cachewarden.scripts import Registry
@@ -22,7 +25,7 @@ from cachewarden.scripts.writebehind import Pending, WriteScripts
 from cachewarden.settings import EntitySettings
 
 if TYPE_CHECKING:
-    from cachewarden.writebehind.sink import Rejected
+    pass
 
 
 @dataclass(frozen=True)
@@ -57,25 +60,6 @@ class DeadLetter:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly view."""
         return self.__dict__.copy()
-
-
-def dead_letter(context: Context, spec: EntitySettings, shard: int, rejected: Rejected) -> str:
-    """Move a rejected operation to the entity's dead-letter stream; return its id."""
-    op = rejected.op
-    fields = {
-        "o": op.kind,
-        "k": op.key,
-        "v": op.value,
-        "n": "" if op.version is None else str(op.version),
-        "error": rejected.error,
-        "stream_id": op.id,
-        "shard": str(shard),
-        "failed_at_ms": str(int(time.time() * 1000)),
-    }
-    keys, redis = context.keys, context.redis
-    dead_id: Any = redis.xadd(keys.dead(spec.name), fields)  # type: ignore[arg-type]
-    redis.hset(keys.dead_keys(spec.name), op.key, dead_id)
-    return str(dead_id)
 
 
 def list_dead(redis: Redis, keys: Keyspace, entity: str, count: int = 100) -> list[DeadLetter]:

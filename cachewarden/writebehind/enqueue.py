@@ -18,7 +18,13 @@ from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, Backpressure, CachewardenError, InvalidValue
-from cachewarden.scripts.writebehind import BACKPRESSURE, TOMBSTONE, Pending, WriteScripts
+from cachewarden.scripts.writebehind import (
+    BACKPRESSURE,
+    DEAD_LETTERS,
+    TOMBSTONE,
+    Pending,
+    WriteScripts,
+)
 from cachewarden.settings import EntitySettings
 
 
@@ -93,12 +99,21 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
         ) from None
     except RedisError as exc:
         raise BackendUnavailable(f"{spec.name}: Redis error: {exc}") from None
-    return [
-        _backpressure(scripts, op.key)
-        if reply.startswith(BACKPRESSURE)
-        else ("" if reply.startswith(TOMBSTONE) else reply)
-        for op, reply in zip(ops, replies, strict=True)
-    ]
+    return [_outcome(scripts, op, reply) for op, reply in zip(ops, replies, strict=True)]
+
+
+def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> str | Backpressure:
+    if reply.startswith(BACKPRESSURE):
+        return _backpressure(scripts, op.key)
+    if reply.startswith(DEAD_LETTERS):
+        spec = scripts.spec
+        return Backpressure(
+            f"{spec.name}: {reply.split()[1]} dead letters are waiting (the bound is "
+            f"write_behind.max_dead_letters = {spec.write_behind.max_dead_letters}); the "
+            f"write of {op.key!r} was not taken. Replay or discard them first: "
+            f"cachewarden dead-letters list {spec.name}"
+        )
+    return "" if reply.startswith(TOMBSTONE) else reply
 
 
 def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchResult) -> None:

@@ -24,7 +24,6 @@ from cachewarden.scripts.writebehind import WriteScripts
 from cachewarden.settings import EntitySettings
 from cachewarden.writebehind.backoff import backoff_ms
 from cachewarden.writebehind.coalesce import Op, coalesce
-from cachewarden.writebehind.deadletters import dead_letter
 from cachewarden.writebehind.enqueue import write_scripts
 from cachewarden.writebehind.fence import Fence, committed_token
 from cachewarden.writebehind.sink import Outcome, SqlSink
@@ -32,6 +31,10 @@ from cachewarden.writebehind.sink import Outcome, SqlSink
 log = structlog.get_logger("cachewarden.flush")
 
 Entries = list[tuple[str, dict[str, str] | None]]
+
+
+class _DeadLettersFull(Exception):
+    """The entity holds max_dead_letters: the shard takes no new batch."""
 
 
 @dataclass
@@ -91,6 +94,11 @@ class ShardFlusher:
             sink = sink_for(self.context, self.spec.name)
             self._drain(sink, fence, result, time.monotonic() + budget_ms / 1000)
             self.context.redis.delete(self.context.keys.retries(self.spec.name, self.shard))
+        except _DeadLettersFull as exc:
+            hold_ms = self._backoff()
+            result.status, result.retry_in_ms = "backoff", hold_ms
+            result.errors.append(str(exc))
+            log.error("flush_blocked", error=str(exc), retry_in_ms=hold_ms)
         except LockLost as exc:
             result.status = "fenced"
             result.errors.append(str(exc))
@@ -168,6 +176,7 @@ class ShardFlusher:
             )
             cursor, claimed = reply[0], reply[1]
             if claimed:
+                self._check_dead_letters()
                 yield claimed
             if cursor == "0-0":
                 break
@@ -177,37 +186,61 @@ class ShardFlusher:
             )
             if not read or not read[0][1]:
                 return
+            self._check_dead_letters()  # what it read stays pending, claimed again later
             yield read[0][1]
+
+    def _check_dead_letters(self) -> None:
+        """Take no new batch while the entity holds max_dead_letters (nothing is dropped)."""
+        bound = self.spec.write_behind.max_dead_letters
+        held = int(self.context.redis.xlen(self.context.keys.dead(self.spec.name)))
+        if held >= bound:
+            raise _DeadLettersFull(
+                f"{self.spec.name}: {held} dead letters are waiting (write_behind."
+                f"max_dead_letters = {bound}); flushing resumes once they are replayed or "
+                f"discarded: cachewarden dead-letters list {self.spec.name}"
+            )
 
     def _apply(self, entries: Entries, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
         ops = [Op.from_fields(sid, fields) for sid, fields in entries if fields]
         winners = coalesce(ops)
         outcome = sink.apply(winners, fence) if winners else Outcome()
         rejected = outcome.rejected
-        for bad in rejected:
-            dead_letter(self.context, self.spec, self.shard, bad)
-        self._finish(entries, ops, winners, outcome)
+        dead = self._finish(entries, ops, winners, outcome)
         result.entries += len(entries)
         result.applied += len(winners) - len(rejected)
-        result.rejected += len(rejected)
+        result.rejected += dead
         result.batches += 1
         log.info(
             "flush_batch",
             batch_size=len(entries),
             applied=len(winners) - len(rejected),
             rejected=len(rejected),
+            dead_letters=dead,
             fence=fence.token,
         )
 
-    def _finish(self, entries: Entries, ops: list[Op], winners: list[Op], outcome: Outcome) -> None:
+    def _finish(self, entries: Entries, ops: list[Op], winners: list[Op], outcome: Outcome) -> int:
+        """Acknowledge the batch, settle its keys and move its refused rows to the
+        dead-letter stream (one script: a crash leaves all of it or none); return how
+        many letters it made."""
         last_id = {op.key: op.id for op in ops}
         kind = {op.key: op.kind for op in winners}
+        refused = {bad.op.key: bad for bad in outcome.rejected}
         # "x": drop the entry. The database refused the row, or holds a newer version.
-        kind.update({bad.op.key: "x" for bad in outcome.rejected})
+        kind.update({key: "x" for key in refused})
         for op in outcome.stale:
             kind[op.key] = f"s:{op.version}:{self.spec.version_column}"
         settled = [(key, sid, kind[key]) for key, sid in last_id.items()]
-        self._scripts.finish(self.shard, [sid for sid, _ in entries], settled)
+        letters = [
+            (bad.op.kind, bad.op.value, _version(bad.op), bad.error, bad.op.id)
+            for bad in (refused[key] for key, _, op in settled if op == "x")
+        ]
+        _, dead = self._scripts.finish(self.shard, [sid for sid, _ in entries], settled, letters)
+        return dead
+
+
+def _version(op: Op) -> str:
+    return "" if op.version is None else str(op.version)
 
 
 def _ensure_group(redis: Any, stream: str) -> None:

@@ -7,12 +7,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from cachewarden.errors import Backpressure
 from cachewarden.keys import shard_of
+from cachewarden.scripts.writebehind import WriteScripts
 from cachewarden.writebehind.deadletters import DeadLetter, count_dead, discard, list_dead, replay
 from cachewarden.writebehind.flush import flush_shard
+from cachewarden.writebehind.sink import SqlSink
 from tests.conftest import Harness
 from tests.helpers import wait_for
 
@@ -208,13 +213,14 @@ def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
             keys=[
                 keys.due(),
                 keys.dead_keys("user"),
+                keys.dead("user"),
                 keys.entry("user", key),
                 keys.stream("user", shard),
                 keys.dirty("user", shard),
                 keys.lease("user", key),
                 keys.tombstone("user", key),
             ],
-            args=[1000, 1000, 1000, "", 86_400_000, "w", key, value, "", f"user:{shard}"],
+            args=[1000, 1000, 1000, "", 86_400_000, 10, "w", key, value, "", f"user:{shard}"],
         )
     h.cache.write("user", 3, {"name": "good"})
     _flush_all(h)
@@ -222,3 +228,91 @@ def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
     errors = {letter.key: letter.error for letter in _dead(h)}
     assert "key column" in errors["1"]
     assert "'colour' is not in table" in errors["2"]
+
+
+def _poison_setup(h: Harness, max_dead: int = 10_000, batch_size: int = 1000) -> None:
+    h.create_table("users", version=False, extra=NO_POISON)
+    wb = {"shards": 1, "max_dead_letters": max_dead, "batch_size": batch_size}
+    h.configure({"user": USER}, {"user": wb})
+
+
+def test_at_max_dead_letters_writes_and_flushes_stop_and_nothing_is_dropped(
+    pg_harness: Harness,
+) -> None:
+    """With max_dead_letters dead letters held, write() raises Backpressure naming them and the flusher takes no new batch; after a discard both resume and every taken write lands."""
+    h = pg_harness
+    _poison_setup(h, max_dead=2, batch_size=1)  # one write per batch
+    cache = h.cache
+    for key in (1, 2):
+        cache.write("user", key, {"name": "poison"})
+        assert flush_shard(h.context, "user", 0).status == "done"
+    assert count_dead(cache.redis, cache.keys, "user") == 2
+    with pytest.raises(Backpressure, match="2 dead letters are waiting"):
+        cache.write("user", 3, {"name": "good"})
+    many = cache.write_many("user", {4: {"name": "good"}})
+    assert list(many.refused) == ["4"] and not many.taken
+    letters = list_dead(cache.redis, cache.keys, "user")
+    assert discard(cache.redis, cache.keys, "user", letters[0].id)
+    for key, name in ((3, "good"), (5, "poison"), (6, "after")):
+        cache.write("user", key, {"name": name})
+    blocked = flush_shard(h.context, "user", 0)  # 3 lands, 5 is the second letter, then stop
+    assert blocked.status == "backoff" and "dead letters are waiting" in blocked.errors[0]
+    assert sorted(h.rows("users")) == [3] and _pending(h) == 1
+    assert discard(cache.redis, cache.keys, "user", letters[1].id)
+    assert flush_shard(h.context, "user", 0).status == "done"
+    assert sorted(h.rows("users")) == [3, 6] and _pending(h) == 0
+
+
+def test_a_crash_before_the_batch_is_acknowledged_leaves_one_letter(
+    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flusher that dies after the database refused a row but before its batch was acknowledged leaves the batch pending; the next flush makes exactly one dead letter, which replays."""
+    h = pg_harness
+    _poison_setup(h)
+    cache = h.cache
+    cache.write("user", 1, {"name": "poison"})
+    cache.write("user", 2, {"name": "fine"})
+    real = WriteScripts.finish
+
+    def crash(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt("killed before finish.lua")
+
+    monkeypatch.setattr(WriteScripts, "finish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        flush_shard(h.context, "user", 0)
+    assert count_dead(cache.redis, cache.keys, "user") == 0
+    assert _pending(h) == 2
+    monkeypatch.setattr(WriteScripts, "finish", real)
+    h.context.lua.client.delete(h.context.keys.flush_lock("user", 0))  # the dead one's lock
+    assert flush_shard(h.context, "user", 0).status == "done"
+    (letter,) = list_dead(cache.redis, cache.keys, "user")
+    assert letter.key == "1" and _pending(h) == 0 and sorted(h.rows("users")) == [2]
+    _fix_table(h)
+    assert replay(cache.redis, cache.keys, h.context.entity("user"), letter) != "superseded"
+    assert flush_shard(h.context, "user", 0).status == "done"
+    assert h.rows("users")[1]["name"] == "poison"
+
+
+def test_a_write_racing_a_rejection_wins_and_leaves_no_letter(
+    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer write of a key arriving after the database refused its row, before the batch is acknowledged, supersedes the refused row: no dead letter, and the newer write lands."""
+    h = pg_harness
+    _poison_setup(h)
+    cache = h.cache
+    cache.write("user", 1, {"name": "poison"})
+    real = SqlSink.apply
+
+    def racing(self: SqlSink, ops: Any, fence: Any) -> Any:
+        outcome = real(self, ops, fence)
+        if outcome.rejected:
+            cache.write("user", 1, {"name": "fixed"})
+        return outcome
+
+    monkeypatch.setattr(SqlSink, "apply", racing)
+    assert flush_shard(h.context, "user", 0).status == "done"
+    assert count_dead(cache.redis, cache.keys, "user") == 0
+    assert cache.get("user", 1) == {"id": 1, "name": "fixed"}
+    monkeypatch.setattr(SqlSink, "apply", real)
+    assert flush_shard(h.context, "user", 0).status == "done"
+    assert h.rows("users") == {1: {"id": 1, "name": "fixed"}}
