@@ -15,9 +15,10 @@ from types import TracebackType
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from cachewarden.context import Context
-from cachewarden.errors import Backpressure, InvalidKey, InvalidValue
+from cachewarden.errors import Backpressure, ConfigError, InvalidKey, InvalidValue
 from cachewarden.keys import Keyspace
 from cachewarden.readpath.reader import ReadThrough
 from cachewarden.scripts.writebehind import Pending
@@ -30,6 +31,7 @@ from cachewarden.writebehind.enqueue import (
     write_op,
     write_scripts,
 )
+from cachewarden.writebehind.shardcount import check_shards
 
 Row = Mapping[str, Any]
 
@@ -65,6 +67,18 @@ class Cache:
         if self._owns_context and reflect:
             context.reflect_all()
             self._reader.warm()
+            self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Refuse to start on a config whose shard counts Redis does not record (ConfigError);
+        with Redis down, the first write checks instead."""
+        try:
+            check_shards(self.context)
+        except RedisError:
+            pass
+        except ConfigError:
+            self.close()
+            raise
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> Cache:

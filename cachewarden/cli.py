@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--force", action="store_true", help="replay even where a newer write superseded it"
             )
+    reshard = sub.add_parser(
+        "reshard",
+        help="move an entity's write buffer to N shards (writes wait while it drains)",
+    )
+    reshard.add_argument("entity")
+    reshard.add_argument("shards", type=int)
     demo = sub.add_parser("demo", help="demo helpers")
     demo.add_argument("action", choices=["init"], help="init: create the demo entity's table")
     return parser
@@ -88,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scheduler": commands.scheduler,
         "run": lambda s, a: _run(s, args.config, a.no_embedded),
         "dead-letters": commands.dead_letters,
+        "reshard": commands.reshard,
         "demo": commands.demo,
     }
     try:

@@ -159,6 +159,21 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
+def reshard(settings: Settings, args: argparse.Namespace) -> int:
+    """Drain an entity's buffer through its old shards, then record the new count."""
+    from cachewarden.context import Context
+    from cachewarden.writebehind.reshard import reshard as move
+
+    context = Context(settings)
+    try:
+        move(context, args.entity, args.shards)
+    except RedisError as exc:
+        raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
+    finally:
+        context.close()
+    return OK
+
+
 def scheduler(settings: Settings, _args: argparse.Namespace) -> int:
     """Run the scheduler process until stopped."""
     from cachewarden.scheduler import run_scheduler

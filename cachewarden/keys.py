@@ -63,6 +63,10 @@ class Keyspace:
         """The write stream of one shard."""
         return f"{self.prefix}:@wb:{entity}:{shard}"
 
+    def shard_count(self, entity: str) -> str:
+        """The entity's recorded shard count ("N", or "N>M" while resharding to M)."""
+        return f"{self.prefix}:@wb:{entity}:shards"
+
     def dirty(self, entity: str, shard: int) -> str:
         """Key -> stream id of the newest unflushed write, for one shard."""
         return f"{self.stream(entity, shard)}:dirty"

@@ -16,10 +16,11 @@ from celery import Celery, bootsteps, signals
 
 from cachewarden.celeryconf import celery_config
 from cachewarden.connections import check_redis_safety, redis_client
-from cachewarden.context import current, set_current
+from cachewarden.context import Context, current, set_current
 from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
 from cachewarden.settings import Settings, load_settings
+from cachewarden.writebehind.shardcount import check_shards
 from worker.steps import DispatcherStep, RefreshAheadStep
 
 
@@ -45,16 +46,20 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_init.connect
 def _check_redis(**_: Any) -> None:
-    """Refuse to start on a Redis that could evict the write buffer."""
+    """Refuse to start on a Redis that could evict the write buffer, or on shard counts
+    that Redis does not record for the entities' buffers."""
     configure_logging()
     client = redis_client(settings.redis)
+    context = Context(settings, client)
     try:
         for warning in check_redis_safety(client, settings.redis):
             structlog.get_logger("cachewarden.worker").warning("redis_unsafe", detail=warning)
+        check_shards(context)
     except CachewardenError as exc:
         print(f"cachewarden: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
+        context.close()
         client.close()
 
 

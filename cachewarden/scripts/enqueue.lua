@@ -1,9 +1,10 @@
 -- Buffer writes and deletes: for each operation, set its cache entry and append it
 -- to its shard's stream, atomically. write() sends one operation, write_many() many.
--- KEYS: 1 due zset, 2 dead-letter keys hash, 3 dead-letter stream, then 5 per operation:
---       entry, stream, dirty hash, lease, tombstone
+-- KEYS: 1 due zset, 2 dead-letter keys hash, 3 dead-letter stream, 4 recorded shard
+--       count, then 5 per operation: entry, stream, dirty hash, lease, tombstone
 -- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
---       5 tombstone_ttl_ms, 6 max_dead_letters, then 5 per operation: op ("w" write,
+--       5 tombstone_ttl_ms, 6 max_dead_letters, 7 the writer's shard count, then 5 per
+--       operation: op ("w" write,
 --       "d" delete), key, value (JSON; "null" for a delete), version ("" for none),
 --       due member ("entity:shard")
 -- A versioned delete leaves a tombstone (its version, for tombstone_ttl_ms); a versioned
@@ -11,22 +12,32 @@
 -- Returns one reply per operation: its stream id, "!BACKPRESSURE <pending>" when its
 -- shard holds max_pending unflushed operations, "!DEADLETTERS <n>" when the entity
 -- holds max_dead_letters, or "!TOMBSTONE <version>" when a delete at that version
--- outranks it (none of these was taken).
+-- outranks it (none of these was taken). The first write records the shard count;
+-- a writer whose count differs from the record (or any writer while a reshard runs,
+-- the record then "N>M") gets "!SHARDS <record>" for every operation, none taken.
 if redis.replicate_commands then redis.replicate_commands() end
 local max_pending, batch_size = tonumber(ARGV[1]), tonumber(ARGV[2])
 local column, tomb_ttl = ARGV[4], ARGV[5]
-local dead = redis.call('XLEN', KEYS[3])
-if dead >= tonumber(ARGV[6]) then
+local count = (#ARGV - 7) / 5
+local function refuse_all(reply)
   local out = {}
-  for i = 1, (#ARGV - 6) / 5 do out[i] = '!DEADLETTERS ' .. dead end
+  for i = 1, count do out[i] = reply end
   return out
 end
+local recorded = redis.call('GET', KEYS[4])
+if not recorded then
+  redis.call('SET', KEYS[4], ARGV[7])
+elseif recorded ~= ARGV[7] then
+  return refuse_all('!SHARDS ' .. recorded)
+end
+local dead = redis.call('XLEN', KEYS[3])
+if dead >= tonumber(ARGV[6]) then return refuse_all('!DEADLETTERS ' .. dead) end
 local pending = {}  -- stream -> its length, read once
 local full = {}     -- due member -> true when its shard holds a batch
 local due = {}      -- due members written to, in order
 local out = {}
-for i = 0, (#ARGV - 6) / 5 - 1 do
-  local a, k = 6 + i * 5, 3 + i * 5
+for i = 0, count - 1 do
+  local a, k = 7 + i * 5, 4 + i * 5
   local op, key, value, version, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local entry, stream, dirty, lease = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local tomb = KEYS[k + 5]

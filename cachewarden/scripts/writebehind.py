@@ -18,6 +18,7 @@ from cachewarden.settings import EntitySettings
 BACKPRESSURE = "!BACKPRESSURE"
 TOMBSTONE = "!TOMBSTONE"
 DEAD_LETTERS = "!DEADLETTERS"
+SHARDS = "!SHARDS"
 
 
 class Pending(NamedTuple):
@@ -44,7 +45,7 @@ class WriteScripts:
         self._streams = [keys.stream(name, n) for n in range(shards)]
         self._dirty = [keys.dirty(name, n) for n in range(shards)]
         self._members = [due_member(name, n) for n in range(shards)]
-        self._head = [keys.due(), keys.dead_keys(name), keys.dead(name)]
+        self._head = [keys.due(), keys.dead_keys(name), keys.dead(name), keys.shard_count(name)]
         wb = spec.write_behind
         self._limits: list[Any] = [
             wb.max_pending,
@@ -53,6 +54,7 @@ class WriteScripts:
             spec.version_column or "",
             spec.tombstone_ttl_ms,
             wb.max_dead_letters,
+            shards,
         ]
 
     def shard(self, key: str) -> int:
@@ -63,7 +65,8 @@ class WriteScripts:
 
     def enqueue(self, ops: Sequence[Pending]) -> Any:
         """Buffer `ops` in one script call: per op, its stream id, "!BACKPRESSURE n",
-        "!DEADLETTERS n" (the entity holds max_dead_letters: nothing was taken) or
+        "!DEADLETTERS n" (the entity holds max_dead_letters: nothing was taken),
+        "!SHARDS record" (the recorded shard count is not ours, or a reshard runs) or
         "!TOMBSTONE v" (a delete at version v outranks it: it was ignored)."""
         keys = list(self._head)
         args = list(self._limits)

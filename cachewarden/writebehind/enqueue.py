@@ -17,15 +17,22 @@ from redis.exceptions import RedisError, ResponseError
 from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
 from cachewarden.context import Context
-from cachewarden.errors import BackendUnavailable, Backpressure, CachewardenError, InvalidValue
+from cachewarden.errors import (
+    BackendUnavailable,
+    Backpressure,
+    CachewardenError,
+    InvalidValue,
+)
 from cachewarden.scripts.writebehind import (
     BACKPRESSURE,
     DEAD_LETTERS,
+    SHARDS,
     TOMBSTONE,
     Pending,
     WriteScripts,
 )
 from cachewarden.settings import EntitySettings
+from cachewarden.writebehind.shardcount import shards_refusal
 
 
 @dataclass
@@ -99,6 +106,8 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
         ) from None
     except RedisError as exc:
         raise BackendUnavailable(f"{spec.name}: Redis error: {exc}") from None
+    if replies and replies[0].startswith(SHARDS):
+        raise shards_refusal(spec, replies[0].split()[1])
     return [_outcome(scripts, op, reply) for op, reply in zip(ops, replies, strict=True)]
 
 
