@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import RedisError
 from sqlalchemy import inspect as sa_inspect
@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cachewarden.connections import check_redis_safety, redis_client
 from cachewarden.database import describe, make_engine
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
-from cachewarden.keys import Keyspace, due_member
+from cachewarden.keys import Keyspace, due_member, parse_due_member
 from cachewarden.settings import EntitySettings, Settings
 from cachewarden.tables import reflect_table
 from cachewarden.writebehind.deadletters import discard, list_dead, replay
@@ -81,21 +81,30 @@ def _number(text: str) -> int | float:
 
 
 def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, Any]:
-    """Pending writes per shard, due shards and dead letters, per entity."""
+    """Pending writes per shard, due shards and dead letters, per entity; entities with
+    buffered writes that the config no longer defines are listed too ("configured": false)."""
     due = dict(client.zrange(keys.due(), 0, -1, withscores=True))
+    shards_of: dict[str, range | list[int]] = {
+        spec.name: range(spec.write_behind.shards) for spec in settings.entities.values()
+    }
+    for member in due:
+        entity, shard = parse_due_member(member)
+        if entity not in settings.entities:
+            shards_of.setdefault(entity, [])
+            cast("list[int]", shards_of[entity]).append(shard)
     out: dict[str, Any] = {}
-    for spec in settings.entities.values():
-        shards = range(spec.write_behind.shards)
+    for name, shards in shards_of.items():
         with client.pipeline(transaction=False) as pipe:
             for s in shards:
-                pipe.xlen(keys.stream(spec.name, s))
-            pipe.xlen(keys.dead(spec.name))
-            pipe.hgetall(keys.read_stats(spec.name))
+                pipe.xlen(keys.stream(name, s))
+            pipe.xlen(keys.dead(name))
+            pipe.hgetall(keys.read_stats(name))
             *pending, dead, reads = pipe.execute()
-        out[spec.name] = {
+        out[name] = {
+            "configured": name in settings.entities,
             "pending": sum(pending),
             "pending_per_shard": [int(n) for n in pending],
-            "due_shards": [s for s in shards if due_member(spec.name, s) in due],
+            "due_shards": [s for s in shards if due_member(name, s) in due],
             "dead_letters": int(dead),
             "read": {k: _number(v) for k, v in reads.items()},
         }
@@ -116,6 +125,8 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
         return OK
     for name, row in data.items():
         reads = " ".join(f"{k}={v}" for k, v in sorted(row["read"].items())) or "none yet"
+        if not row["configured"]:
+            name += " (NOT IN THE CONFIG: its buffered writes wait; add it back to flush them)"
         print(
             f"{name}: pending={row['pending']} {row['pending_per_shard']} "
             f"due_shards={row['due_shards']} dead_letters={row['dead_letters']} "

@@ -22,6 +22,7 @@ from cachewarden.scripts.writebehind import due_shards
 log = structlog.get_logger("cachewarden.dispatch")
 
 FLUSH_TASK = "cachewarden.flush"
+_reported: set[str] = set()  # entities not in the config, logged once per process
 Send = Callable[[str, int], None]
 
 
@@ -35,26 +36,24 @@ def claim_due_shards(context: Context, most: int = 1000) -> list[tuple[str, int]
         ]
     )
     due = [parse_due_member(m) for m in due_shards(context.lua, keys, most)]
+    for entity, shard in due:
+        if entity not in settings.entities and entity not in _reported:
+            _reported.add(entity)
+            log.warning(
+                "dispatch_unknown_entity",
+                entity=entity,
+                shard=shard,
+                detail="writes are buffered for an entity the config no longer defines; "
+                "they are left alone (cachewarden stats lists them)",
+            )
+    due = [(entity, shard) for entity, shard in due if entity in settings.entities]
     if not due:
         return []
     with context.redis.pipeline(transaction=False) as pipe:
         for entity, shard in due:
             pipe.set(keys.queued(entity, shard), "queued", nx=True, px=marker_ttl)
         taken = pipe.execute()
-    claimed = []
-    for (entity, shard), ok in zip(due, taken, strict=True):
-        if not ok:
-            continue
-        if entity in settings.entities:
-            claimed.append((entity, shard))
-        else:
-            log.warning(
-                "dispatch_unknown_entity",
-                entity=entity,
-                shard=shard,
-                detail="writes are buffered for an entity the config no longer defines",
-            )
-    return claimed
+    return [pair for pair, ok in zip(due, taken, strict=True) if ok]
 
 
 def dispatch_once(context: Context, send: Send) -> int:

@@ -30,6 +30,11 @@ from cachewarden.writebehind.sink import Outcome, SqlSink
 
 log = structlog.get_logger("cachewarden.flush")
 
+# A consumer of a shard's group that holds nothing and was idle this long is removed.
+CONSUMER_IDLE_MS = 10 * 60 * 1000
+TIDY_EVERY_S = 60.0
+_tidied: dict[tuple[str, int], float] = {}
+
 Entries = list[tuple[str, dict[str, str] | None]]
 
 
@@ -94,6 +99,7 @@ class ShardFlusher:
             sink = sink_for(self.context, self.spec.name)
             self._drain(sink, fence, result, time.monotonic() + budget_ms / 1000)
             self.context.redis.delete(self.context.keys.retries(self.spec.name, self.shard))
+            self._tidy_consumers()
         except _DeadLettersFull as exc:
             hold_ms = self._backoff()
             result.status, result.retry_in_ms = "backoff", hold_ms
@@ -118,6 +124,26 @@ class ShardFlusher:
         finally:
             self._release(hold_ms)
         return result
+
+    def _tidy_consumers(self) -> None:
+        """Remove the group's consumers that hold nothing and were idle for CONSUMER_IDLE_MS
+        (processes gone: each names itself host-pid), at most every TIDY_EVERY_S."""
+        now, last = time.monotonic(), _tidied.get((self.spec.name, self.shard), 0.0)
+        if now - last < TIDY_EVERY_S:
+            return
+        _tidied[(self.spec.name, self.shard)] = now
+        redis, stream = self.context.redis, self._stream
+        consumers: Any = redis.xinfo_consumers(stream, STREAM_GROUP)
+        for consumer in consumers:
+            name = consumer["name"]
+            idle = int(consumer.get("inactive", consumer["idle"]))
+            if (
+                name != self.context.consumer
+                and consumer["pending"] == 0
+                and idle > CONSUMER_IDLE_MS
+            ):
+                redis.xgroup_delconsumer(stream, STREAM_GROUP, name)
+                log.info("consumer_removed", consumer=name, idle_ms=idle)
 
     # -- lock, fence, backoff ---------------------------------------------------
 
