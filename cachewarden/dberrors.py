@@ -6,7 +6,9 @@ what the database itself said, per dialect: PostgreSQL's SQLSTATE, MySQL's and
 MariaDB's error number, SQLite's result code. Only a data or constraint error
 (SQLSTATE class 22 or 23 and the equivalents) is about the rows: those are
 isolated and dead-lettered. A missing column means the table changed under us:
-re-reflect and try again. Everything else (a lost connection, a read-only
+re-reflect and try again. A lock wait that ran out (another transaction holds a
+row) is about those rows, but not their data: they wait, the others go on.
+Everything else (a lost connection, a read-only
 transaction, a missing privilege or table, a full disk, a lock or serialization
 timeout, an error this module does not know) is a fault: the work stays pending
 and backs off, and nothing is dead-lettered for it.
@@ -24,6 +26,7 @@ class Kind(Enum):
 
     ROW = "row"  # the database refused these rows on their merits
     SCHEMA = "schema"  # a column the statement names is not in the table: re-reflect
+    LOCKED = "locked"  # a row lock held by another transaction outlasted our lock wait
     FAULT = "fault"  # the database (or the way to it) failed: retry the same work later
 
 
@@ -58,7 +61,8 @@ _MYSQL_ROW_ERRORS = frozenset(
         4025,  # CONSTRAINT failed (MariaDB CHECK)
     }
 )
-_MYSQL_UNKNOWN_COLUMN = 1054
+_MYSQL_KINDS = {1054: Kind.SCHEMA, 1205: Kind.LOCKED}  # unknown column; lock wait timeout
+_SQLSTATE_KINDS = {"42703": Kind.SCHEMA, "55P03": Kind.LOCKED}  # undefined_column; lock_timeout
 
 # SQLite primary result codes (the extended code's low byte).
 _SQLITE_ROW_ERRORS = frozenset({18, 19, 20})  # TOOBIG, CONSTRAINT, MISMATCH
@@ -67,7 +71,8 @@ _SQLITE_UNKNOWN_COLUMN = ("no such column", "has no column named")
 
 
 def classify(exc: SQLAlchemyError) -> Kind:
-    """Whether `exc` is about the rows of its statement, the table's shape, or a fault."""
+    """Whether `exc` is about the rows of its statement, the table's shape, a row lock,
+    or a fault."""
     if not isinstance(exc, DBAPIError):
         # Parameters the driver could not take (a value of the wrong Python type):
         # raised before the statement ran, so about the row.
@@ -75,25 +80,19 @@ def classify(exc: SQLAlchemyError) -> Kind:
     if exc.connection_invalidated:
         return Kind.FAULT
     orig = exc.orig
+    errno = _mysql_errno(orig)
+    if errno is not None:
+        return _MYSQL_KINDS.get(errno, Kind.ROW if errno in _MYSQL_ROW_ERRORS else Kind.FAULT)
     sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if isinstance(sqlstate, str) and len(sqlstate) == 5:
         if sqlstate[:2] in ("22", "23"):
             return Kind.ROW
-        if sqlstate == "42703":  # undefined_column
-            return Kind.SCHEMA
-        if _mysql_errno(orig) is None:
-            return Kind.FAULT
-    errno = _mysql_errno(orig)
-    if errno is not None:
-        if errno in _MYSQL_ROW_ERRORS:
-            return Kind.ROW
-        return Kind.SCHEMA if errno == _MYSQL_UNKNOWN_COLUMN else Kind.FAULT
+        return _SQLSTATE_KINDS.get(sqlstate, Kind.FAULT)
     code = getattr(orig, "sqlite_errorcode", None)
     if isinstance(code, int):
         if code & 0xFF in _SQLITE_ROW_ERRORS:
             return Kind.ROW
-        text = str(orig)
-        if code == _SQLITE_ERROR and any(s in text for s in _SQLITE_UNKNOWN_COLUMN):
+        if code == _SQLITE_ERROR and any(s in str(orig) for s in _SQLITE_UNKNOWN_COLUMN):
             return Kind.SCHEMA
     return Kind.FAULT
 

@@ -85,6 +85,9 @@ class WriteBehindSettings:
     # replays or discards them (nothing is dropped).
     max_dead_letters: int = 10_000
     lock_ttl_ms: int = 10_000
+    # How long a flush statement waits for a row lock another transaction holds; the
+    # locked rows then wait (pending, in order) and the rest of the batch is applied.
+    lock_wait_ms: int = 1_000
     retry_base_ms: int = 500
     retry_max_ms: int = 30_000
 
@@ -257,6 +260,7 @@ def _write_behind(reader: _Reader) -> WriteBehindSettings:
         max_pending=reader.positive("max_pending", defaults.max_pending),
         max_dead_letters=reader.positive("max_dead_letters", defaults.max_dead_letters),
         lock_ttl_ms=reader.required_duration("lock_ttl", defaults.lock_ttl_ms),
+        lock_wait_ms=reader.required_duration("lock_wait", defaults.lock_wait_ms),
         retry_base_ms=reader.required_duration("retry_base", defaults.retry_base_ms),
         retry_max_ms=reader.required_duration("retry_max", defaults.retry_max_ms),
     )

@@ -56,5 +56,6 @@ def flush(self: Task[Any, Any], entity: str, shard: int) -> dict[str, Any]:
             "entries": result.entries,
             "applied": result.applied,
             "dead_letters": result.rejected,
+            "locked": result.locked,
             "batches": result.batches,
         }

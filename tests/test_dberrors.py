@@ -84,8 +84,8 @@ def test_a_read_only_transaction_is_a_fault(engine: sa.Engine) -> None:
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
-def test_a_lock_timeout_is_a_fault(kind: str, tmp_path: Path) -> None:
-    """A statement that gave up waiting for another transaction's row lock is a fault."""
+def test_a_lock_timeout_is_about_locked_rows(kind: str, tmp_path: Path) -> None:
+    """A statement that gave up waiting for another transaction's row lock is classified LOCKED (those rows wait), not a row error."""
     for url in _database(kind, tmp_path):
         engine = sa.create_engine(url)
         with engine.begin() as conn:
@@ -101,7 +101,7 @@ def test_a_lock_timeout_is_a_fault(kind: str, tmp_path: Path) -> None:
             exc = _error(engine, wait, "UPDATE t SET name = 'w' WHERE id = 1")
             holder.rollback()
         engine.dispose()
-        assert classify(exc) is Kind.FAULT
+        assert classify(exc) is Kind.LOCKED
 
 
 def test_a_busy_sqlite_database_is_a_fault(tmp_path: Path) -> None:

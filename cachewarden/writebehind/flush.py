@@ -52,6 +52,7 @@ class FlushResult:
     entries: int = 0
     applied: int = 0
     rejected: int = 0
+    locked: int = 0  # keys left pending because another transaction holds their row
     batches: int = 0
     retry_in_ms: int = 0
     errors: list[str] = field(default_factory=list)
@@ -77,6 +78,9 @@ class ShardFlusher:
     spec: EntitySettings
     shard: int
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Keys whose rows were locked by another transaction during this run: every entry of
+    # theirs stays pending (in stream order) for the next run, never applied out of order.
+    held: set[str] = field(default_factory=set)
 
     @property
     def _stream(self) -> str:
@@ -100,6 +104,12 @@ class ShardFlusher:
             self._drain(sink, fence, result, time.monotonic() + budget_ms / 1000)
             self.context.redis.delete(self.context.keys.retries(self.spec.name, self.shard))
             self._tidy_consumers()
+            if self.held:
+                # Try the locked rows again after one lock wait (not a growing backoff:
+                # a held lock is contention, and they land as soon as it is released).
+                hold_ms = self.spec.write_behind.lock_wait_ms
+                result.retry_in_ms = hold_ms
+                log.warning("flush_rows_locked", keys=len(self.held), retry_in_ms=hold_ms)
         except _DeadLettersFull as exc:
             hold_ms = self._backoff()
             result.status, result.retry_in_ms = "backoff", hold_ms
@@ -228,13 +238,20 @@ class ShardFlusher:
 
     def _apply(self, entries: Entries, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
         ops = [Op.from_fields(sid, fields) for sid, fields in entries if fields]
-        winners = coalesce(ops)
+        held = self.held
+        winners = coalesce([op for op in ops if op.key not in held])
         outcome = sink.apply(winners, fence) if winners else Outcome()
+        held.update(op.key for op in outcome.locked)
+        if held:  # what is held stays pending: not acknowledged, not settled
+            entries = [(sid, f) for sid, f in entries if not f or f.get("k") not in held]
+            ops = [op for op in ops if op.key not in held]
+            winners = [op for op in winners if op.key not in held]
         rejected = outcome.rejected
         dead = self._finish(entries, ops, winners, outcome)
         result.entries += len(entries)
         result.applied += len(winners) - len(rejected)
         result.rejected += dead
+        result.locked = len(held)
         result.batches += 1
         log.info(
             "flush_batch",
@@ -242,6 +259,7 @@ class ShardFlusher:
             applied=len(winners) - len(rejected),
             rejected=len(rejected),
             dead_letters=dead,
+            locked=len(outcome.locked),
             fence=fence.token,
         )
 

@@ -9,7 +9,10 @@ raises, and the whole batch stays pending. So does a batch whose every row the
 database refused with the same words (a trigger, a constraint every row breaks
 after a migration): that is about the table, not the rows. A column the
 database or the reflection does not know re-reflects the table once and tries
-again, so a migration's new column is written without a restart.
+again, so a migration's new column is written without a restart. Each
+transaction waits at most `lock_wait` for a row lock; when that runs out, the
+locked rows are found (`SELECT ... FOR UPDATE SKIP LOCKED`) and set aside for
+the flusher to keep pending, and the rest is applied.
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ class Outcome:
     rejected: list[Rejected] = field(default_factory=list)
     # Writes that lost to a newer version already in the database.
     stale: list[Op] = field(default_factory=list)
+    # Operations on rows another transaction holds locked: not applied, still pending.
+    locked: list[Op] = field(default_factory=list)
 
     def __add__(self, other: Outcome) -> Outcome:
-        return Outcome(self.rejected + other.rejected, self.stale + other.stale)
+        return Outcome(
+            self.rejected + other.rejected, self.stale + other.stale, self.locked + other.locked
+        )
 
 
 class _RowProblem(Exception):
@@ -72,6 +79,18 @@ class _RowProblem(Exception):
 
 class _UnknownColumn(_RowProblem):
     """A row carrying a column the reflected table lacks."""
+
+
+class _Locked(Exception):
+    """A statement's lock wait ran out: some rows of the batch are locked by others."""
+
+    def __init__(self, error: SQLAlchemyError) -> None:
+        super().__init__(first_line(error))
+        self.error = error
+
+
+# How many times a batch is tried around the locks it met before it waits whole.
+LOCK_ROUNDS = 3
 
 
 class SqlSink:
@@ -122,7 +141,7 @@ class SqlSink:
         read-only or refusing us, or refusing every row alike), committing nothing
         of the failing transaction."""
         self._batch += 1
-        outcome = self._apply(ops, fence)
+        outcome = self._around_locks(ops, fence)
         details = {bad.detail for bad in outcome.rejected}
         if len(ops) > 1 and len(outcome.rejected) == len(ops) and None not in details:
             if len(details) == 1:
@@ -133,6 +152,39 @@ class SqlSink:
                     f"pending (database {describe(self.engine)})"
                 )
         return outcome
+
+    def _around_locks(self, ops: Sequence[Op], fence: Fence) -> Outcome:
+        """Apply `ops`; where a lock wait runs out, set the locked rows aside and apply the
+        rest (a lock taken meanwhile starts another round, LOCK_ROUNDS at most)."""
+        held: list[Op] = []
+        for _ in range(LOCK_ROUNDS):
+            try:
+                return self._apply(ops, fence) + Outcome(locked=held)
+            except _Locked:
+                locked = self._locked_keys(ops)
+                held += [op for op in ops if op.key in locked]
+                ops = [op for op in ops if op.key not in locked]
+        raise BackendUnavailable(
+            f"{self.entity.name}: rows of a batch stayed locked by other transactions past "
+            f"{LOCK_ROUNDS} rounds of lock_wait; the batch stays pending"
+        )
+
+    def _locked_keys(self, ops: Sequence[Op]) -> set[str]:
+        """The keys of `ops` whose rows another transaction holds locked right now."""
+        values: dict[Any, str] = {}
+        for op in ops:
+            try:
+                values[self.reflected.key_value(op.key)] = op.key
+            except ValueError:
+                continue  # not a key of this table: the batch's row errors deal with it
+        if not values:
+            return set()
+        key_col = self.table.c[self.entity.key]
+        found = select(key_col).where(key_col.in_(list(values)))
+        with self.engine.begin() as conn:
+            existing = set(conn.execute(found).scalars())
+            free = set(conn.execute(found.with_for_update(skip_locked=True)).scalars())
+        return {values[v] for v in existing - free}
 
     def _apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
         if self._fast and len(ops) > 1:
@@ -163,6 +215,8 @@ class SqlSink:
             return _Refusal(str(exc), None)
         except SQLAlchemyError as exc:
             kind = classify(exc)
+            if kind is Kind.LOCKED:
+                raise _Locked(exc) from exc
             if kind is Kind.SCHEMA and self._schema_moved():
                 return self._attempt(ops, fence, fast)
             if kind is not Kind.ROW:
@@ -194,12 +248,26 @@ class SqlSink:
                     if op.replaces:
                         cleared.append(row[self.entity.key])
         with self.engine.begin() as conn:
+            self._wait_for_locks(conn)
             fence.check(conn)
             self._deletes(conn, cleared, [])
             for columns, rows in writes.items():
                 self._upsert_rows(conn, columns, rows, fast)
             self._deletes(conn, plain_deletes, versioned_deletes)
             return self._outranked(conn, versioned, fast)
+
+    def _wait_for_locks(self, conn: Connection) -> None:
+        """Bound how long this transaction's statements wait for a row lock (lock_wait).
+
+        Not on SQLite: it locks the whole database, so a short busy timeout could not
+        set a row aside; it would only turn each wait into a growing backoff (its
+        connections keep database.py's 30 s busy timeout)."""
+        ms = self.entity.write_behind.lock_wait_ms
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(ms)}")
+        elif self.dialect in ("mysql", "mariadb"):
+            seconds = max(1, -(-ms // 1000))  # whole seconds, at least 1
+            conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {int(seconds)}")
 
     def _upsert_rows(
         self, conn: Connection, columns: tuple[str, ...], rows: list[dict[str, Any]], fast: bool

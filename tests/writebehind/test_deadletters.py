@@ -214,13 +214,14 @@ def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
                 keys.due(),
                 keys.dead_keys("user"),
                 keys.dead("user"),
+                keys.shard_count("user"),
                 keys.entry("user", key),
                 keys.stream("user", shard),
                 keys.dirty("user", shard),
                 keys.lease("user", key),
                 keys.tombstone("user", key),
             ],
-            args=[1000, 1000, 1000, "", 86_400_000, 10, "w", key, value, "", f"user:{shard}"],
+            args=[1000, 1000, 1000, "", 86_400_000, 10, 4, "w", key, value, "", f"user:{shard}"],
         )
     h.cache.write("user", 3, {"name": "good"})
     _flush_all(h)
