@@ -63,6 +63,10 @@ class Keyspace:
         """The write stream of one shard."""
         return f"{self.prefix}:@wb:{entity}:{shard}"
 
+    def memory_mark(self) -> str:
+        """ "ok" (100 ms) or "<used> <max>" (1 s, writes refused): enqueue.lua's memory look."""
+        return f"{self.prefix}:@wb:memory"
+
     def shard_count(self, entity: str) -> str:
         """The entity's recorded shard count ("N", or "N>M" while resharding to M)."""
         return f"{self.prefix}:@wb:{entity}:shards"

@@ -50,6 +50,9 @@ class RedisSettings:
     # "refuse" (default) stops on an eviction policy that can reach the buffer;
     # "warn" logs loudly and goes on.
     unsafe_policy: str = "refuse"
+    # write() raises Backpressure once Redis uses this share of maxmemory or more, so
+    # what drains the buffer (locks, markers, dead letters, the broker) always fits.
+    memory_headroom: float = 0.1
 
     @property
     def shown(self) -> str:
@@ -247,8 +250,11 @@ def _redis(reader: _Reader) -> RedisSettings:
         raise reader.fail("unsafe_policy", 'must be "refuse" or "warn"')
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise reader.fail("url", f"{url!r} is not a redis:// or unix:// URL")
+    headroom = float(reader.get("memory_headroom", float, 0.1))
+    if not 0 <= headroom < 0.9:
+        raise reader.fail("memory_headroom", f"must be at least 0 and below 0.9, got {headroom}")
     reader.reject_unknown()
-    return RedisSettings(url=url, prefix=prefix, unsafe_policy=policy)
+    return RedisSettings(url=url, prefix=prefix, unsafe_policy=policy, memory_headroom=headroom)
 
 
 def _write_behind(reader: _Reader) -> WriteBehindSettings:

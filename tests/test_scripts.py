@@ -14,13 +14,13 @@ from tests.helpers import REDIS_URL
 SCRIPTS = Path(__file__).resolve().parent.parent / "cachewarden" / "scripts"
 LUA = sorted(SCRIPTS.glob("*.lua"))
 # Commands whose first argument is not a key.
-KEYLESS = {"TIME"}
+KEYLESS = {"TIME", "INFO"}
 CALL = re.compile(r"redis\.p?call\(\s*'([A-Z]+)'\s*(?:,\s*([^,)]+))?")
 
 
 def _key_names(source: str) -> set[str]:
-    """Local names that only ever hold a KEYS element (`local x = KEYS[...]`, `a and KEYS[1] or KEYS[2]`)."""
-    names: set[str] = set()
+    """Local names that only ever hold a KEYS element (`local x = KEYS[...]`, `a and KEYS[1] or KEYS[2]`, `for _, x in ipairs(KEYS)`)."""
+    names: set[str] = set(re.findall(r"for \w+, (\w+) in ipairs\(KEYS\)", source))
     for match in re.finditer(r"local ([\w, ]+?) = ([^\n]+)", source):
         targets = [t.strip() for t in match.group(1).split(",")]
         values = [v.strip() for v in match.group(2).split(",")]

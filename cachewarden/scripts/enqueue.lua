@@ -1,10 +1,11 @@
 -- Buffer writes and deletes: for each operation, set its cache entry and append it
 -- to its shard's stream, atomically. write() sends one operation, write_many() many.
 -- KEYS: 1 due zset, 2 dead-letter keys hash, 3 dead-letter stream, 4 recorded shard
---       count, then 5 per operation: entry, stream, dirty hash, lease, tombstone
+--       count, 5 memory mark, then 5 per operation: entry, stream, dirty hash, lease,
+--       tombstone
 -- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
---       5 tombstone_ttl_ms, 6 max_dead_letters, 7 the writer's shard count, then 5 per
---       operation: op ("w" write,
+--       5 tombstone_ttl_ms, 6 max_dead_letters, 7 the writer's shard count, 8 the memory
+--       headroom (a share of maxmemory), then 5 per operation: op ("w" write,
 --       "d" delete), key, value (JSON; "null" for a delete), version ("" for none),
 --       due member ("entity:shard")
 -- A versioned delete leaves a tombstone (its version, for tombstone_ttl_ms); a versioned
@@ -14,16 +15,37 @@
 -- holds max_dead_letters, or "!TOMBSTONE <version>" when a delete at that version
 -- outranks it (none of these was taken). The first write records the shard count;
 -- a writer whose count differs from the record (or any writer while a reshard runs,
--- the record then "N>M") gets "!SHARDS <record>" for every operation, none taken.
+-- the record then "N>M") gets "!SHARDS <record>" for every operation, none taken; so
+-- every writer while Redis is within the memory headroom of maxmemory (looked at
+-- INFO memory at most every 100 ms, through the mark): "!MEMORY <used> <max>".
 if redis.replicate_commands then redis.replicate_commands() end
 local max_pending, batch_size = tonumber(ARGV[1]), tonumber(ARGV[2])
 local column, tomb_ttl = ARGV[4], ARGV[5]
-local count = (#ARGV - 7) / 5
+local count = (#ARGV - 8) / 5
 local function refuse_all(reply)
   local out = {}
   for i = 1, count do out[i] = reply end
   return out
 end
+-- Memory: the mark says "ok" for 100 ms after a look at INFO, or "<used> <max>" for
+-- 1 s while Redis is within the headroom of maxmemory; without a mark, or for a call
+-- carrying more than 64 KB, look now.
+local bytes = 0
+for i = 0, count - 1 do bytes = bytes + #ARGV[11 + i * 5] end
+local memory = redis.call('GET', KEYS[5])
+if not memory or (memory == 'ok' and bytes > 65536) then
+  local info = redis.call('INFO', 'memory')
+  local used = tonumber(string.match(info, 'used_memory:(%d+)'))
+  local max = tonumber(string.match(info, 'maxmemory:(%d+)'))
+  if max and max > 0 and used >= max * (1 - tonumber(ARGV[8])) then
+    memory = used .. ' ' .. max
+    redis.call('SET', KEYS[5], memory, 'PX', 1000)
+  else
+    memory = 'ok'
+    redis.call('SET', KEYS[5], memory, 'PX', 100)
+  end
+end
+if memory ~= 'ok' then return refuse_all('!MEMORY ' .. memory) end
 local recorded = redis.call('GET', KEYS[4])
 if not recorded then
   redis.call('SET', KEYS[4], ARGV[7])
@@ -37,7 +59,7 @@ local full = {}     -- due member -> true when its shard holds a batch
 local due = {}      -- due members written to, in order
 local out = {}
 for i = 0, count - 1 do
-  local a, k = 7 + i * 5, 4 + i * 5
+  local a, k = 8 + i * 5, 5 + i * 5
   local op, key, value, version, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local entry, stream, dirty, lease = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local tomb = KEYS[k + 5]

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: it drains the buffer, so it must run when Redis is full.
 -- After a committed flush: acknowledge and delete the entries, move the operations the
 -- database refused to the dead-letter stream, and give each flushed key its TTL back
 -- (or drop its delete marker), all at once: a crash leaves either the whole batch

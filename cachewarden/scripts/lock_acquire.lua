@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: it drains the buffer, so it must run when Redis is full.
 -- Take a lock and a fresh fencing token.
 -- KEYS: 1 lock, 2 fence counter   ARGV: 1 owner token, 2 ttl_ms
 -- Returns the fencing token, or 0 when another owner holds the lock.

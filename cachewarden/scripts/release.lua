@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: it drains the buffer, so it must run when Redis is full.
 -- End a flush: release the lock, clear (or hold, for a backoff) the queued
 -- marker, and reschedule the shard from its oldest remaining entry.
 -- KEYS: 1 lock, 2 queued marker, 3 stream, 4 due zset

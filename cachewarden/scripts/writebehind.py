@@ -19,6 +19,7 @@ BACKPRESSURE = "!BACKPRESSURE"
 TOMBSTONE = "!TOMBSTONE"
 DEAD_LETTERS = "!DEADLETTERS"
 SHARDS = "!SHARDS"
+MEMORY = "!MEMORY"
 
 
 class Pending(NamedTuple):
@@ -33,7 +34,9 @@ class Pending(NamedTuple):
 class WriteScripts:
     """The write path's scripts for one entity."""
 
-    def __init__(self, lua: Registry, keys: Keyspace, spec: EntitySettings) -> None:
+    def __init__(
+        self, lua: Registry, keys: Keyspace, spec: EntitySettings, memory_headroom: float = 0.1
+    ) -> None:
         self.lua = lua
         self.keys = keys
         self.spec = spec
@@ -45,7 +48,13 @@ class WriteScripts:
         self._streams = [keys.stream(name, n) for n in range(shards)]
         self._dirty = [keys.dirty(name, n) for n in range(shards)]
         self._members = [due_member(name, n) for n in range(shards)]
-        self._head = [keys.due(), keys.dead_keys(name), keys.dead(name), keys.shard_count(name)]
+        self._head = [
+            keys.due(),
+            keys.dead_keys(name),
+            keys.dead(name),
+            keys.shard_count(name),
+            keys.memory_mark(),
+        ]
         wb = spec.write_behind
         self._limits: list[Any] = [
             wb.max_pending,
@@ -55,6 +64,7 @@ class WriteScripts:
             spec.tombstone_ttl_ms,
             wb.max_dead_letters,
             shards,
+            memory_headroom,
         ]
 
     def shard(self, key: str) -> int:
@@ -66,7 +76,8 @@ class WriteScripts:
     def enqueue(self, ops: Sequence[Pending]) -> Any:
         """Buffer `ops` in one script call: per op, its stream id, "!BACKPRESSURE n",
         "!DEADLETTERS n" (the entity holds max_dead_letters: nothing was taken),
-        "!SHARDS record" (the recorded shard count is not ours, or a reshard runs) or
+        "!SHARDS record" (the recorded shard count is not ours, or a reshard runs),
+        "!MEMORY used maxmemory" (Redis is within the write headroom: not taken) or
         "!TOMBSTONE v" (a delete at version v outranks it: it was ignored)."""
         keys = list(self._head)
         args = list(self._limits)
@@ -193,6 +204,11 @@ class WriteScripts:
 
 
 # -- dispatch.lua (all entities) ---------------------------------------------------
+
+
+def claim_shards(lua: Registry, markers: list[str], ttl_ms: int) -> list[bool]:
+    """Set each shard's queued marker unless set (at maxmemory too): True where claimed."""
+    return [bool(n) for n in lua.run("claim", keys=markers, args=[ttl_ms])] if markers else []
 
 
 def due_shards(lua: Registry, keys: Keyspace, most: int) -> list[str]:

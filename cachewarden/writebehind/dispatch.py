@@ -17,7 +17,7 @@ import structlog
 from cachewarden.context import Context
 from cachewarden.keys import parse_due_member
 from cachewarden.loops import run_every
-from cachewarden.scripts.writebehind import due_shards
+from cachewarden.scripts.writebehind import claim_shards, due_shards
 
 log = structlog.get_logger("cachewarden.dispatch")
 
@@ -49,10 +49,7 @@ def claim_due_shards(context: Context, most: int = 1000) -> list[tuple[str, int]
     due = [(entity, shard) for entity, shard in due if entity in settings.entities]
     if not due:
         return []
-    with context.redis.pipeline(transaction=False) as pipe:
-        for entity, shard in due:
-            pipe.set(keys.queued(entity, shard), "queued", nx=True, px=marker_ttl)
-        taken = pipe.execute()
+    taken = claim_shards(context.lua, [keys.queued(e, s) for e, s in due], marker_ttl)
     return [pair for pair, ok in zip(due, taken, strict=True) if ok]
 
 

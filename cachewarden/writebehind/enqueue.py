@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
@@ -26,12 +26,14 @@ from cachewarden.errors import (
 from cachewarden.scripts.writebehind import (
     BACKPRESSURE,
     DEAD_LETTERS,
+    MEMORY,
     SHARDS,
     TOMBSTONE,
     Pending,
     WriteScripts,
 )
 from cachewarden.settings import EntitySettings
+from cachewarden.writebehind.memory import full_redis, memory_refusal
 from cachewarden.writebehind.shardcount import shards_refusal
 
 
@@ -60,7 +62,11 @@ def write_scripts(context: Context, entity: str) -> WriteScripts:
     """The context's write-path scripts of `entity`."""
     spec = context.entity(entity)
     return context.shared(
-        "write_scripts", entity, lambda: WriteScripts(context.lua, context.keys, spec)
+        "write_scripts",
+        entity,
+        lambda: WriteScripts(
+            context.lua, context.keys, spec, context.settings.redis.memory_headroom
+        ),
     )
 
 
@@ -98,6 +104,8 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
     try:
         replies = scripts.enqueue(ops)
     except ResponseError as exc:
+        if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):
+            raise full_redis(spec.name, _redis_address(scripts), str(exc)) from None
         raise BackendUnavailable(f"{spec.name}: Redis refused the write: {exc}") from None
     except REDIS_DOWN as exc:
         raise BackendUnavailable(
@@ -114,6 +122,9 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
 def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> str | Backpressure:
     if reply.startswith(BACKPRESSURE):
         return _backpressure(scripts, op.key)
+    if reply.startswith(MEMORY):
+        mark = reply.removeprefix(MEMORY)
+        return memory_refusal(scripts.spec.name, _redis_address(scripts), mark)
     if reply.startswith(DEAD_LETTERS):
         spec = scripts.spec
         return Backpressure(

@@ -23,8 +23,10 @@ def check_shards(context: Context) -> None:
     for spec in context.settings.entities.values():
         ours = str(spec.write_behind.shards)
         record = keys.shard_count(spec.name)
-        redis.set(record, ours, nx=True)
         recorded = cast("str | None", redis.get(record))
+        if recorded is None:  # (only then a write: this runs at maxmemory too)
+            redis.set(record, ours, nx=True)
+            recorded = cast("str | None", redis.get(record))
         if recorded is not None and recorded != ours:
             refusal = shards_refusal(spec, recorded)
             if isinstance(refusal, ConfigError):
