@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from cachewarden.readpath.refresh import REFRESH_TASK
 from cachewarden.readpath.sweep import SWEEP_TASK
@@ -34,7 +34,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_backend": None,
         "task_default_queue": settings.queue("writebehind"),
-        "task_queues": [Queue(settings.queue(family)) for family in FAMILIES],
+        "task_queues": [_queue(settings.queue(family)) for family in FAMILIES],
         "task_routes": {name: {"queue": settings.queue(fam)} for name, fam in ROUTES.items()},
         # A task a dead worker held is redelivered, not acknowledged and lost.
         "task_acks_late": True,
@@ -51,6 +51,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "worker_concurrency": settings.celery.concurrency or None,
     }
+
+
+def _queue(name: str) -> Queue:
+    """A queue on an exchange of its own, bound by its own name: what is routed to one
+    family's queue reaches only that queue (a bare Queue(name) would take Celery's
+    default exchange and routing key, and every family's queue would get every task)."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def task_client(settings: Settings) -> Celery:

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--force", action="store_true", help="replay even where a newer write superseded it"
             )
+    sub.add_parser(
+        "doctor",
+        help="warn about an unsafe Redis or write-buffer bounds that cannot fit in maxmemory",
+    )
     reshard = sub.add_parser(
         "reshard",
         help="move an entity's write buffer to N shards (writes wait while it drains)",
@@ -95,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": lambda s, a: _run(s, args.config, a.no_embedded),
         "dead-letters": commands.dead_letters,
         "reshard": commands.reshard,
+        "doctor": commands.doctor,
         "demo": commands.demo,
     }
     try:

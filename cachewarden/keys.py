@@ -107,6 +107,10 @@ class Keyspace:
         """The version of the key's last versioned delete (for `tombstone_ttl`)."""
         return f"{self.tombstone_prefix(entity)}{key}"
 
+    def tombstones(self, entity: str) -> str:
+        """Set while any tombstone of the entity may live (writes skip the look otherwise)."""
+        return f"{self.prefix}:@tomb:{entity}"
+
     def tombstone_prefix(self, entity: str) -> str:
         """What precedes the key in a tombstone's name."""
         return f"{self.prefix}:@tomb:{entity}:"

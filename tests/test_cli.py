@@ -104,3 +104,24 @@ def test_demo_init_creates_the_table(pg_harness: Harness) -> None:
     result = cachewarden("demo", "init", config=pg_harness.config_path)
     assert result.returncode == 0, result.stderr
     assert pg_harness.count("users") == 0
+
+
+def test_doctor_warns_when_the_buffer_bounds_cannot_fit_in_maxmemory(pg_harness: Harness) -> None:
+    """`cachewarden doctor` exits 1 naming the bounds when max_pending x shards cannot fit in a 30 MB Redis, and 0 when they can."""
+    from tests.servers import PrivateRedis
+
+    h = pg_harness
+    h.create_table("users")
+    with PrivateRedis(maxmemory="30mb", **{"maxmemory-policy": "noeviction"}) as server:
+        h.configure({"user": USER}, redis_url=server.url)  # 100,000 x 4 shards
+        too_big = cachewarden("doctor", config=h.config_path)
+        h.configure(
+            {"user": USER}, {"user": {"max_pending": 1000, "shards": 1}}, redis_url=server.url
+        )
+        fits = cachewarden("doctor", config=h.config_path)
+    assert too_big.returncode == 1, too_big.stdout + too_big.stderr
+    assert (
+        "user: 400,000 writes" in too_big.stdout
+        and "Lower write_behind.max_pending" in too_big.stdout
+    )
+    assert fits.returncode == 0 and "nothing to warn about" in fits.stdout, fits.stdout

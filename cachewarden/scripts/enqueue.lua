@@ -1,7 +1,8 @@
 -- Buffer writes and deletes: for each operation, set its cache entry and append it
 -- to its shard's stream, atomically. write() sends one operation, write_many() many.
 -- KEYS: 1 due zset, 2 dead-letter keys hash, 3 dead-letter stream, 4 recorded shard
---       count, 5 memory mark, then 5 per operation: entry, stream, dirty hash, lease,
+--       count, 5 memory mark, 6 the entity's tombstones marker (set while any of its
+--       tombstones may live), then 5 per operation: entry, stream, dirty hash, lease,
 --       tombstone
 -- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
 --       5 tombstone_ttl_ms, 6 max_dead_letters, 7 the writer's shard count, 8 the memory
@@ -54,19 +55,22 @@ elseif recorded ~= ARGV[7] then
 end
 local dead = redis.call('XLEN', KEYS[3])
 if dead >= tonumber(ARGV[6]) then return refuse_all('!DEADLETTERS ' .. dead) end
+-- Read once per call: most calls need neither a tombstone look nor a dead-letter clear.
+local tombs = column ~= '' and redis.call('EXISTS', KEYS[6]) == 1
+local letters = redis.call('EXISTS', KEYS[2]) == 1
 local pending = {}  -- stream -> its length, read once
 local full = {}     -- due member -> true when its shard holds a batch
 local due = {}      -- due members written to, in order
 local out = {}
 for i = 0, count - 1 do
-  local a, k = 8 + i * 5, 5 + i * 5
+  local a, k = 8 + i * 5, 6 + i * 5
   local op, key, value, version, member = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local entry, stream, dirty, lease = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local tomb = KEYS[k + 5]
   local n = pending[stream]
   if n == nil then n = redis.call('XLEN', stream) end
   local buried = false  -- the version of a delete that outranks this operation
-  if column ~= '' and version ~= '' then
+  if tombs and version ~= '' then
     local at = redis.call('GET', tomb)
     if at and tonumber(at) >= tonumber(version) then buried = at end
   end
@@ -100,8 +104,10 @@ for i = 0, count - 1 do
     redis.call('HSET', dirty, key, id)
     if op == 'd' and version ~= '' and column ~= '' then
       redis.call('SET', tomb, version, 'PX', tomb_ttl)
+      redis.call('SET', KEYS[6], '1', 'PX', tomb_ttl)
+      tombs = true
     end
-    redis.call('HDEL', KEYS[2], key)
+    if letters then redis.call('HDEL', KEYS[2], key) end
     -- A load or refresh of this key that began before now must not fill the cache.
     redis.call('DEL', lease)
     n = n + 1

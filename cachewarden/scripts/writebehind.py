@@ -54,6 +54,7 @@ class WriteScripts:
             keys.dead(name),
             keys.shard_count(name),
             keys.memory_mark(),
+            keys.tombstones(name),
         ]
         wb = spec.write_behind
         self._limits: list[Any] = [

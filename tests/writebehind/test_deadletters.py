@@ -216,6 +216,7 @@ def test_rows_from_other_writers_that_the_table_cannot_take_are_dead_lettered(
                 keys.dead("user"),
                 keys.shard_count("user"),
                 keys.memory_mark(),
+                keys.tombstones("user"),
                 keys.entry("user", key),
                 keys.stream("user", shard),
                 keys.dirty("user", shard),
