@@ -49,6 +49,8 @@ _decode = json.loads
 
 def key_text(entity: str, key: object) -> str:
     """The validated string form of a key (ints are written in decimal)."""
+    if type(key) is int and -(10**40) < key < 10**40:
+        return str(key)  # digits and '-' only, and few of them: always valid
     if isinstance(key, bool) or not isinstance(key, str | int):
         raise InvalidKey(f"{entity}: key {key!r} is a {type(key).__name__}; use a str or an int")
     text = str(key)
@@ -71,7 +73,7 @@ _BAD_KEY_CHAR = re.compile(r"[*?\[\]:\s\x00-\x1f\x7f-\x9f]")
 
 def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) -> str:
     """Encode a row as compact JSON; raise InvalidValue naming the problem and the fix."""
-    if not isinstance(row, Mapping):
+    if type(row) is not dict and not isinstance(row, Mapping):
         raise InvalidValue(
             f"{entity}:{key}: the row is a {type(row).__name__}; pass a dict of column values"
         )

@@ -168,7 +168,7 @@ def _backpressure(scripts: WriteScripts, key: str) -> Backpressure:
 def _with_key(
     spec: EntitySettings, text: str, key: str | int, row: Mapping[str, Any]
 ) -> Mapping[str, Any]:
-    if not isinstance(row, Mapping):
+    if type(row) is not dict and not isinstance(row, Mapping):
         raise InvalidValue(
             f"{spec.name}:{text}: the row is a {type(row).__name__}; pass a dict of column values"
         )
