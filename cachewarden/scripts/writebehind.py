@@ -48,6 +48,7 @@ class WriteScripts:
         self._streams = [keys.stream(name, n) for n in range(shards)]
         self._dirty = [keys.dirty(name, n) for n in range(shards)]
         self._members = [due_member(name, n) for n in range(shards)]
+        self._per_shard = list(zip(self._streams, self._dirty, self._members, strict=True))
         self._head = [
             keys.due(),
             keys.dead_keys(name),
@@ -82,16 +83,12 @@ class WriteScripts:
         "!TOMBSTONE v" (a delete at version v outranks it: it was ignored)."""
         keys = list(self._head)
         args = list(self._limits)
+        entry, lease, tomb, shards = self._entry, self._lease, self._tomb, self._per_shard
+        count = len(shards)
         for op, key, value, version in ops:
-            shard = shard_of(key, len(self._streams))
-            keys += [
-                self._entry + key,
-                self._streams[shard],
-                self._dirty[shard],
-                self._lease + key,
-                self._tomb + key,
-            ]
-            args += [op, key, value, version, self._members[shard]]
+            stream, dirty, member = shards[shard_of(key, count)]
+            keys += (entry + key, stream, dirty, lease + key, tomb + key)
+            args += (op, key, value, version, member)
         return self.lua.call("enqueue", keys, args)
 
     # -- lock_acquire.lua, lock_extend.lua, release.lua: the flusher's lock --------

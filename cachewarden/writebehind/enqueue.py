@@ -120,6 +120,8 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
 
 
 def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> str | Backpressure:
+    if not reply.startswith("!"):
+        return reply  # a stream id: taken
     if reply.startswith(BACKPRESSURE):
         return _backpressure(scripts, op.key)
     if reply.startswith(MEMORY):
@@ -140,13 +142,14 @@ def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchRes
     """Send a batch's valid ops in one round trip; record each key's outcome in `result`."""
     if not ops:
         return
+    taken, refused = result.taken, result.refused
     for op, outcome in zip(ops, enqueue(scripts, ops), strict=True):
         if isinstance(outcome, Backpressure):
-            result.refused[op.key] = outcome
-        elif outcome == "":
-            result.outranked.append(op.key)
+            refused[op.key] = outcome
+        elif outcome:
+            taken[op.key] = outcome
         else:
-            result.taken[op.key] = outcome
+            result.outranked.append(op.key)
 
 
 def _redis_address(scripts: WriteScripts) -> str:
@@ -185,7 +188,7 @@ def _version_of(spec: EntitySettings, text: str, row: Mapping[str, Any]) -> str:
     if spec.version_column is None:
         return ""
     version = row.get(spec.version_column)
-    if isinstance(version, bool) or not isinstance(version, int):
+    if type(version) is not int:  # (a bool is not a version)
         raise InvalidValue(
             f"{spec.name}:{text}: row[{spec.version_column!r}] must be an int version "
             f"(entities.{spec.name}.version_column), got {version!r}"
