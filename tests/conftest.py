@@ -252,6 +252,17 @@ def harness(tmp_path: Path, db_url: str, prefix: str) -> Iterator[Harness]:
     h.close()
 
 
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_harness(
+    request: pytest.FixtureRequest, tmp_path: Path, prefix: str
+) -> Iterator[Harness]:
+    """A cachewarden harness on each of the servers with row locks: PostgreSQL and MariaDB."""
+    for url in _database(request.param, tmp_path):
+        h = Harness(tmp_path, url, prefix)
+        yield h
+        h.close()
+
+
 @pytest.fixture
 def pg_harness(tmp_path: Path, pg_url: str, prefix: str) -> Iterator[Harness]:
     """A cachewarden harness on PostgreSQL only."""

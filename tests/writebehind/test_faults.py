@@ -3,6 +3,7 @@ table that refuses every row alike. Nothing is dead-lettered for them and nothin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from cachewarden.writebehind.deadletters import count_dead
 from cachewarden.writebehind.flush import FlushResult, flush_shard
 from tests.conftest import Harness
-from tests.helpers import PG_ADMIN_URL, unique
+from tests.helpers import PG_ADMIN_URL, unique, wait_for
 
 WRITES = 2_000
 USER = {"table": "users", "key": "id", "ttl": "10m"}
@@ -192,3 +193,66 @@ def test_a_table_refusing_every_row_alike_is_a_fault(pg_harness: Harness) -> Non
         conn.execute(sa.text("DROP TRIGGER frozen ON users"))
     (result,) = _flush(h)
     assert result.status == "done" and _dead(h) == 0 and h.count("users") == 20
+
+
+def test_a_worker_rides_out_20_s_of_read_only_database_under_load(pg_database: Harness) -> None:
+    """With a worker flushing 2,000 writes over time and the database read-only for 20 s (sessions terminated), nothing is dead-lettered, every cache entry keeps its value, and every write lands once it is writable."""
+    h = pg_database
+    h.create_table("users", version=False)
+    h.configure({"user": USER}, {"user": {"max_delay": "200ms", "retry_max": "2s"}})
+    database = h.engine.url.database
+    assert database is not None
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    h.worker(concurrency=2)
+
+    def read_only(on: bool) -> None:
+        with admin.connect() as conn:
+            flag = "on" if on else "off"
+            conn.execute(
+                sa.text(f'ALTER DATABASE "{database}" SET default_transaction_read_only = {flag}')
+            )
+        _terminate(admin, database)
+
+    try:
+        for key in range(500):  # some land before the switch
+            h.cache.write("user", key, {"name": f"r1-{key}"})
+        wait_for(lambda: h.count("users") > 0, 15, what="writes before the switch")
+        read_only(True)
+        switched = time.monotonic()
+        for key in range(500, WRITES):
+            h.cache.write("user", key, {"name": f"r1-{key}"})
+        time.sleep(max(0.0, 20 - (time.monotonic() - switched)))  # read-only for 20 s
+        assert _dead(h) == 0
+        _assert_cached(h, 1)
+        read_only(False)
+        wait_for(lambda: _pending(h) == 0, 60, what="the buffer to drain")
+    finally:
+        admin.dispose()
+    h.engine.dispose()
+    assert _dead(h) == 0 and h.count("users") == WRITES
+    assert h.rows("users")[1999] == {"id": 1999, "name": "r1-1999"}
+
+
+def test_a_column_added_while_writes_flow_lands_within_10_s(server_harness: Harness) -> None:
+    """ALTER TABLE ADD COLUMN under a flowing write load, with a worker running: writes carrying the new column land within 10 s, with no restart and no dead letter."""
+    h = server_harness
+    h.create_table("users", version=False)
+    h.configure({"user": USER}, {"user": {"max_delay": "200ms", "shards": 2}})
+    h.worker(concurrency=1)
+    for key in range(100):
+        h.cache.write("user", key, {"name": "before"})
+    wait_for(lambda: h.count("users") == 100, 15, what="the writes before the migration")
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE users ADD COLUMN email VARCHAR(100)"))
+    started = time.monotonic()
+    for key in range(100, 200):
+        h.cache.write("user", key, {"name": "after", "email": f"u{key}@example.com"})
+
+    def landed() -> bool:
+        with h.engine.connect() as conn:
+            n = conn.execute(sa.text("SELECT COUNT(*) FROM users WHERE email IS NOT NULL"))
+            return int(n.scalar_one()) == 100
+
+    wait_for(landed, 10, what="the writes carrying the new column")
+    assert time.monotonic() - started <= 10
+    assert _dead(h) == 0

@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Harness, _database
+from tests.conftest import Harness
 from tests.helpers import wait_for
 
 KEYS = range(1, 101)
 LOCKED = 50
 HOLD_S = 20.0
 MAX_DELAY_S = 1.0
-
-
-@pytest.fixture(params=["postgresql", "mariadb"])
-def server_harness(
-    request: pytest.FixtureRequest, tmp_path: Path, prefix: str
-) -> Iterator[Harness]:
-    """A harness on a fresh PostgreSQL schema or MariaDB database."""
-    for url in _database(request.param, tmp_path):
-        h = Harness(tmp_path, url, prefix)
-        yield h
-        h.close()
 
 
 def test_a_locked_row_delays_only_itself(server_harness: Harness) -> None:
