@@ -39,6 +39,12 @@ from cachewarden.writebehind.coalesce import DELETE, Op
 from cachewarden.writebehind.fence import Fence, fence_table
 from cachewarden.writebehind.pgarrays import UnnestUpsert, build_lookup, build_unnest
 
+# A batch of at least this many rows that the database refused row by row with one
+# message is a fault of the table (a trigger, a migration's constraint), not of its
+# rows: it waits. Fewer rows refused alike (two writes with the same mistake) are
+# dead-lettered as the bad rows they most likely are.
+ALIKE_ROWS = 10
+
 
 @dataclass(frozen=True)
 class Rejected:
@@ -143,7 +149,8 @@ class SqlSink:
         self._batch += 1
         outcome = self._around_locks(ops, fence)
         details = {bad.detail for bad in outcome.rejected}
-        if len(ops) > 1 and len(outcome.rejected) == len(ops) and None not in details:
+        alike = len(ops) >= ALIKE_ROWS and len(outcome.rejected) == len(ops)
+        if alike and None not in details:
             if len(details) == 1:
                 raise BackendUnavailable(
                     f"the database refused every row of a batch of {len(ops)} "

@@ -333,3 +333,14 @@ def test_a_write_racing_a_rejection_wins_and_leaves_no_letter(
     monkeypatch.setattr(SqlSink, "apply", real)
     assert flush_shard(h.context, "user", 0).status == "done"
     assert h.rows("users") == {1: {"id": 1, "name": "fixed"}}
+
+
+def test_a_few_rows_bad_alike_in_one_batch_are_dead_lettered(harness: Harness) -> None:
+    """Two rows of one batch that the database refuses with the same message (MariaDB's CHECK names no row) are dead-lettered as bad rows, not held as a table fault, and the rest lands."""
+    h = harness
+    _poison_setup(h)  # one shard: the three writes are one batch
+    for key, name in ((1, "poison"), (2, "poison"), (3, "fine")):
+        h.cache.write("user", key, {"name": name})
+    _flush_all(h)
+    assert sorted(letter.key for letter in _dead(h)) == ["1", "2"]
+    assert set(h.rows("users")) == {3}
