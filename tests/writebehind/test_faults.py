@@ -40,8 +40,8 @@ def _flush(h: Harness) -> list[FlushResult]:
 
 
 def _pending(h: Harness) -> int:
-    keys = h.context.keys
-    return sum(int(h.context.redis.xlen(keys.stream("user", s))) for s in range(2))
+    keys, shards = h.context.keys, h.context.entity("user").write_behind.shards
+    return sum(int(h.context.redis.xlen(keys.stream("user", s))) for s in range(shards))
 
 
 def _dead(h: Harness) -> int:
@@ -199,7 +199,7 @@ def test_a_worker_rides_out_20_s_of_read_only_database_under_load(pg_database: H
     """With a worker flushing 2,000 writes over time and the database read-only for 20 s (sessions terminated), nothing is dead-lettered, every cache entry keeps its value, and every write lands once it is writable."""
     h = pg_database
     h.create_table("users", version=False)
-    h.configure({"user": USER}, {"user": {"max_delay": "200ms", "retry_max": "2s"}})
+    h.configure({"user": USER}, {"user": {"max_delay": "200ms", "retry_max": "2s", "shards": 2}})
     database = h.engine.url.database
     assert database is not None
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
