@@ -26,7 +26,7 @@ def test_a_locked_row_delays_only_itself(server_harness: Harness) -> None:
         )
     h.configure(
         {"user": {"table": "users", "key": "id", "ttl": "10m"}},
-        {"user": {"shards": 1, "max_delay": "1s", "lock_wait": "1s"}},
+        {"user": {"shards": 1, "max_delay": "1s", "lock_wait": "500ms"}},
     )
     h.worker(concurrency=1)
     locked = threading.Event()
