@@ -213,6 +213,12 @@ class Harness:
             result = conn.execute(sa.text(f"SELECT * FROM {table}"))
             return {row["id"]: dict(row) for row in result.mappings()}
 
+    def buffered(self, entity: str = "user") -> int:
+        """Writes of `entity` still in its shards' streams (not yet flushed)."""
+        keys, redis = self.context.keys, self.context.redis
+        shards = self.context.entity(entity).write_behind.shards
+        return sum(int(redis.xlen(keys.stream(entity, s))) for s in range(shards))
+
     def count(self, table: str) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.text(f"SELECT COUNT(*) FROM {table}")).scalar_one())

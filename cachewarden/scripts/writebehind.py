@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
 from cachewarden.scripts import Registry
-from cachewarden.settings import EntitySettings
+from cachewarden.settings import EntitySettings, RedisSettings
 
 BACKPRESSURE = "!BACKPRESSURE"
 TOMBSTONE = "!TOMBSTONE"
@@ -35,7 +35,11 @@ class WriteScripts:
     """The write path's scripts for one entity."""
 
     def __init__(
-        self, lua: Registry, keys: Keyspace, spec: EntitySettings, memory_headroom: float = 0.1
+        self,
+        lua: Registry,
+        keys: Keyspace,
+        spec: EntitySettings,
+        memory_headroom: float = RedisSettings.memory_headroom,
     ) -> None:
         self.lua = lua
         self.keys = keys

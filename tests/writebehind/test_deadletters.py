@@ -40,13 +40,7 @@ def _flush_all(h: Harness) -> None:
     for shard in range(shards):
         result = flush_shard(h.context, "user", shard)
         assert result.status == "done", result
-    assert _pending(h) == 0
-
-
-def _pending(h: Harness) -> int:
-    """Entries left in the write streams of "user"."""
-    shards = h.context.entity("user").write_behind.shards
-    return sum(int(h.cache.redis.xlen(h.cache.keys.stream("user", s))) for s in range(shards))
+    assert h.buffered() == 0
 
 
 def _dead(h: Harness) -> list[DeadLetter]:
@@ -102,7 +96,7 @@ def test_poison_row_is_isolated_dead_lettered_and_replayed(harness: Harness) -> 
     assert count_dead(h.cache.redis, h.cache.keys, "user") == 0
     h.worker(concurrency=1)
     wait_for(
-        lambda: _pending(h) == 0 and h.count("users") == ROWS, 60, what="the replayed row to land"
+        lambda: h.buffered() == 0 and h.count("users") == ROWS, 60, what="the replayed row to land"
     )
     assert h.rows("users")[POISON]["name"] == "poison"
     assert _dead(h) == []
@@ -274,10 +268,10 @@ def test_at_max_dead_letters_writes_and_flushes_stop_and_nothing_is_dropped(
         cache.write("user", key, {"name": name})
     blocked = flush_shard(h.context, "user", 0)  # 3 lands, 5 is the second letter, then stop
     assert blocked.status == "backoff" and "dead letters are waiting" in blocked.errors[0]
-    assert sorted(h.rows("users")) == [3] and _pending(h) == 1
+    assert sorted(h.rows("users")) == [3] and h.buffered() == 1
     assert discard(cache.redis, cache.keys, "user", letters[1].id)
     assert flush_shard(h.context, "user", 0).status == "done"
-    assert sorted(h.rows("users")) == [3, 6] and _pending(h) == 0
+    assert sorted(h.rows("users")) == [3, 6] and h.buffered() == 0
 
 
 def test_a_crash_before_the_batch_is_acknowledged_leaves_one_letter(
@@ -298,12 +292,12 @@ def test_a_crash_before_the_batch_is_acknowledged_leaves_one_letter(
     with pytest.raises(KeyboardInterrupt):
         flush_shard(h.context, "user", 0)
     assert count_dead(cache.redis, cache.keys, "user") == 0
-    assert _pending(h) == 2
+    assert h.buffered() == 2
     monkeypatch.setattr(WriteScripts, "finish", real)
     h.context.lua.client.delete(h.context.keys.flush_lock("user", 0))  # the dead one's lock
     assert flush_shard(h.context, "user", 0).status == "done"
     (letter,) = list_dead(cache.redis, cache.keys, "user")
-    assert letter.key == "1" and _pending(h) == 0 and sorted(h.rows("users")) == [2]
+    assert letter.key == "1" and h.buffered() == 0 and sorted(h.rows("users")) == [2]
     _fix_table(h)
     assert replay(cache.redis, cache.keys, h.context.entity("user"), letter) != "superseded"
     assert flush_shard(h.context, "user", 0).status == "done"

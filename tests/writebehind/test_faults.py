@@ -39,11 +39,6 @@ def _flush(h: Harness) -> list[FlushResult]:
     return [flush_shard(h.context, "user", shard) for shard in range(shards)]
 
 
-def _pending(h: Harness) -> int:
-    keys, shards = h.context.keys, h.context.entity("user").write_behind.shards
-    return sum(int(h.context.redis.xlen(keys.stream("user", s))) for s in range(shards))
-
-
 def _dead(h: Harness) -> int:
     return count_dead(h.context.redis, h.context.keys, "user")
 
@@ -90,7 +85,7 @@ def test_a_read_only_database_dead_letters_nothing(pg_database: Harness) -> None
         results = _flush(h)
         assert {r.status for r in results} == {"backoff"}, results
         assert any("read-only" in e for r in results for e in r.errors), results
-        assert _dead(h) == 0 and _pending(h) == WRITES
+        assert _dead(h) == 0 and h.buffered() == WRITES
         _assert_cached(h, 1)
         with admin.connect() as conn:
             conn.execute(
@@ -101,7 +96,7 @@ def test_a_read_only_database_dead_letters_nothing(pg_database: Harness) -> None
     finally:
         admin.dispose()
     h.engine.dispose()
-    assert _dead(h) == 0 and _pending(h) == 0
+    assert _dead(h) == 0 and h.buffered() == 0
     assert h.count("users") == WRITES
     assert h.rows("users")[1234] == {"id": 1234, "name": "r1-1234"}
 
@@ -122,12 +117,12 @@ def test_a_lost_update_privilege_dead_letters_nothing(pg_database: Harness) -> N
         results = _flush(h)
         assert {r.status for r in results} == {"backoff"}, results
         assert any("permission denied" in e for r in results for e in r.errors), results
-        assert _dead(h) == 0 and _pending(h) == WRITES
+        assert _dead(h) == 0 and h.buffered() == WRITES
         _assert_cached(h, 1)
         with h.engine.begin() as conn:
             conn.execute(sa.text(f'GRANT UPDATE ON users TO "{role}"'))
         assert {r.status for r in _flush(h)} == {"done"}
-        assert _dead(h) == 0 and _pending(h) == 0
+        assert _dead(h) == 0 and h.buffered() == 0
         assert h.count("users") == WRITES
     finally:
         h.close()
@@ -148,7 +143,7 @@ def test_a_new_column_is_written_without_a_restart(harness: Harness) -> None:
     for key in range(2, 12):
         h.cache.write("user", key, {"name": f"n{key}", "email": f"u{key}@example.com"})
     assert {r.status for r in _flush(h)} == {"done"}
-    assert _dead(h) == 0 and _pending(h) == 0
+    assert _dead(h) == 0 and h.buffered() == 0
     assert h.rows("users")[7] == {"id": 7, "name": "n7", "email": "u7@example.com"}
 
 
@@ -225,7 +220,7 @@ def test_a_worker_rides_out_20_s_of_read_only_database_under_load(pg_database: H
         assert _dead(h) == 0
         _assert_cached(h, 1)
         read_only(False)
-        wait_for(lambda: _pending(h) == 0, 60, what="the buffer to drain")
+        wait_for(lambda: h.buffered() == 0, 60, what="the buffer to drain")
     finally:
         admin.dispose()
     h.engine.dispose()

@@ -69,11 +69,6 @@ class Producer(threading.Thread):
             self.error = exc
 
 
-def _pending(h: Harness) -> int:
-    """Entries left in the write streams of "user"."""
-    return sum(int(h.cache.redis.xlen(h.cache.keys.stream("user", s))) for s in range(SHARDS))
-
-
 def _retry_counters(h: Harness) -> list[int]:
     """The consecutive-failure counter of each shard."""
     return [int(h.cache.redis.get(h.cache.keys.retries("user", s)) or 0) for s in range(SHARDS)]
@@ -125,7 +120,7 @@ def test_database_outage_under_load_loses_nothing(
     assert producer.error is None, producer.error
     assert producer.writes > writes_during_outage > 0
 
-    wait_for(lambda: _pending(h) == 0, 120, what="the buffer to drain after the outage")
+    wait_for(lambda: h.buffered() == 0, 120, what="the buffer to drain after the outage")
     rows = h.rows("users")
     assert len(rows) == KEYS == len(producer.last)
     assert {k: r["name"] for k, r in rows.items()} == producer.last
