@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cachewarden.connections import check_redis_safety, redis_client
 from cachewarden.database import describe, make_engine
+from cachewarden.durations import format_duration
 from cachewarden.errors import BackendUnavailable, UnsafeRedis
 from cachewarden.keys import Keyspace, due_member, parse_due_member
 from cachewarden.settings import EntitySettings, Settings
@@ -22,11 +23,7 @@ from cachewarden.writebehind.deadletters import discard, list_dead, replay
 OK, FAILED = 0, 1
 
 
-def _ms(value: int) -> str:
-    for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if value % size == 0:
-            return f"{value // size}{unit}"
-    return f"{value}ms"
+_ms = format_duration
 
 
 def _describe_entity(spec: EntitySettings) -> str:
@@ -71,7 +68,33 @@ def check(settings: Settings, _args: argparse.Namespace) -> int:
         except Exception as exc:
             print(f"    table {spec.table}: FAILED: {exc}")
             status = FAILED
+    status = max(status, _check_warming(settings, engine))
     engine.dispose()
+    return status
+
+
+def _check_warming(settings: Settings, engine: Any) -> int:
+    """Each warming job's schedule, and its query run for no rows."""
+    if not settings.warming:
+        return OK
+    from cachewarden.warming.schedule import check_jobs
+    from cachewarden.warming.source import WarmSource
+
+    check_jobs(settings)  # ConfigError (exit 2) names a bad schedule
+    status = OK
+    print(f"warming jobs ({len(settings.warming)}):")
+    for job in settings.warming.values():
+        state = "" if job.enabled else " (disabled)"
+        print(
+            f"  {job.name}: entity={job.entity} {job.schedule} chunk_size={job.chunk_size}{state}"
+        )
+        try:
+            spec = settings.entity(job.entity)
+            WarmSource(engine, job, reflect_table(engine, spec, settings.source)).probe()
+            print("    query: ok")
+        except Exception as exc:
+            print(f"    query: FAILED: {exc}")
+            status = FAILED
     return status
 
 
@@ -235,12 +258,29 @@ def reshard(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
-def scheduler(settings: Settings, _args: argparse.Namespace) -> int:
-    """Run the scheduler process until stopped."""
+def scheduler(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the scheduler process until stopped (SIGHUP reads the config again)."""
     from cachewarden.scheduler import run_scheduler
 
-    run_scheduler(settings)
+    run_scheduler(settings, args.config)
     return OK
+
+
+def warm(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a warming job now and follow it to its end."""
+    from cachewarden.warming import verbs
+
+    job = settings.job(args.job)
+    if args.timeout is None:
+        args.timeout = job.timeout_ms / 1000 + 60
+    return verbs.warm(settings, args)
+
+
+def jobs(settings: Settings, args: argparse.Namespace) -> int:
+    """List the warming jobs and their runs."""
+    from cachewarden.warming import verbs
+
+    return verbs.jobs(settings, args)
 
 
 def demo(settings: Settings, _args: argparse.Namespace) -> int:

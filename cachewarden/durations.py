@@ -33,3 +33,11 @@ def _whole_ms(value: int | float) -> int:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError('a duration must be a finite number, such as "30s"')
     return int(value)
+
+
+def format_duration(ms: int) -> str:
+    """`ms` in the largest unit that divides it: "10m", "30s", "250ms"."""
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"

@@ -26,6 +26,14 @@ class UnknownEntity(CachewardenError):
     """An operation named an entity the configuration does not define."""
 
 
+class UnknownJob(CachewardenError):
+    """An operation named a warming job the configuration does not define."""
+
+
+class WarmFailed(CachewardenError):
+    """A warming run failed: its query, its result, or the database; names the job."""
+
+
 class InvalidKey(CachewardenError):
     """A cache key cannot be used (empty, too long, or holds a reserved character)."""
 

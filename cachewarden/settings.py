@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cachewarden.durations import parse_duration_ms
-from cachewarden.errors import ConfigError, UnknownEntity
+from cachewarden.durations import format_duration, parse_duration_ms
+from cachewarden.errors import ConfigError, UnknownEntity, UnknownJob
 
 DEFAULT_CONFIG_PATH = "config/cachewarden.toml"
 CONFIG_ENV = "CACHEWARDEN_CONFIG"
@@ -134,6 +135,31 @@ class EntitySettings:
 
 
 @dataclass(frozen=True)
+class WarmingJob:
+    """One scheduled warming job: a query whose rows fill an entity's cache entries."""
+
+    name: str
+    entity: str
+    query: str | None  # None: every row of the entity's table
+    cron: str | None  # five fields, in `timezone`; or else...
+    every_ms: int | None  # ...a fixed interval, anchored at the Unix epoch
+    timezone: str = "UTC"
+    chunk_size: int = 5000
+    ttl_ms: int | None = None  # None: the entity's
+    ttl_jitter: float = 0.1  # each entry's TTL is drawn from the last share of it
+    timeout_ms: int = 3_600_000
+    enabled: bool = True
+    misfire_grace_ms: int | None = None  # None: one interval, at most 1 h
+
+    @property
+    def schedule(self) -> str:
+        """The schedule as the config wrote it: `cron "..." (TZ)` or `every N`."""
+        if self.cron is not None:
+            return f"cron {self.cron!r} ({self.timezone})"
+        return f"every {format_duration(self.every_ms or 0)}"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything cachewarden reads from its configuration."""
 
@@ -142,6 +168,7 @@ class Settings:
     database: DatabaseSettings
     celery: CelerySettings
     entities: Mapping[str, EntitySettings]
+    warming: Mapping[str, WarmingJob] = field(default_factory=dict)
     dispatch_interval_ms: int = 100
     # A flush task queued this long and not started is taken as lost and sent again.
     requeue_after_ms: int = 120_000
@@ -164,6 +191,17 @@ class Settings:
             raise UnknownEntity(
                 f"unknown entity {name!r}; {self.source} defines: {known}. "
                 f"Add an [entities.{name}] table to the config."
+            ) from None
+
+    def job(self, name: str) -> WarmingJob:
+        """The warming job `name`, or UnknownJob naming the defined ones."""
+        try:
+            return self.warming[name]
+        except KeyError:
+            known = ", ".join(sorted(self.warming)) or "none"
+            raise UnknownJob(
+                f"unknown warming job {name!r}; {self.source} defines: {known}. "
+                f"Add a [warming.{name}] table to the config."
             ) from None
 
 
@@ -189,8 +227,10 @@ class _Reader:
             raise self.fail(key, f"expected a whole number, got {value!r}")
         if kind is str and not isinstance(value, str):
             raise self.fail(key, f"expected a string, got {value!r}")
-        if kind is float and not isinstance(value, int | float):
+        if kind is float and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise self.fail(key, f"expected a number, got {value!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
         return value
 
     def positive(self, key: str, default: int) -> int:
@@ -332,6 +372,90 @@ def _read_path(reader: _Reader, ttl_ms: int) -> dict[str, Any]:
     }
 
 
+_CRON_FIELD = re.compile(r"^[A-Za-z0-9*?/,-]+$")
+_HOUR_MS = 3_600_000
+
+
+def _share(reader: _Reader, key: str, default: float) -> float:
+    """A share written "10%" or 0.1."""
+    reader.seen.add(key)
+    value = reader.table.get(key, default)
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            value = float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise reader.fail(key, f'{value!r} is not a share; write "10%" or 0.1') from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise reader.fail(key, f'must be a share from "0%" to "100%" (or 0 to 1), got {value!r}')
+    return float(value)
+
+
+def _schedule(reader: _Reader) -> dict[str, Any]:
+    """A job's cron or every (exactly one), its time zone and its misfire grace."""
+    cron = reader.get("cron", str, None)
+    every = reader.duration("every", None)
+    if (cron is None) == (every is None):
+        raise reader.fail(
+            "cron" if cron is not None else "every",
+            'set exactly one of cron (five fields, e.g. "*/5 * * * *") or every (e.g. "30s")',
+        )
+    if cron is not None:
+        fields = cron.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise reader.fail(
+                "cron",
+                f"{cron!r} is not a five-field cron expression "
+                '(minute hour day month weekday), e.g. "*/5 * * * *"',
+            )
+        cron = " ".join(fields)
+    if every is not None and every < 1000:
+        raise reader.fail("every", f"must be at least 1s, got {every}ms")
+    zone = reader.get("timezone", str, "UTC")
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise reader.fail("timezone", f"{zone!r} is not an IANA time zone name") from None
+    if cron is None and "timezone" in reader.table:
+        raise reader.fail("timezone", "applies to cron only; an `every` interval has none")
+    grace = reader.duration("misfire_grace", None)
+    if grace is None and every is not None:
+        grace = min(every, _HOUR_MS)
+    return {"cron": cron, "every_ms": every, "timezone": zone, "misfire_grace_ms": grace}
+
+
+def _warming_job(name: str, reader: _Reader, entities: Mapping[str, EntitySettings]) -> WarmingJob:
+    if not _NAME.match(name):
+        raise reader.fail("", "job names use letters, digits and '_' (at most 63)")
+    entity = reader.get("entity", str, None)
+    if entity is None:
+        raise reader.fail("entity", "is required: the entity whose cache this job fills")
+    if entity not in entities:
+        known = ", ".join(sorted(entities)) or "none"
+        raise reader.fail("entity", f"unknown entity {entity!r}; the config defines: {known}")
+    query = reader.get("query", str, None)
+    if query is not None:
+        query = query.strip().rstrip(";").strip()
+        if not query:
+            raise reader.fail("query", "is empty; leave it out to warm every row of the table")
+    job = WarmingJob(
+        name=name,
+        entity=entity,
+        query=query,
+        **_schedule(reader),
+        chunk_size=reader.positive("chunk_size", 5000),
+        ttl_ms=reader.duration("ttl", None),
+        ttl_jitter=_share(reader, "ttl_jitter", 0.1),
+        timeout_ms=reader.required_duration("timeout", 3_600_000),
+        enabled=reader.get("enabled", bool, True),
+    )
+    if job.ttl_ms is not None and job.ttl_ms <= 0:
+        raise reader.fail("ttl", "must be longer than zero")
+    if job.chunk_size > 100_000:
+        raise reader.fail("chunk_size", f"at most 100000, got {job.chunk_size}")
+    reader.reject_unknown()
+    return job
+
+
 def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     """Validate a parsed TOML document and the environment into `Settings`."""
     root = _Reader(source, "", data)
@@ -348,6 +472,8 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     cel.reject_unknown()
     ents = root.sub("entities")
     entities = {name: _entity(name, ents.sub(name)) for name in ents.table}
+    jobs = root.sub("warming")
+    warming = {name: _warming_job(name, jobs.sub(name), entities) for name in jobs.table}
     dispatch = root.sub("dispatch")
     interval = dispatch.required_duration("interval", 100)
     requeue_after = dispatch.required_duration("requeue_after", 120_000)
@@ -359,6 +485,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         database=database,
         celery=celery,
         entities=entities,
+        warming=warming,
         dispatch_interval_ms=interval,
         requeue_after_ms=requeue_after,
     )

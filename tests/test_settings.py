@@ -311,3 +311,59 @@ def test_duration_parsing_is_total(value: float | int | str) -> None:
     except ValueError:
         return
     assert isinstance(ms, int) and ms >= 0
+
+
+JOB = {"entity": "user", "every": "30s"}
+WARMING_CASES: list[tuple[dict[str, Any], str, str]] = [
+    ({"entity": DELETE}, "entity", "is required"),
+    ({"entity": "order"}, "entity", "unknown entity 'order'"),
+    ({"cron": "*/5 * * * *"}, "cron", "exactly one of cron"),
+    ({"every": DELETE}, "every", "exactly one of cron"),
+    ({"every": DELETE, "cron": "*/5 * * *"}, "cron", "five-field cron"),
+    ({"every": DELETE, "cron": "@daily"}, "cron", "five-field cron"),
+    ({"every": "500ms"}, "every", "at least 1s"),
+    ({"every": DELETE, "cron": "0 3 * * *", "timezone": "Mars/Olympus"}, "timezone", "IANA"),
+    ({"timezone": "UTC"}, "timezone", "cron only"),
+    ({"chunk_size": 0}, "chunk_size", "at least 1"),
+    ({"chunk_size": 200_000}, "chunk_size", "at most 100000"),
+    ({"ttl_jitter": "150%"}, "ttl_jitter", "share"),
+    ({"ttl_jitter": "lots"}, "ttl_jitter", "must be a share"),
+    ({"ttl_jitter": "x%"}, "ttl_jitter", "not a share"),
+    ({"enabled": "yes"}, "enabled", "true or false"),
+    ({"query": "  ;  "}, "query", "is empty"),
+    ({"timeout": "0s"}, "timeout", "longer than zero"),
+    ({"retries": 3}, "retries", "unknown setting"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "says"), WARMING_CASES, ids=[f"{c[1]}={c[0]}" for c in WARMING_CASES]
+)
+def test_an_invalid_warming_job_names_the_job_and_field(
+    tmp_path: Path, change: dict[str, Any], key: str, says: str
+) -> None:
+    """Each invalid [warming.JOB] setting raises ConfigError naming warming.<job>.<field> and the problem."""
+    job = {k: v for k, v in (JOB | change).items() if v is not DELETE}
+    path = tmp_path / "c.toml"
+    path.write_text(render_config(_base() | {"warming.nightly": job}))
+    error = _error(path)
+    assert error.field == f"warming.nightly.{key}"
+    assert says in error.problem
+
+
+def test_a_warming_job_loads_with_its_defaults(tmp_path: Path) -> None:
+    """A job with only entity and cron gets UTC, chunks of 5,000, the entity's TTL, 10% jitter, 1 h timeout; an `every` job's misfire grace is one interval."""
+    path = tmp_path / "c.toml"
+    jobs = {
+        "warming.nightly": {"entity": "user", "cron": "0  3 * * *"},
+        "warming.often": {"entity": "user", "every": "2m", "ttl_jitter": "25%"},
+        "warming.rarely": {"entity": "user", "every": "1d"},
+    }
+    path.write_text(render_config(_base() | jobs))
+    warming = load_settings(path).warming
+    nightly, often, rarely = warming["nightly"], warming["often"], warming["rarely"]
+    assert (nightly.cron, nightly.timezone, nightly.chunk_size) == ("0 3 * * *", "UTC", 5000)
+    assert (nightly.ttl_ms, nightly.ttl_jitter, nightly.timeout_ms) == (None, 0.1, 3_600_000)
+    assert nightly.misfire_grace_ms is None and nightly.enabled
+    assert (often.every_ms, often.ttl_jitter, often.misfire_grace_ms) == (120_000, 0.25, 120_000)
+    assert rarely.misfire_grace_ms == 3_600_000  # one interval, at most 1 h
