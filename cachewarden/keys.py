@@ -23,6 +23,15 @@ Layout (prefix "cw", entity "user", shard 3):
                                since; the sweep reloads each once more, then drops it
     cw:@read:user              hash: read-path counters (loads, refreshed, load_errors, ...)
     cw:@sweep:user             guard: the hot-key sweep of this entity ran in this period
+    cw:@warming:user           marker: a warm run of this entity is reading (value: since, ms)
+    cw:@touched:user           sorted set: key -> when a flush settled it while warming (ms)
+    cw:@job:nightly            hash: the warming job's schedule record (last slot fired, ...)
+    cw:@job:nightly:run        hash: its current (or latest) run: state, counters, error
+    cw:@job:nightly:last       hash: its latest finished run
+    cw:@job:nightly:chunks     hash: chunk index -> rows, of the current run
+    cw:@job:nightly:history    list: summaries of its latest runs (JSON), newest first
+    cw:@lock:warm:nightly      the job's run lock (value: the run's number)
+    cw:@fence:warm:nightly     counter handing out the job's run numbers (fencing tokens)
 
 Keys of cache entries never contain ':' so they cannot meet the internal names,
 which all sit under "@" (not allowed in entity names).
@@ -142,6 +151,42 @@ class Keyspace:
     def sweep_guard(self, entity: str) -> str:
         """Guard that admits one hot-key sweep of an entity per sweep period."""
         return f"{self.prefix}:@sweep:{entity}"
+
+    def warming(self, entity: str) -> str:
+        """Marker: a warm run of the entity is reading rows (value: since when, ms)."""
+        return f"{self.prefix}:@warming:{entity}"
+
+    def touched(self, entity: str) -> str:
+        """Sorted set: key -> when a flush settled it while a warm run was reading (ms)."""
+        return f"{self.prefix}:@touched:{entity}"
+
+    def job(self, job: str) -> str:
+        """A warming job's schedule record: the last slot fired, by whom, missed slots."""
+        return f"{self.prefix}:@job:{job}"
+
+    def run(self, job: str) -> str:
+        """The job's current (or latest) run: its number, state, counters and error."""
+        return f"{self.job(job)}:run"
+
+    def last_run(self, job: str) -> str:
+        """The job's latest finished run."""
+        return f"{self.job(job)}:last"
+
+    def run_chunks(self, job: str) -> str:
+        """Chunk index -> rows, for the chunks of the current run that are done."""
+        return f"{self.job(job)}:chunks"
+
+    def run_history(self, job: str) -> str:
+        """Summaries (JSON) of the job's latest runs, newest first."""
+        return f"{self.job(job)}:history"
+
+    def run_lock(self, job: str) -> str:
+        """The lock a run of the job holds while it lives (value: its run number)."""
+        return f"{self.prefix}:@lock:warm:{job}"
+
+    def run_fence(self, job: str) -> str:
+        """Counter handing out the job's run numbers, which fence off older runs."""
+        return f"{self.prefix}:@fence:warm:{job}"
 
     def flush_lock(self, entity: str, shard: int) -> str:
         """The lock that admits one flusher per shard."""

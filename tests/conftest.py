@@ -164,6 +164,7 @@ class Harness:
         redis_url: str = REDIS_URL,
         db_url: str | None = None,
         requeue_after: str | None = None,
+        warming: dict[str, dict[str, Any]] | None = None,
     ) -> Settings:
         """Write the config file for `entities` and load it."""
         tables: dict[str, dict[str, Any]] = {
@@ -176,6 +177,8 @@ class Harness:
         for name, spec in entities.items():
             tables[f"entities.{name}"] = spec
             tables[f"entities.{name}.write_behind"] = (write_behind or {}).get(name, {})
+        for name, spec in (warming or {}).items():
+            tables[f"warming.{name}"] = spec
         self.config_path.write_text(render_config(tables))
         self.settings = load_settings(self.config_path)
         self._close_clients()

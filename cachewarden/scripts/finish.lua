@@ -7,14 +7,23 @@
 -- Each key settles only while the operation the flush applied is still its newest
 -- pending one; a key written again meanwhile is left to that newer write (a refused
 -- operation it superseded leaves no dead letter: the newer write replaces it).
+-- While a warm run of the entity is reading (its marker is set), each settled key is
+-- recorded as touched now: a chunk read before this flush must not fill it.
 -- KEYS: 1 stream, 2 dirty hash, 3 dead-letter stream, 4 dead-letter keys hash,
---       then the entry of each settled key, in triple order
+--       5 warming marker, 6 touched keys zset, then the entry of each settled key,
+--       in triple order
 -- op: "w" written, "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
 -- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 number of ids N, 6..5+N stream ids,
 --       then M, then M triples (key, id of its applied operation, op), then for each
 --       triple with op "x", in order, its letter: o, v, n (version, ""), error, stream_id
 -- Returns {keys settled, dead letters added}.
+local warming = redis.call('EXISTS', KEYS[5]) == 1
+local now_touched
+if warming then
+  local t = redis.call('TIME')
+  now_touched = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local n = tonumber(ARGV[5])
 if n > 0 then
   local ids = {}
@@ -45,7 +54,8 @@ for t = 0, m - 1 do
   end
   if newest then
     redis.call('HDEL', KEYS[2], key)
-    local entry = KEYS[5 + t]
+    local entry = KEYS[7 + t]
+    if warming then redis.call('ZADD', KEYS[6], now_touched, key) end
     if op == 'd' then
       -- The delete won. The entry holds its 'null' marker, or a write that lost to it
       -- on version (cached when it was enqueued): either way, drop it.
@@ -70,5 +80,8 @@ for t = 0, m - 1 do
     end
     settled = settled + 1
   end
+end
+if warming and settled > 0 then
+  redis.call('PEXPIRE', KEYS[6], redis.call('PTTL', KEYS[5]) + 1000)
 end
 return {settled, dead}

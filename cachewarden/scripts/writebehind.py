@@ -153,6 +153,8 @@ class WriteScripts:
             self._dirty[shard],
             self.keys.dead(name),
             self.keys.dead_keys(name),
+            self.keys.warming(name),
+            self.keys.touched(name),
             *(self._entry + key for key, _, _ in settled),
         ]
         args: list[Any] = [
