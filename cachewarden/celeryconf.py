@@ -14,11 +14,18 @@ from kombu import Exchange, Queue
 from cachewarden.readpath.refresh import REFRESH_TASK
 from cachewarden.readpath.sweep import SWEEP_TASK
 from cachewarden.settings import Settings
+from cachewarden.warming.run import CHUNK_TASK, WARM_TASK
 from cachewarden.writebehind.dispatch import FLUSH_TASK
 
 # Each job family's tasks run on a queue of their own (Settings.queue).
 FAMILIES = ("writebehind", "readpath", "warming")
-ROUTES = {FLUSH_TASK: "writebehind", REFRESH_TASK: "readpath", SWEEP_TASK: "readpath"}
+ROUTES = {
+    FLUSH_TASK: "writebehind",
+    REFRESH_TASK: "readpath",
+    SWEEP_TASK: "readpath",
+    WARM_TASK: "warming",
+    CHUNK_TASK: "warming",
+}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

@@ -41,7 +41,19 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="run a Celery worker (celery -A worker worker); extra args go to celery"
     )
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
-    sub.add_parser("scheduler", help="run the APScheduler process (flush dispatcher, warming jobs)")
+    sub.add_parser(
+        "scheduler", help="run an APScheduler process firing the warming jobs (any number may run)"
+    )
+    warm = sub.add_parser(
+        "warm", help="run a warming job now and show its progress (exit 0: every row cached)"
+    )
+    warm.add_argument("job", help="a [warming.JOB] of the config")
+    warm.add_argument(
+        "--inline", action="store_true", help="run it in this process instead of on the workers"
+    )
+    warm.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+    jobs = sub.add_parser("jobs", help="the warming jobs: schedule, next and last run, outcome")
+    jobs.add_argument("--json", action="store_true", help="print JSON")
     run = sub.add_parser(
         "run", help="development: a worker, with an embedded Redis if none answers"
     )
@@ -96,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats": commands.stats,
         "worker": lambda s, a: _celery(s, args.config, ["worker", *a.celery_args]),
         "scheduler": commands.scheduler,
+        "warm": commands.warm,
+        "jobs": commands.jobs,
         "run": lambda s, a: _run(s, args.config, a.no_embedded),
         "dead-letters": commands.dead_letters,
         "reshard": commands.reshard,

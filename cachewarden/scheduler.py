@@ -1,61 +1,174 @@
-"""The `cachewarden scheduler` process: APScheduler driving the periodic work.
+"""The `cachewarden scheduler` process: APScheduler firing warming jobs, and dispatching.
 
-Today it runs the write-behind dispatcher (redundantly with the one in each
-worker: the due-set claim keeps it to one flush per due time). Warming jobs
-declared in the config join it here.
+Any number of these may run at once. Each warming job is an APScheduler job on
+its trigger (warming.schedule); when it wakes, the scheduler claims the due time
+in Redis and, if it won, sends a "cachewarden.warm" task to the warming queue.
+At start it fires the latest due time it finds unfired within the job's
+misfire grace (or records it missed). SIGHUP reads the config again and
+rebuilds the warming jobs; a config that does not load is logged and the
+running jobs stay. SIGTERM or SIGINT stops it.
+
+It also runs the write-behind dispatcher (redundantly with the one in each
+worker: the due-set claim keeps it to one flush per due time).
 """
 
 from __future__ import annotations
 
+import datetime
+import os
 import signal
+import socket
+import threading
+from pathlib import Path
 from types import FrameType
 
 import structlog
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from redis.exceptions import RedisError
 
 from cachewarden.celeryconf import task_client
 from cachewarden.context import Context
-from cachewarden.settings import Settings
+from cachewarden.errors import CachewardenError
+from cachewarden.settings import Settings, WarmingJob, load_settings
+from cachewarden.warming.run import WARM_TASK
+from cachewarden.warming.schedule import UTC, Firer, check_jobs, grace_ms
 from cachewarden.writebehind.dispatch import FLUSH_TASK, dispatch_once
 
 log = structlog.get_logger("cachewarden.scheduler")
 
+DISPATCH_JOB = "write-behind-dispatch"
 
-def build_scheduler(settings: Settings) -> BlockingScheduler:
-    """A blocking scheduler with the dispatcher as an interval job."""
-    context = Context.build(settings)
-    client = task_client(settings)
 
-    def send(entity: str, shard: int) -> None:
-        client.send_task(FLUSH_TASK, args=[entity, shard])
+class SchedulerProcess:
+    """One scheduler: its APScheduler, its context, and the warming jobs it fires."""
 
-    def dispatch() -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.name = f"{socket.gethostname()}-{os.getpid()}"
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.settings = settings
+        self.context = Context.build(settings)
+        self.client = task_client(settings)
+        self.warm_jobs: list[str] = []
+        self._add_dispatcher()
+        self._add_warming(settings, check_jobs(settings))
+
+    def _send_warm(self, job: str, slot_ms: int) -> None:
+        self.client.send_task(WARM_TASK, args=[job, slot_ms])
+
+    def _add_dispatcher(self) -> None:
+        def send(entity: str, shard: int) -> None:
+            self.client.send_task(FLUSH_TASK, args=[entity, shard])
+
+        def dispatch() -> None:
+            try:
+                dispatch_once(self.context, send)
+            except RedisError as exc:
+                log.warning("dispatch_failed", error=str(exc))
+
+        self.scheduler.add_job(
+            dispatch,
+            "interval",
+            seconds=self.settings.dispatch_interval_ms / 1000,
+            id=DISPATCH_JOB,
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
+    def _add_warming(self, settings: Settings, triggers: dict[str, BaseTrigger]) -> None:
+        firer = Firer(self.context, self._send_warm, self.name)
+        now = datetime.datetime.now(UTC)
+        for name, job in settings.warming.items():
+            if not job.enabled:
+                log.info("warm_job_disabled", job=name)
+                continue
+            trigger = triggers[name]
+            self.scheduler.add_job(
+                _fire,
+                trigger,
+                args=[firer, job, trigger],
+                id=f"warm:{name}",
+                name=f"warm {name} ({job.schedule})",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, grace_ms(job, trigger, now) // 1000),
+            )
+            self.warm_jobs.append(f"warm:{name}")
+            try:
+                did = firer.catch_up(job, trigger, now)
+            except RedisError as exc:
+                log.error("warm_catch_up_failed", job=name, error=str(exc))
+                continue
+            if did in ("fired", "missed"):
+                log.info("warm_catch_up", job=name, outcome=did)
+
+    def reload(self, path: str | None) -> None:
+        """Read the config again and rebuild the warming jobs (keep them if it fails)."""
         try:
-            dispatch_once(context, send)
-        except RedisError as exc:
-            log.warning("dispatch_failed", error=str(exc))
+            settings = load_settings(path)
+            triggers = check_jobs(settings)
+        except CachewardenError as exc:
+            log.error("reload_failed", error=str(exc), kept=[j[5:] for j in self.warm_jobs])
+            return
+        for job_id in self.warm_jobs:
+            self.scheduler.remove_job(job_id)
+        self.warm_jobs = []
+        old = self.context
+        self.settings = settings
+        self.context = Context.build(settings)
+        self.client = task_client(settings)
+        self._add_warming(settings, triggers)
+        old.close()
+        log.info("reloaded", jobs=[j[5:] for j in self.warm_jobs])
 
-    scheduler = BlockingScheduler(timezone="UTC")
-    scheduler.add_job(
-        dispatch,
-        "interval",
-        seconds=settings.dispatch_interval_ms / 1000,
-        id="write-behind-dispatch",
-        max_instances=1,
-        coalesce=True,
-        misfire_grace_time=None,
-    )
-    return scheduler
+    def run(self, path: str | None) -> None:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads."""
+        stop = threading.Event()
+        hup = threading.Event()
+
+        def on_stop(_signum: int, _frame: FrameType | None) -> None:
+            stop.set()
+
+        def on_hup(_signum: int, _frame: FrameType | None) -> None:
+            hup.set()
+            stop.set()  # wake the loop
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+        self.scheduler.start()
+        log.info(
+            "scheduler_started", name=self.name, jobs=[j.id for j in self.scheduler.get_jobs()]
+        )
+        try:
+            while True:
+                stop.wait()
+                if hup.is_set():
+                    hup.clear()
+                    stop.clear()
+                    self.reload(path)
+                    continue
+                break
+        finally:
+            self.scheduler.shutdown(wait=False)
+            self.context.close()
+            log.info("scheduler_stopped", name=self.name)
 
 
-def run_scheduler(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT."""
-    scheduler = build_scheduler(settings)
+def _fire(firer: Firer, job: WarmingJob, trigger: BaseTrigger) -> None:
+    """One APScheduler wake-up of a warming job: claim the due time, send the run."""
+    try:
+        firer.fire(job, trigger)
+    except (RedisError, CachewardenError) as exc:
+        log.error("warm_fire_failed", job=job.name, error=str(exc))
 
-    def stop(_signum: int, _frame: FrameType | None) -> None:
-        scheduler.shutdown(wait=False)
 
-    signal.signal(signal.SIGTERM, stop)
-    log.info("scheduler_started", jobs=[job.id for job in scheduler.get_jobs()])
-    scheduler.start()
+def build_scheduler(settings: Settings) -> SchedulerProcess:
+    """A scheduler for `settings`; ConfigError when a warming job's schedule is invalid."""
+    return SchedulerProcess(settings)
+
+
+def run_scheduler(settings: Settings, path: str | Path | None = None) -> None:
+    """Run a scheduler until SIGTERM or SIGINT."""
+    build_scheduler(settings).run(None if path is None else str(path))

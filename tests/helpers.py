@@ -194,3 +194,117 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+
+
+class SchedulerProcess:
+    """A real `cachewarden scheduler` process, its clock optionally moved by libfaketime."""
+
+    def __init__(self, config: Path, log_path: Path, clock_offset_s: float = 0.0) -> None:
+        env = {
+            **os.environ,
+            "CACHEWARDEN_CONFIG": str(config),
+            "CACHEWARDEN_LOG_FORMAT": "json",
+        }
+        if clock_offset_s:
+            assert os.path.exists(FAKETIME_LIB), (
+                f"{FAKETIME_LIB} is missing: apt-get install libfaketime (.ci/run does)"
+            )
+            env |= {
+                "LD_PRELOAD": FAKETIME_LIB,
+                "FAKETIME": f"{clock_offset_s:+}",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cachewarden.cli", "scheduler"],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.name = f"{os.uname().nodename}-{self.proc.pid}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_started(self) -> SchedulerProcess:
+        wait_for(lambda: "scheduler_started" in self.output(), 30, what="the scheduler to start")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+class FlowerProcess:
+    """A real Flower (`celery -A worker flower`) with basic auth on a free loopback port."""
+
+    AUTH = "ops:s3cret"
+
+    def __init__(self, config: Path) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        env = {**os.environ, "CACHEWARDEN_CONFIG": str(config), "FLOWER_BASIC_AUTH": self.AUTH}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: self.status("/healthcheck") == 200, 30, what="Flower to listen")
+
+    def status(self, path: str, auth: str | None = None) -> int:
+        """The HTTP status of GET `path` (0 when nothing answers)."""
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path)
+        if auth:
+            request.add_header("Authorization", "Basic " + _b64(auth))
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return 0
+
+    def get(self, path: str) -> Any:
+        """GET `path` as an operator, decoded from JSON."""
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path)
+        request.add_header("Authorization", "Basic " + _b64(self.AUTH))
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def tasks(self, name: str, state: str) -> list[dict[str, Any]]:
+        """The tasks called `name` that Flower lists in `state`."""
+        found = self.get("/api/tasks?limit=200")
+        return [t for t in found.values() if t.get("name") == name and t.get("state") == state]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()

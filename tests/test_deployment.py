@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import Harness
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, FlowerProcess, wait_for
 
 USER = {"table": "users", "key": "id", "ttl": "10m"}
 
@@ -98,66 +94,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def flower(pg_harness: Harness) -> Iterator[str]:
+def flower(pg_harness: Harness) -> Iterator[FlowerProcess]:
     """Flower (`celery -A worker flower`) with basic auth on a free loopback port."""
     pg_harness.create_table("users", version=False)
     pg_harness.configure({"user": USER}, {"user": {"max_delay": "200ms"}})
-    port = _free_port()
-    env = {
-        **os.environ,
-        "CACHEWARDEN_CONFIG": str(pg_harness.config_path),
-        "FLOWER_BASIC_AUTH": "ops:s3cret",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker", "flower", f"--port={port}"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc = FlowerProcess(pg_harness.config_path)
     try:
-        wait_for(lambda: _status(url + "/healthcheck") == 200, 30, what="Flower to listen")
-        yield url
+        yield proc
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.stop()
 
 
-def _status(url: str, auth: str | None = None) -> int:
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
-def _get(url: str, auth: str) -> object:
-    request = urllib.request.Request(url)
-    request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _flush_tasks(flower: str, state: str) -> list[dict[str, object]]:
+def _flush_tasks(flower: FlowerProcess, state: str) -> list[dict[str, object]]:
     """The cachewarden.flush tasks Flower lists in `state`."""
-    tasks = _get(flower + "/api/tasks?limit=50", "ops:s3cret")
-    assert isinstance(tasks, dict)
-    return [
-        t
-        for t in tasks.values()
-        if t.get("name") == "cachewarden.flush" and t.get("state") == state
-    ]
+    return flower.tasks("cachewarden.flush", state)
 
 
-def test_flower_shows_flush_tasks_behind_auth(pg_harness: Harness, flower: str) -> None:
+def test_flower_shows_flush_tasks_behind_auth(pg_harness: Harness, flower: FlowerProcess) -> None:
     """Flower refuses anonymous users and shows the worker and its flush tasks to operators."""
-    assert _status(flower + "/api/workers") == 401
+    assert flower.status("/api/workers") == 401
     pg_harness.worker(concurrency=1)
     pg_harness.cache.write("user", 1, {"name": "x"})
     wait_for(lambda: _landed(pg_harness, 1), 15, what="the write to land")
@@ -168,14 +123,14 @@ def test_flower_shows_flush_tasks_behind_auth(pg_harness: Harness, flower: str) 
     assert "user" in str(seen[0]["args"])
 
     def workers() -> object:
-        found = _get(flower + "/api/workers?refresh=1", "ops:s3cret")
+        found = flower.get("/api/workers?refresh=1")
         return isinstance(found, dict) and found
 
     wait_for(workers, 30, interval=1.0, what="Flower to list the worker")
 
 
 def test_flower_shows_a_flush_during_a_database_outage_as_failed(
-    pg_harness: Harness, flower: str
+    pg_harness: Harness, flower: FlowerProcess
 ) -> None:
     """With the database unreachable, Flower lists the worker's flush tasks as FAILURE naming the database, and the write stays pending."""
     h = pg_harness

@@ -33,7 +33,7 @@ def _settings() -> Settings:
 
 
 settings = _settings()
-app = Celery("cachewarden", include=["tasks.writebehind", "tasks.readpath"])
+app = Celery("cachewarden", include=["tasks.writebehind", "tasks.readpath", "tasks.warming"])
 app.conf.update(celery_config(settings))
 app.steps["worker"].add(DispatcherStep)
 app.steps["worker"].add(RefreshAheadStep)
