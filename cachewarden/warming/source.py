@@ -14,10 +14,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Select, bindparam, false, select, text
+from sqlalchemy import Engine, Select, TextClause, bindparam, false, select, text
+from sqlalchemy import column as result_column
 from sqlalchemy.engine import Result
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
 
 from cachewarden.codec import encode_row, key_text
 from cachewarden.dberrors import first_line
@@ -52,7 +53,7 @@ class WarmSource:
             column = table.key_column
             base = select(table.table)
             self._first: Select[Any] | TextClause = base.order_by(column).limit(bindparam("n"))
-            self._keys: Select[Any] | TextClause = (
+            self._keys: Select[Any] | TextualSelect = (
                 select(column).where(column > bindparam("lo")).order_by(column)
             )
             self._between: Select[Any] | TextClause = base.where(
@@ -66,7 +67,10 @@ class WarmSource:
             q = engine.dialect.identifier_preparer.quote(key)
             sub = f"({job.query}) AS cw_q"
             self._first = text(f"SELECT * FROM {sub} ORDER BY cw_q.{q} LIMIT :n")
-            self._keys = text(f"SELECT cw_q.{q} FROM {sub} WHERE cw_q.{q} > :lo ORDER BY cw_q.{q}")
+            # Typed: SQLAlchemy 2.1 buffers an untyped text() result whole, even streamed.
+            self._keys = text(
+                f"SELECT cw_q.{q} FROM {sub} WHERE cw_q.{q} > :lo ORDER BY cw_q.{q}"
+            ).columns(result_column(key, table.key_column.type))
             self._between = text(f"SELECT * FROM {sub} WHERE cw_q.{q} > :lo AND cw_q.{q} <= :hi")
             self._after = text(f"SELECT * FROM {sub} WHERE cw_q.{q} > :lo")
             self._probe = text(f"SELECT * FROM {sub} WHERE 1 = 0")
