@@ -308,3 +308,11 @@ def _b64(text: str) -> str:
     import base64
 
     return base64.b64encode(text.encode()).decode()
+
+
+def percentile_of(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1)."""
+    import math
+
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(q * len(ordered))) - 1]

@@ -7,6 +7,7 @@
 -- Returns {run number, now}, {0, the live run's number} or {-1, the due time last run}.
 local started = tonumber(redis.call('HGET', KEYS[5], 'started_slot'))
 if ARGV[2] ~= '' and started and started >= tonumber(ARGV[2]) then
+  redis.call('HINCRBY', KEYS[5], 'repeats', 1)
   return {-1, started}
 end
 local holder = redis.call('GET', KEYS[1])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def warm_command(config: Path) -> float:
     return elapsed
 
 
-def raw_limit(env: WarmEnv, prefix: str, limit: int | None = None) -> tuple[int, float]:
+def raw_limit(env: WarmEnv, prefix: str, where: str = "") -> tuple[int, float]:
     """The plain script: a named cursor into pipelined SETs. (rows, seconds)."""
     client = env.redis()
     started = time.perf_counter()
@@ -130,8 +131,7 @@ def raw_limit(env: WarmEnv, prefix: str, limit: int | None = None) -> tuple[int,
     with env.pg(autocommit=False) as conn:
         cursor = conn.cursor(name="warm_raw")
         cursor.itersize = 10_000
-        sql = f"SELECT * FROM {TABLE}" + (f" ORDER BY id LIMIT {limit}" if limit else "")
-        cursor.execute(sql)
+        cursor.execute(f"SELECT * FROM {TABLE} {where}")
         columns = [d.name for d in cursor.description or ()]
         pipe = client.pipeline(transaction=False)
         for row in cursor:
@@ -146,6 +146,31 @@ def raw_limit(env: WarmEnv, prefix: str, limit: int | None = None) -> tuple[int,
     elapsed = time.perf_counter() - started
     client.close()
     return rows, elapsed
+
+
+def _raw_part(env: WarmEnv, prefix: str, where: str, out: Any) -> None:
+    out.put(raw_limit(env, prefix, where)[0])
+
+
+def raw_limit_parallel(env: WarmEnv, prefix: str, procs: int) -> tuple[int, float]:
+    """The plain script in `procs` processes, each on its own id range. (rows, seconds)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    step = -(-env.args.rows // procs)
+    started = time.perf_counter()
+    children = [
+        ctx.Process(
+            target=_raw_part,
+            args=(env, prefix, f"WHERE id > {n * step} AND id <= {(n + 1) * step}", out),
+        )
+        for n in range(procs)
+    ]
+    for child in children:
+        child.start()
+    rows = sum(out.get(timeout=600) for _ in children)
+    for child in children:
+        child.join(60)
+    return rows, time.perf_counter() - started
 
 
 def naive_loop(env: WarmEnv, prefix: str, limit: int) -> tuple[int, float]:
@@ -191,8 +216,8 @@ def phase_speed(env: WarmEnv) -> dict[str, Any]:
     config = env.warm_config("speed")
     worker = env.worker(config, "speed-worker.log")
     entries = f"{env.base}-speed:row:*"
-    ours = raw = 0.0
-    raw_rows = 0
+    ours = raw = raw2 = 0.0
+    raw_rows = raw2_rows = 0
     for n in range(args.rounds):
         env.clear(entries)
         seconds = warm_command(config)
@@ -203,6 +228,11 @@ def phase_speed(env: WarmEnv) -> dict[str, Any]:
         raw += seconds
         say(f"round {n + 1}: raw limit {rows / seconds:,.0f} keys/s ({seconds:.2f} s)")
         env.clear(f"{env.base}-raw:*")
+        rows, seconds = raw_limit_parallel(env, f"{env.base}-raw:", args.concurrency)
+        raw2_rows += rows
+        raw2 += seconds
+        say(f"round {n + 1}: raw limit x{args.concurrency} {rows / seconds:,.0f} keys/s")
+        env.clear(f"{env.base}-raw:*")
     client = env.redis()
     cached = sum(1 for _ in client.scan_iter(entries, count=10_000))
     client.close()
@@ -210,6 +240,7 @@ def phase_speed(env: WarmEnv) -> dict[str, Any]:
     return {
         "ours": args.rows * args.rounds / ours,
         "raw": raw_rows / raw,
+        "raw_parallel": raw2_rows / raw2,
         "cached": cached,
     }
 
@@ -255,6 +286,15 @@ def body(env: Any) -> bool:
                 f"raw limit {speed['raw']:,.0f} (named cursor + pipelined SET)",
                 f">= {TARGET_RAW_SHARE:.0%} of raw: {share:.0%}",
                 verdict(ok),
+            ]
+        )
+        rows.append(
+            [
+                "  context: the raw limit in as many processes as the worker has",
+                "",
+                f"{args.concurrency} processes, one id range each: {speed['raw_parallel']:,.0f}",
+                f"{speed['ours'] / speed['raw_parallel']:.0%} of it",
+                "",
             ]
         )
         if naive is not None:

@@ -107,8 +107,24 @@ def test_three_schedulers_fire_each_due_time_once_and_runs_never_overlap(
         s.stop()
     redis = h.context.redis
     groups = [(h.context.keys, plain), (keys_b, skewed)]
-    live = lambda: [j for k, js in groups for j in js if redis.exists(k.run_lock(j))]  # noqa: E731
-    wait_for(lambda: not live(), 15, what="the last runs to end")
+
+    def settled() -> bool:
+        """Every fired due time has run or been refused, and no run lives."""
+        for keys, group in groups:
+            for name in group:
+                record = redis.hgetall(keys.job(name))
+                ended = len(history(h, name, keys)) + int(record.get("overlaps", 0))
+                if redis.exists(keys.run_lock(name)) or ended != int(record["fired"]):
+                    return False
+        return True
+
+    def records() -> str:
+        return str({n: redis.hgetall(k.job(n)) for k, js in groups for n in js})
+
+    try:
+        wait_for(settled, 20, interval=0.2, what="every fired due time to run or be refused")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {records()}") from None
 
     for keys, group in groups:
         for name in group:
@@ -268,3 +284,30 @@ def test_warm_from_the_command_line_caches_100k_rows(harness: Harness) -> None:
     assert len(found) == 100_000
     assert all(row == {"id": int(k), "name": f"n{k}"} for k, (row, _) in found.items())
     assert all(0.9 * 600_000 - 120_000 <= pttl <= 600_000 for _, pttl in found.values())
+
+
+def test_sighup_reloads_the_jobs_and_keeps_them_when_the_new_config_is_broken(
+    pg_harness: Harness, tmp_path: Path
+) -> None:
+    """SIGHUP after a job was added to the config makes the scheduler fire it; SIGHUP with a config that does not load logs the error and the running jobs keep firing."""
+    h = pg_harness
+    h.create_table("users", version=False)
+    every = {"entity": "user", "every": "1s"}
+    h.configure({"user": USER}, warming={"a": every})
+    scheduler = SchedulerProcess(h.config_path, tmp_path / "s.log").wait_started()
+    redis, keys = h.context.redis, h.context.keys
+    slot = lambda job: int(redis.hget(keys.job(job), "slot") or 0)  # noqa: E731
+    try:
+        wait_for(lambda: slot("a"), 5, what="job a to fire")
+        assert slot("b") == 0
+        h.configure({"user": USER}, warming={"a": every, "b": every})
+        scheduler.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: slot("b"), 5, what="the added job b to fire")
+        h.config_path.write_text(h.config_path.read_text() + "\n[warming.c]\nentity = 'nobody'\n")
+        scheduler.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload_failed" in scheduler.output(), 5, what="the reload to fail")
+        assert "unknown entity 'nobody'" in scheduler.output()
+        after = slot("a")
+        wait_for(lambda: slot("a") > after and slot("b") > after, 5, what="a and b to fire on")
+    finally:
+        scheduler.stop()
