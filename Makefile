@@ -34,6 +34,7 @@ typecheck: $(BIN)/cachewarden
 bench: $(BIN)/cachewarden
 	$(BIN)/python ops/bench/writebehind.py
 	$(BIN)/python ops/bench/readpath.py
+	$(BIN)/python ops/bench/warming.py
 
 flower: $(BIN)/cachewarden
 	$(BIN)/celery -A worker flower --basic-auth=$${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password} --address=127.0.0.1

@@ -160,8 +160,8 @@ def _fire(firer: Firer, job: WarmingJob, trigger: BaseTrigger) -> None:
     """One APScheduler wake-up of a warming job: claim the due time, send the run."""
     try:
         firer.fire(job, trigger)
-    except (RedisError, CachewardenError) as exc:
-        log.error("warm_fire_failed", job=job.name, error=str(exc))
+    except Exception as exc:  # Redis or the broker: the next due time tries again
+        log.error("warm_fire_failed", job=job.name, error=f"{type(exc).__name__}: {exc}")
 
 
 def build_scheduler(settings: Settings) -> SchedulerProcess:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from tests.conftest import Harness
 from tests.helpers import REPO
 
@@ -125,3 +127,41 @@ def test_doctor_warns_when_the_buffer_bounds_cannot_fit_in_maxmemory(pg_harness:
         and "Lower write_behind.max_pending" in too_big.stdout
     )
     assert fits.returncode == 0 and "nothing to warn about" in fits.stdout, fits.stdout
+
+
+def test_check_names_a_warming_job_whose_query_fails_and_a_bad_cron(pg_harness: Harness) -> None:
+    """`check` runs each warming job's query for no rows and names the job whose SQL fails (exit 1); a cron APScheduler refuses is a config error naming the field (exit 2)."""
+    h = pg_harness
+    h.create_table("users")
+    jobs = {
+        "good": {"entity": "user", "every": "1m"},
+        "bad": {"entity": "user", "every": "1m", "query": "SELECT id FROM nowhere"},
+    }
+    h.configure({"user": USER}, warming=jobs)
+    result = cachewarden("check", config=h.config_path)
+    assert result.returncode == 1
+    assert "good: entity=user every 1m" in result.stdout
+    assert "query: FAILED: warming job 'bad'" in result.stdout and "nowhere" in result.stdout
+    h.configure({"user": USER}, warming={"late": {"entity": "user", "cron": "0 25 * * *"}})
+    result = cachewarden("check", config=h.config_path)
+    assert result.returncode == 2 and "warming.late.cron" in result.stderr
+
+
+def test_warm_inline_needs_no_worker_and_jobs_shows_the_run(pg_harness: Harness) -> None:
+    """`warm --inline` caches every row without a worker and exits 0; `jobs` then shows the run done with its rows, and `warm` of an unknown job exits 1 naming the defined ones."""
+    h = pg_harness
+    h.create_table("users")
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b')"))
+    h.configure({"user": USER}, warming={"all": {"entity": "user", "every": "1h"}})
+    result = cachewarden("warm", "all", "--inline", config=h.config_path)
+    assert result.returncode == 0, result.stderr
+    assert "warmed 2 rows of user" in result.stderr
+    assert h.cache.get("user", 2) == {"id": 2, "name": "b", "version": 0}
+    listed = cachewarden("jobs", config=h.config_path)
+    assert listed.returncode == 0
+    line = next(x for x in listed.stdout.splitlines() if x.startswith("all "))
+    assert "every 1h" in line and line.rstrip().endswith("done") and " 2 " in line
+    unknown = cachewarden("warm", "nope", config=h.config_path)
+    assert unknown.returncode == 1 and "unknown warming job 'nope'" in unknown.stderr
+    assert "defines: all" in unknown.stderr

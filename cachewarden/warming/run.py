@@ -170,9 +170,21 @@ def start_run(
             scripts.end(run, "failed", str(exc))
             log.error("warm_run_failed", job=name, run=run, error=str(exc))
             raise
+        except Exception as exc:  # the broker or Redis failed mid-plan: say so, if we can
+            _fail_quietly(scripts, run, f"warming job {name!r}: {type(exc).__name__}: {exc}")
+            raise
     if state != "running":
         log.info("warm_run_ended", job=name, run=run, state=state, rows=total)
     return {"job": name, "run": run, "state": state, "chunks": chunks, "rows": total}
+
+
+def _fail_quietly(scripts: WarmScripts, run: int, problem: str) -> None:
+    """Record the run as failed where Redis still answers (else its lock lapses)."""
+    log.error("warm_run_failed", run=run, error=problem)
+    try:
+        scripts.end(run, "failed", problem)
+    except Exception as exc:
+        log.warning("warm_run_not_recorded", run=run, error=str(exc))
 
 
 @dataclass

@@ -91,6 +91,7 @@ def test_a_million_rows_warm_completely_in_memory_within_20_percent_of_100k(
         assert done.returncode == 0, done.stderr
         peaks[job] = _pool_peak_kb(worker)
         worker.kill()
+    print(f"worker peak RSS: 100,000 rows {peaks['small']} KiB, 1,000,000 rows {peaks['all']} KiB")
     assert peaks["all"] <= 1.2 * peaks["small"], peaks
     _check_all_cached(h)
 
@@ -143,4 +144,6 @@ def test_flush_deadlines_hold_during_a_million_row_warm(pg_harness: Harness) -> 
 
     wait_for(all_landed, 30, what="every write to land")
     delays = [landed[k] - written[k] for k in written]
+    p95 = percentile_of(delays, 0.95)
+    print(f"{len(delays)} writes during the warm: write-to-database p95 {p95:.2f} s")
     assert percentile_of(delays, 0.95) <= 1.0 + 1.0, sorted(delays)[-20:]
