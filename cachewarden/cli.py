@@ -58,29 +58,20 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="development: a worker, with an embedded Redis if none answers"
     )
     run.add_argument("--no-embedded", action="store_true", help="never start the embedded Redis")
-    dead = sub.add_parser("dead-letters", help="list, replay or discard rows the database rejected")
-    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (
-        ("list", "show dead letters"),
-        ("replay", "re-enqueue dead letters"),
-        ("discard", "delete dead letters for good"),
-    ):
-        p = dead_sub.add_parser(action, help=text)
-        p.add_argument("entity")
-        p.add_argument(
-            "--id", action="append", dest="ids", help="only this dead-letter id (repeatable)"
-        )
-        p.add_argument("--count", type=int, default=1000, help="at most this many (default 1000)")
-        if action == "list":
-            p.add_argument("--json", action="store_true", help="print JSON lines")
-        if action == "replay":
-            p.add_argument(
-                "--force", action="store_true", help="replay even where a newer write superseded it"
-            )
-    sub.add_parser(
-        "doctor",
-        help="warn about an unsafe Redis or write-buffer bounds that cannot fit in maxmemory",
+    for name in ("dlq", "dead-letters"):
+        _dead_letter_parser(sub, name)
+    flush = sub.add_parser(
+        "flush", help="flush the write buffer now (one entity, or all) and wait until it drains"
     )
+    flush.add_argument("entity", nargs="?", help="only this entity")
+    flush.add_argument(
+        "--timeout", type=float, default=300.0, help="give up after this many seconds (300)"
+    )
+    doctor = sub.add_parser(
+        "doctor",
+        help="check Redis, the broker, the database, the grants and the workers; say each fix",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON")
     reshard = sub.add_parser(
         "reshard",
         help="move an entity's write buffer to N shards (writes wait while it drains)",
@@ -92,9 +83,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dead_letter_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str
+) -> None:
+    """`dlq` (and its older name `dead-letters`): rows the database rejected."""
+    text = "dead letters: rows the database rejected (list, show, replay, drop)"
+    dead = sub.add_parser(name, help=text if name == "dlq" else "the older name of dlq")
+    dead_sub = dead.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, helptext in (
+        ("list", "show dead letters, oldest first"),
+        ("show", "one dead letter in full (JSON), by --id"),
+        ("replay", "enqueue dead letters again"),
+        ("drop", "delete dead letters for good"),
+        ("discard", "the older name of drop"),
+    ):
+        p = dead_sub.add_parser(action, help=helptext)
+        p.add_argument("entity")
+        p.add_argument(
+            "--id",
+            action="append",
+            dest="ids",
+            required=action == "show",
+            help="only this dead-letter id (repeatable)",
+        )
+        p.add_argument("--count", type=int, default=1000, help="at most this many (default 1000)")
+        if action == "list":
+            p.add_argument("--json", action="store_true", help="print JSON lines")
+        if action == "replay":
+            p.add_argument(
+                "--force", action="store_true", help="replay even where a newer write superseded it"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # `worker`'s options go to Celery (argparse's REMAINDER drops a leading "--option").
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "worker":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "worker":
+        args.celery_args = [*extra, *args.celery_args]
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
@@ -106,12 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Command] = {
         "check": commands.check,
         "stats": commands.stats,
-        "worker": lambda s, a: _celery(s, args.config, ["worker", *a.celery_args]),
+        "worker": lambda s, a: _celery(s, args.config, ["worker", *a.celery_args], replace=True),
         "scheduler": commands.scheduler,
         "warm": commands.warm,
         "jobs": commands.jobs,
         "run": lambda s, a: _run(s, args.config, a.no_embedded),
         "dead-letters": commands.dead_letters,
+        "dlq": commands.dead_letters,
+        "flush": commands.flush,
         "reshard": commands.reshard,
         "doctor": commands.doctor,
         "demo": commands.demo,
@@ -128,8 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _celery(settings: Settings, config: str | None, argv: list[str]) -> int:
-    """Run `celery -A worker ...` from the repository root with this config."""
+def _celery(settings: Settings, config: str | None, argv: list[str], replace: bool = False) -> int:
+    """Run `celery -A worker ...` from the repository root with this config; with
+    `replace`, this process becomes Celery (exec), so signals reach the worker itself."""
     if not Path("worker/__init__.py").is_file():
         print(
             "cachewarden: run this from the cachewarden repository root (where worker/ is)",
@@ -140,6 +172,10 @@ def _celery(settings: Settings, config: str | None, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "celery", "-A", "worker", *argv]
     if argv[:1] == ["worker"] and "--loglevel" not in argv and "-l" not in argv:
         cmd += ["--loglevel", "INFO"]
+    if replace:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, cmd, env)
     return subprocess.call(cmd, env=env)
 
 

@@ -159,7 +159,7 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    """list / replay / discard dead letters of one entity."""
+    """list / show / replay / drop (discard) dead letters of one entity."""
     from cachewarden.cache import Cache
 
     cache = Cache(settings, reflect=False)
@@ -168,7 +168,13 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
         letters = list_dead(cache.redis, cache.keys, spec.name, count=args.count)
         if args.ids:
             letters = [letter for letter in letters if letter.id in set(args.ids)]
-        if args.action == "list":
+        if args.action == "show":
+            for letter in letters:
+                print(json.dumps(letter.as_dict(), indent=2))
+            if not letters:
+                print(f"no dead letter {', '.join(args.ids)} in {spec.name}", file=sys.stderr)
+                return FAILED
+        elif args.action == "list":
             for letter in letters:
                 if args.json:
                     print(json.dumps(letter.as_dict()))
@@ -226,21 +232,51 @@ def memory_fit(settings: Settings, client: Any, keys: Keyspace) -> list[str]:
     ]
 
 
-def doctor(settings: Settings, _args: argparse.Namespace) -> int:
-    """Warn about what could hurt in production: an unsafe Redis, bounds that cannot fit."""
+def doctor(settings: Settings, args: argparse.Namespace) -> int:
+    """Check what production needs; on each failure, say how to fix it. Exit 1 on any."""
+    from cachewarden.doctor import run_checks
+
     client = redis_client(settings.redis)
     try:
-        warnings = check_redis_safety(client, settings.redis)
-        warnings += memory_fit(settings, client, Keyspace(settings.redis.prefix))
+        findings = run_checks(settings, client)
+    finally:
+        client.close()
+    if getattr(args, "json", False):
+        print(json.dumps([f.as_dict() for f in findings]))
+    else:
+        for f in findings:
+            print(f"{'PASS' if f.ok else 'FAIL'}  {f.check}: {f.detail}")
+            if not f.ok and f.fix:
+                print(f"      fix: {f.fix}")
+        failed = sum(not f.ok for f in findings)
+        print(f"doctor: {len(findings) - failed} passed, {failed} failed")
+    return FAILED if any(not f.ok for f in findings) else OK
+
+
+def flush(settings: Settings, args: argparse.Namespace) -> int:
+    """Make every shard with pending writes due now, and wait until the buffer drains."""
+    from cachewarden.writebehind.drain import drain
+
+    names = [settings.entity(args.entity).name] if args.entity else list(settings.entities)
+    client = redis_client(settings.redis)
+    try:
+        first, left = drain(
+            client,
+            Keyspace(settings.redis.prefix),
+            {n: settings.entity(n).write_behind.shards for n in names},
+            args.timeout,
+            lambda line: print(f"flush: {line}", file=sys.stderr),
+            settings.queue("writebehind"),
+        )
     except RedisError as exc:
         raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
     finally:
         client.close()
-    for warning in warnings:
-        print(f"warning: {warning}")
-    if not warnings:
-        print("doctor: nothing to warn about")
-    return FAILED if warnings else OK
+    if left:
+        print(f"flush: {left:,} writes still pending after {args.timeout:.0f}s", file=sys.stderr)
+        return FAILED
+    print(f"flush: {first:,} pending writes of {', '.join(names)} reached the database")
+    return OK
 
 
 def reshard(settings: Settings, args: argparse.Namespace) -> int:

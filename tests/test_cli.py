@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -109,7 +112,7 @@ def test_demo_init_creates_the_table(pg_harness: Harness) -> None:
 
 
 def test_doctor_warns_when_the_buffer_bounds_cannot_fit_in_maxmemory(pg_harness: Harness) -> None:
-    """`cachewarden doctor` exits 1 naming the bounds when max_pending x shards cannot fit in a 30 MB Redis, and 0 when they can."""
+    """`cachewarden doctor` fails its buffer-bounds check naming the bounds when max_pending x shards cannot fit in a 30 MB Redis, and passes it when they can."""
     from tests.servers import PrivateRedis
 
     h = pg_harness
@@ -122,11 +125,49 @@ def test_doctor_warns_when_the_buffer_bounds_cannot_fit_in_maxmemory(pg_harness:
         )
         fits = cachewarden("doctor", config=h.config_path)
     assert too_big.returncode == 1, too_big.stdout + too_big.stderr
+    assert "FAIL  buffer bounds" in too_big.stdout
     assert (
         "user: 400,000 writes" in too_big.stdout
         and "Lower write_behind.max_pending" in too_big.stdout
     )
-    assert fits.returncode == 0 and "nothing to warn about" in fits.stdout, fits.stdout
+    assert "PASS  buffer bounds: maxmemory 30 MB: the write buffers fit" in fits.stdout, fits.stdout
+
+
+def _doctor_lines(h: Harness) -> dict[str, tuple[bool, str]]:
+    """`cachewarden doctor --json`: check -> (ok, detail and fix)."""
+    result = cachewarden("doctor", "--json", config=h.config_path)
+    return {f["check"]: (f["ok"], f"{f['detail']} {f['fix']}") for f in json.loads(result.stdout)}
+
+
+def test_doctor_fails_an_evicting_or_forgetful_redis_and_passes_a_correct_one(
+    pg_harness: Harness,
+) -> None:
+    """`doctor` fails, naming the fix, against a Redis with maxmemory-policy allkeys-lru and against one with no persistence; against one with AOF and noeviction, a table it may write and a worker consuming every queue, every check passes and it exits 0."""
+    from tests.servers import PrivateRedis
+
+    h = pg_harness
+    h.create_table("users")
+    lru = {"maxmemory": "100mb", "maxmemory-policy": "allkeys-lru"}
+    with PrivateRedis(**lru) as server:
+        h.configure({"user": USER}, redis_url=server.url)
+        ok, text = _doctor_lines(h)["maxmemory-policy"]
+        assert not ok and "allkeys-lru" in text and "noeviction" in text
+    with PrivateRedis(appendonly="no") as server:
+        h.configure({"user": USER}, redis_url=server.url)
+        ok, text = _doctor_lines(h)["persistence"]
+        assert not ok and "AOF is OFF" in text and "appendonly yes" in text
+    with PrivateRedis(appendfsync="everysec", maxmemory="200mb") as server:
+        h.configure(
+            {"user": USER}, {"user": {"max_pending": 1000, "shards": 1}}, redis_url=server.url
+        )
+        h.worker(concurrency=1)
+        result = cachewarden("doctor", config=h.config_path)
+        for w in h.workers:
+            w.kill()
+    assert result.returncode == 0, result.stdout
+    for check in ("redis version", "persistence", "maxmemory-policy", "broker", "database"):
+        assert f"PASS  {check}" in result.stdout, result.stdout
+    assert "PASS  write users" in result.stdout and "PASS  workers: 1 online" in result.stdout
 
 
 def test_check_names_a_warming_job_whose_query_fails_and_a_bad_cron(pg_harness: Harness) -> None:
@@ -165,3 +206,55 @@ def test_warm_inline_needs_no_worker_and_jobs_shows_the_run(pg_harness: Harness)
     unknown = cachewarden("warm", "nope", config=h.config_path)
     assert unknown.returncode == 1 and "unknown warming job 'nope'" in unknown.stderr
     assert "defines: all" in unknown.stderr
+
+
+def test_flush_drains_the_buffer_now_and_waits(pg_harness: Harness) -> None:
+    """`cachewarden flush user` with a max_delay of one minute gets 50 pending writes into the database within seconds and exits 0 once none is pending."""
+    h = pg_harness
+    h.create_table("users")
+    h.configure({"user": USER}, {"user": {"max_delay": "60s"}})
+    h.worker(concurrency=1)
+    for key in range(50):
+        h.cache.write("user", key, {"name": "x", "version": 1})
+    assert h.buffered() == 50
+    started = time.monotonic()
+    result = cachewarden("flush", "user", config=h.config_path)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 20
+    assert "50 pending writes of user reached the database" in result.stdout
+    assert h.count("users") == 50 and h.buffered() == 0
+
+
+def test_worker_command_becomes_celery_so_sigterm_is_a_warm_shutdown(pg_harness: Harness) -> None:
+    """`cachewarden worker` replaces itself with the Celery worker: the pid it started as is Celery's main process, and SIGTERM to it ends in a warm shutdown with status 0."""
+    h = pg_harness
+    h.create_table("users")
+    h.configure({"user": USER})
+    env = {**os.environ, "CACHEWARDEN_CONFIG": str(h.config_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachewarden.cli", "worker", "--concurrency", "1"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if " ready." in line or 'ready."' in line:
+                break
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"celery" in cmdline and b"cachewarden.cli" not in cmdline
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0
+        assert "warm shutdown" in (rest + "".join(lines)).lower()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()

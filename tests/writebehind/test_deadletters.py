@@ -157,10 +157,10 @@ def test_discard_removes_one_dead_letter(pg_harness: Harness) -> None:
     assert sorted(h.rows("users")) == [2]
 
 
-def _cli(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(h: Harness, *args: str, verb: str = "dead-letters") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CACHEWARDEN_LOG_FORMAT": "json"}
     return subprocess.run(
-        [str(CLI), "--config", str(h.config_path), "dead-letters", *args],
+        [str(CLI), "--config", str(h.config_path), verb, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -338,3 +338,20 @@ def test_a_few_rows_bad_alike_in_one_batch_are_dead_lettered(harness: Harness) -
     _flush_all(h)
     assert sorted(letter.key for letter in _dead(h)) == ["1", "2"]
     assert set(h.rows("users")) == {3}
+
+
+def test_dlq_shows_one_letter_in_full_and_drops_it(pg_harness: Harness) -> None:
+    """`cachewarden dlq show --id` prints the dead letter as JSON with the database's error; `dlq drop --id` deletes it, and `dlq show` of it then exits 1."""
+    h = pg_harness
+    _setup(h)
+    h.cache.write("user", 5, {"name": "poison"})
+    _flush_all(h)
+    [letter] = _dead(h)
+    shown = _cli(h, "show", "user", "--id", letter.id, verb="dlq")
+    assert shown.returncode == 0, shown.stderr
+    full = json.loads(shown.stdout)
+    assert full["id"] == letter.id and "no_poison" in full["error"] and full["key"] == "5"
+    dropped = _cli(h, "drop", "user", "--id", letter.id, verb="dlq")
+    assert dropped.returncode == 0 and "discarded" in dropped.stdout
+    assert _dead(h) == []
+    assert _cli(h, "show", "user", "--id", letter.id, verb="dlq").returncode == 1

@@ -1,0 +1,260 @@
+"""`cachewarden doctor`: each thing production needs, checked, with the fix for a failure.
+
+Each check returns a `Finding` (pass or fail, what it saw, and on a fail how to
+fix it). The checks: Redis's version, its persistence, its eviction policy, the
+write buffers' bounds against maxmemory, the broker, the database (each entity's
+table, key and version column), the privilege to write each table, the shard
+counts Redis records, and workers consuming each queue. Nothing here prints a
+secret: URLs are shown with their passwords masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from cachewarden.database import describe, make_engine
+from cachewarden.dberrors import first_line
+from cachewarden.errors import CachewardenError
+from cachewarden.keys import Keyspace
+from cachewarden.settings import Settings, masked_url
+
+MIN_REDIS = (7, 0)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check's outcome."""
+
+    check: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _version(client: Redis) -> Finding:
+    info = client.info("server")
+    version = str(info.get("valkey_version") or info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    ok = parts >= MIN_REDIS
+    return Finding(
+        "redis version",
+        ok,
+        f"{'Valkey' if 'valkey_version' in info else 'Redis'} {version}",
+        ""
+        if ok
+        else "upgrade to Redis 7.0 or later (or Valkey 7.2 or later): the "
+        "scripts use function flags (allow-oom) that older servers refuse",
+    )
+
+
+def _persistence(client: Redis) -> Finding:
+    persistence = client.info("persistence")
+    if persistence.get("aof_enabled"):
+        fsync = client.config_get("appendfsync").get("appendfsync", "?")
+        ok = fsync in ("everysec", "always")
+        return Finding(
+            "persistence",
+            ok,
+            f"AOF on, appendfsync {fsync}",
+            ""
+            if ok
+            else "set appendfsync everysec: with 'no' a crash loses what the "
+            "kernel had not yet written, possibly many seconds of buffered writes",
+        )
+    saves = client.config_get("save").get("save", "")
+    lost = (
+        f"everything since the last RDB snapshot (save {saves!r})"
+        if saves
+        else "every buffered write (no AOF and no RDB snapshots)"
+    )
+    return Finding(
+        "persistence",
+        False,
+        f"AOF is OFF: a Redis crash loses {lost} not yet flushed to the database",
+        "set appendonly yes and appendfsync everysec (CONFIG SET appendonly yes, and in "
+        "redis.conf); ops/redis/cachewarden.conf has both",
+    )
+
+
+def _eviction(client: Redis) -> Finding:
+    policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+    ok = not policy.startswith("allkeys-")
+    return Finding(
+        "maxmemory-policy",
+        ok,
+        policy,
+        ""
+        if ok
+        else f"{policy} can evict the write buffer (its streams carry no TTL): "
+        "set maxmemory-policy noeviction (or a volatile-* policy, which only evicts "
+        "cache entries)",
+    )
+
+
+def _memory(settings: Settings, client: Redis, keys: Keyspace) -> Finding:
+    from cachewarden.commands import memory_fit
+
+    warnings = memory_fit(settings, client, keys)
+    limit = int(client.info("memory").get("maxmemory", 0))
+    detail = f"maxmemory {limit / 1048576:,.0f} MB" if limit else "no maxmemory"
+    if not warnings:
+        return Finding("buffer bounds", True, f"{detail}: the write buffers fit")
+    return Finding("buffer bounds", False, warnings[0], "see the figures above")
+
+
+def _shards(settings: Settings, client: Redis) -> Finding:
+    from cachewarden.context import Context
+    from cachewarden.writebehind.shardcount import check_shards
+
+    context = Context(settings, client)
+    try:
+        check_shards(context)
+    except CachewardenError as exc:
+        return Finding("shard counts", False, str(exc), "run `cachewarden reshard ENTITY N`")
+    finally:
+        context.lua.close()
+    return Finding("shard counts", True, "each entity's matches the count Redis records")
+
+
+def _broker(settings: Settings) -> Finding:
+    from cachewarden.celeryconf import task_client
+
+    app = task_client(settings)
+    shown = masked_url(settings.broker_url)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except Exception as exc:
+        return Finding(
+            "broker",
+            False,
+            f"{shown}: {type(exc).__name__}: {str(exc).replace(settings.broker_url, shown)}",
+            "start the broker or fix [celery] broker_url ($CACHEWARDEN_BROKER_URL)",
+        )
+    return Finding("broker", True, shown)
+
+
+def _tables(settings: Settings, engine: Engine) -> list[Finding]:
+    from cachewarden.tables import reflect_table
+
+    found = []
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        return [
+            Finding(
+                "database",
+                False,
+                f"{describe(engine)}: {first_line(exc)}",
+                "start the database or fix [database] url ($CACHEWARDEN_DATABASE_URL)",
+            )
+        ]
+    found.append(Finding("database", True, f"{describe(engine)} ({engine.dialect.name})"))
+    for spec in settings.entities.values():
+        try:
+            table = reflect_table(engine, spec, settings.source)
+        except CachewardenError as exc:
+            found.append(
+                Finding(f"table {spec.table}", False, str(exc), "create it, or fix the entity")
+            )
+            continue
+        columns = f"key {spec.key}" + (
+            f", version {spec.version_column}" if spec.version_column else ""
+        )
+        found.append(Finding(f"table {spec.table}", True, columns))
+        found.append(_writable(engine, spec.table, table.table))
+    return found
+
+
+def _writable(engine: Engine, name: str, table: Any) -> Finding:
+    """INSERT, UPDATE and DELETE of no row, rolled back: the database checks the grants."""
+    key = table.primary_key.columns.values()[0]
+    try:
+        with engine.connect() as conn, conn.begin() as tx:
+            conn.execute(
+                table.insert().from_select(
+                    [key], table.select().with_only_columns(key).where(text("1 = 0"))
+                )
+            )
+            conn.execute(table.update().where(text("1 = 0")).values({key.name: key}))
+            conn.execute(table.delete().where(text("1 = 0")))
+            tx.rollback()
+    except SQLAlchemyError as exc:
+        return Finding(
+            f"write {name}",
+            False,
+            first_line(exc),
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {name} to the user of [database] url",
+        )
+    return Finding(f"write {name}", True, "INSERT, UPDATE and DELETE allowed")
+
+
+def _workers(settings: Settings) -> Finding:
+    from cachewarden.celeryconf import FAMILIES, task_client
+
+    wanted = [settings.queue(f) for f in FAMILIES]
+    try:
+        replies = task_client(settings).control.inspect(timeout=1.5).active_queues() or {}
+    except Exception as exc:
+        return Finding("workers", False, f"could not ask them: {exc}", "check the broker")
+    consumed: dict[str, list[str]] = {q: [] for q in wanted}
+    for worker, queues in replies.items():
+        for queue in queues:
+            if queue.get("name") in consumed:
+                consumed[queue["name"]].append(worker)
+    missing = [q for q, ws in consumed.items() if not ws]
+    if not replies:
+        return Finding(
+            "workers",
+            False,
+            "none answered",
+            "start one: `cachewarden worker` (or celery -A worker worker)",
+        )
+    detail = ", ".join(f"{q}: {len(ws)}" for q, ws in consumed.items())
+    if missing:
+        return Finding(
+            "workers",
+            False,
+            f"no worker consumes {', '.join(missing)} ({detail})",
+            "start a worker for them: celery -A worker worker -Q " + ",".join(missing),
+        )
+    return Finding("workers", True, f"{len(replies)} online; consumers per queue: {detail}")
+
+
+def run_checks(settings: Settings, client: Redis) -> list[Finding]:
+    """Every check, in order; a check that cannot run is a failure saying why."""
+    keys = Keyspace(settings.redis.prefix)
+    findings: list[Finding] = []
+    redis_checks: list[tuple[str, Callable[[], Finding]]] = [
+        ("redis version", lambda: _version(client)),
+        ("persistence", lambda: _persistence(client)),
+        ("maxmemory-policy", lambda: _eviction(client)),
+        ("buffer bounds", lambda: _memory(settings, client, keys)),
+        ("shard counts", lambda: _shards(settings, client)),
+    ]
+    for name, check in redis_checks:
+        try:
+            findings.append(check())
+        except RedisError as exc:
+            findings.append(
+                Finding(name, False, f"Redis at {settings.redis.shown}: {exc}", "is Redis up?")
+            )
+    findings.append(_broker(settings))
+    engine = make_engine(settings.database)
+    try:
+        findings += _tables(settings, engine)
+    finally:
+        engine.dispose()
+    findings.append(_workers(settings))
+    return findings
