@@ -35,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="validate the config, connect to Redis and the database, print what is defined",
     )
+    status = sub.add_parser(
+        "status", help="per entity: pending, lag, dead letters, reads, last flush; jobs; workers"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    probe = sub.add_parser(
+        "probe", help="liveness or readiness of the workers on this host (for exec probes)"
+    )
+    probe.add_argument("kind", choices=["live", "ready"])
+    probe.add_argument("--node", help="only this worker node (celery@host); default: all here")
     stats = sub.add_parser("stats", help="pending writes, due shards and dead letters per entity")
     stats.add_argument("--json", action="store_true", help="print JSON")
     worker = sub.add_parser(
@@ -135,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers: dict[str, Command] = {
         "check": commands.check,
         "stats": commands.stats,
+        "status": commands.status,
+        "probe": commands.probe,
         "worker": lambda s, a: _celery(s, args.config, ["worker", *a.celery_args], replace=True),
         "scheduler": commands.scheduler,
         "warm": commands.warm,

@@ -158,6 +158,105 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
+def probe(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when the workers here are live (or ready), 1 with the reason when not."""
+    from cachewarden import heartbeat
+
+    directory = settings.monitoring.directory
+    names = [args.node] if args.node else heartbeat.nodes(directory)
+    if not names:
+        print(f"probe: no worker heartbeat in {directory}", file=sys.stderr)
+        return FAILED
+    timeout_s = settings.monitoring.liveness_timeout_ms / 1000
+    failed = 0
+    for node in names:
+        state = heartbeat.health(directory, node)
+        ok = state.live(timeout_s) if args.kind == "live" else state.ready
+        ages = ", ".join(
+            f"{k} {'never' if a is None else f'{a:.1f}s ago'}" for k, a in state.ages_s.items()
+        )
+        print(f"{'ok' if ok else 'FAIL'} {args.kind} {node}: {ages}; queues: {state.queues}")
+        failed += not ok
+    return FAILED if failed else OK
+
+
+def status_data(settings: Settings, client: Any) -> dict[str, Any]:
+    """What `status` shows, as data."""
+    from cachewarden.observe import entity_state, redis_now_ms, seen_workers
+
+    now = redis_now_ms(client)
+    entities = {
+        name: {
+            "pending": state.pending,
+            "lag_s": round(state.lag_s, 3),
+            "dead_letters": state.dead_letters,
+            "writes_enqueued": state.enqueued,
+            "reads": state.reads,
+            "last_flush_ms": state.last_flush_ms,
+            "last_sweep_ms": state.last_sweep_ms,
+        }
+        for name, state in entity_state(settings, client).items()
+    }
+    jobs: list[dict[str, Any]] = []
+    if settings.warming:
+        from cachewarden.context import Context
+        from cachewarden.warming.verbs import job_rows
+
+        context = Context(settings, client)
+        try:
+            jobs = job_rows(settings, context)
+        finally:
+            context.lua.close()
+    workers = {
+        node: round((now - at) / 1000, 1) for node, at in seen_workers(settings, client).items()
+    }
+    return {"entities": entities, "jobs": jobs, "workers_seen_s_ago": workers}
+
+
+def status(settings: Settings, args: argparse.Namespace) -> int:
+    """Pending writes and lag, dead letters, reads, last flush and sweep; jobs; workers."""
+    client = redis_client(settings.redis)
+    try:
+        data = status_data(settings, client)
+    except RedisError as exc:
+        raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(data))
+        return OK
+    print(f"redis: {settings.redis.shown}")
+    for name, e in data["entities"].items():
+        reads = e["reads"]
+        print(
+            f"entity {name}: pending={e['pending']:,} lag={e['lag_s']:.1f}s "
+            f"dead_letters={e['dead_letters']:,} enqueued={e['writes_enqueued']:,} "
+            f"loads={int(reads.get('loads', 0)):,} waits={int(reads.get('waits', 0)):,} "
+            f"refreshed={int(reads.get('refreshed', 0)):,} "
+            f"last_flush={_ago(e['last_flush_ms'])} last_sweep={_ago(e['last_sweep_ms'])}"
+        )
+    for job in data["jobs"]:
+        run = job["run"] or {}
+        print(
+            f"job {job['job']}: {job['schedule']} last={_ago(run.get('started_ms'))} "
+            f"({job['outcome'] or 'never run'}) next={_ago(job['next_ms'])}"
+        )
+    workers = data["workers_seen_s_ago"]
+    print(f"workers seen in the last minute: {len(workers)}")
+    for node, ago in sorted(workers.items()):
+        print(f"  {node}: {ago:.0f}s ago")
+    return OK
+
+
+def _ago(ms: int | None) -> str:
+    import time
+
+    if not ms:
+        return "-"
+    delta = time.time() - ms / 1000
+    return f"{delta:.0f}s ago" if delta >= 0 else f"in {-delta:.0f}s"
+
+
 def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     """list / show / replay / drop (discard) dead letters of one entity."""
     from cachewarden.cache import Cache

@@ -23,6 +23,8 @@ Layout (prefix "cw", entity "user", shard 3):
                                since; the sweep reloads each once more, then drops it
     cw:@read:user              hash: read-path counters (loads, refreshed, load_errors, ...)
     cw:@sweep:user             guard: the hot-key sweep of this entity ran in this period
+    cw:@wb:user:stats          hash: the last flush of the entity (last_flush_ms, rows)
+    cw:@workers                sorted set: worker node -> when its dispatcher last beat (ms)
     cw:@warming:user           marker: a warm run of this entity is reading (value: since, ms)
     cw:@touched:user           sorted set: key -> when a flush settled it while warming (ms)
     cw:@job:nightly            hash: the warming job's schedule record (last slot fired, ...)
@@ -151,6 +153,14 @@ class Keyspace:
     def sweep_guard(self, entity: str) -> str:
         """Guard that admits one hot-key sweep of an entity per sweep period."""
         return f"{self.prefix}:@sweep:{entity}"
+
+    def flush_stats(self, entity: str) -> str:
+        """The entity's last flush: when, and how many rows it applied."""
+        return f"{self.prefix}:@wb:{entity}:stats"
+
+    def workers(self) -> str:
+        """Worker node -> when its dispatcher loop last beat (ms), for `status`."""
+        return f"{self.prefix}:@workers"
 
     def warming(self, entity: str) -> str:
         """Marker: a warm run of the entity is reading rows (value: since when, ms)."""

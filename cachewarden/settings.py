@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -75,6 +76,16 @@ class CelerySettings:
     broker_url: str = ""
     concurrency: int = 0  # 0: one process per core
     queue: str = "cachewarden"
+
+
+@dataclass(frozen=True)
+class MonitoringSettings:
+    """The worker's metrics and probe endpoints, and its heartbeat files."""
+
+    port: int = 0  # 0: no HTTP endpoint (the probe command still works)
+    address: str = "127.0.0.1"
+    directory: str = ""  # heartbeats and prefork metrics; "": <tmp>/cachewarden-<prefix>
+    liveness_timeout_ms: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -169,6 +180,7 @@ class Settings:
     celery: CelerySettings
     entities: Mapping[str, EntitySettings]
     warming: Mapping[str, WarmingJob] = field(default_factory=dict)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     dispatch_interval_ms: int = 100
     # A flush task queued this long and not started is taken as lost and sent again.
     requeue_after_ms: int = 120_000
@@ -456,6 +468,23 @@ def _warming_job(name: str, reader: _Reader, entities: Mapping[str, EntitySettin
     return job
 
 
+def _monitoring(reader: _Reader, prefix: str) -> MonitoringSettings:
+    port = reader.get("port", int, 0)
+    if not 0 <= port <= 65535:
+        raise reader.fail("port", f"must be a TCP port (1-65535), or 0 for none; got {port}")
+    directory = reader.get("dir", str, "") or os.path.join(
+        tempfile.gettempdir(), f"cachewarden-{prefix}"
+    )
+    settings = MonitoringSettings(
+        port=port,
+        address=reader.get("address", str, "127.0.0.1"),
+        directory=directory,
+        liveness_timeout_ms=reader.required_duration("liveness_timeout", 20_000),
+    )
+    reader.reject_unknown()
+    return settings
+
+
 def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     """Validate a parsed TOML document and the environment into `Settings`."""
     root = _Reader(source, "", data)
@@ -474,6 +503,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     entities = {name: _entity(name, ents.sub(name)) for name in ents.table}
     jobs = root.sub("warming")
     warming = {name: _warming_job(name, jobs.sub(name), entities) for name in jobs.table}
+    monitoring = _monitoring(root.sub("monitoring"), redis.prefix)
     dispatch = root.sub("dispatch")
     interval = dispatch.required_duration("interval", 100)
     requeue_after = dispatch.required_duration("requeue_after", 120_000)
@@ -486,6 +516,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         celery=celery,
         entities=entities,
         warming=warming,
+        monitoring=monitoring,
         dispatch_interval_ms=interval,
         requeue_after_ms=requeue_after,
     )

@@ -184,6 +184,12 @@ class Harness:
         self._close_clients()
         return self.settings
 
+    def configure_from_file(self) -> Settings:
+        """Load the config file as it is now (after a test edited it)."""
+        self.settings = load_settings(self.config_path)
+        self._close_clients()
+        return self.settings
+
     @property
     def cache(self) -> Cache:
         """The test's one Cache (threads that ask at once share it: no Cache is abandoned)."""

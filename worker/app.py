@@ -7,6 +7,7 @@ process after fork. A config error stops the process with one line, status 2.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 from typing import Any
@@ -21,7 +22,7 @@ from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
 from cachewarden.settings import Settings, load_settings
 from cachewarden.writebehind.shardcount import check_shards
-from worker.steps import DispatcherStep, RefreshAheadStep
+from worker.steps import ConsumerHeartbeat, DispatcherStep, MonitorStep, RefreshAheadStep
 
 
 def _settings() -> Settings:
@@ -37,6 +38,8 @@ app = Celery("cachewarden", include=["tasks.writebehind", "tasks.readpath", "tas
 app.conf.update(celery_config(settings))
 app.steps["worker"].add(DispatcherStep)
 app.steps["worker"].add(RefreshAheadStep)
+app.steps["worker"].add(MonitorStep)
+app.steps["consumer"].add(ConsumerHeartbeat)
 
 
 @signals.setup_logging.connect
@@ -49,6 +52,11 @@ def _check_redis(**_: Any) -> None:
     """Refuse to start on a Redis that could evict the write buffer, or on shard counts
     that Redis does not record for the entities' buffers."""
     configure_logging()
+    # Prefork metrics: before prometheus-client is imported and before the pool forks.
+    from cachewarden import exporter
+
+    exporter.prepare(settings)
+    exporter.install()
     client = redis_client(settings.redis)
     context = Context(settings, client)
     try:
@@ -61,6 +69,14 @@ def _check_redis(**_: Any) -> None:
     finally:
         context.close()
         client.close()
+
+
+@signals.worker_process_shutdown.connect
+def _process_gone(pid: int | None = None, **_: Any) -> None:
+    """A pool process ends: its live gauges leave the metrics (its counters stay)."""
+    from cachewarden.exporter import process_exited
+
+    process_exited(pid or os.getpid())
 
 
 @signals.worker_process_init.connect

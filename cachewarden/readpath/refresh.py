@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from cachewarden import metrics
 from cachewarden.codec import encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import InvalidValue, LoadFailed
@@ -90,7 +91,9 @@ def refresh_keys(
         skipped = [k for k in leased if k not in values]
         if skipped:
             side.give_up(skipped, token)
-        result.filled += side.fill_many(values, token)
+        filled = side.fill_many(values, token)
+        result.filled += filled
+        metrics.emit("refreshed_rows", filled, entity=entity)
     return result
 
 

@@ -22,6 +22,7 @@ whose entries are gone.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -104,6 +105,8 @@ def sweep_due(context: Context, send: SendRefresh) -> list[SweepResult]:
         guard = context.keys.sweep_guard(spec.name)
         if context.redis.set(guard, "1", nx=True, px=spec.sweep_period_ms):
             done.append(sweep_entity(context, spec.name, send))
+            stats = context.keys.read_stats(spec.name)
+            context.redis.hset(stats, "last_sweep_ms", int(time.time() * 1000))
     return done
 
 

@@ -42,6 +42,7 @@ if lease then
   if string.sub(lease, 1, 1) == '!' then
     return {false, -2, 3, now, string.sub(lease, 2)}
   end
+  redis.call('HINCRBY', KEYS[6], 'waits', 1)  -- a stampede wait (per process and key)
   return {false, -2, 0, now}
 end
 if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then return {false, -2, 2, now} end

@@ -28,6 +28,7 @@ from typing import Any
 
 import structlog
 
+from cachewarden import metrics
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, WarmFailed
 from cachewarden.keys import shard_of
@@ -169,13 +170,28 @@ def start_run(
         except WarmFailed as exc:
             scripts.end(run, "failed", str(exc))
             log.error("warm_run_failed", job=name, run=run, error=str(exc))
+            _ended(context, job, "failed")
             raise
         except Exception as exc:  # the broker or Redis failed mid-plan: say so, if we can
             _fail_quietly(scripts, run, f"warming job {name!r}: {type(exc).__name__}: {exc}")
             raise
     if state != "running":
         log.info("warm_run_ended", job=name, run=run, state=state, rows=total)
+        _ended(context, job, state)
     return {"job": name, "run": run, "state": state, "chunks": chunks, "rows": total}
+
+
+def _ended(context: Context, job: WarmingJob, outcome: str) -> None:
+    """Report a run that ended, with its duration (from its record)."""
+    if outcome not in ("done", "failed"):
+        return
+    started, finished = context.redis.hmget(
+        context.keys.last_run(job.name), ["started_ms", "finished_ms"]
+    )
+    if started and finished:
+        metrics.emit(
+            "warm_runs", (int(finished) - int(started)) / 1000, job=job.name, outcome=outcome
+        )
 
 
 def _fail_quietly(scripts: WarmScripts, run: int, problem: str) -> None:
@@ -251,11 +267,13 @@ def run_chunk(
         except WarmFailed as exc:
             scripts.end(run, "failed", str(exc))
             log.error("warm_run_failed", job=name, run=run, chunk=index, error=str(exc))
+            _ended(context, job, "failed")
             raise
         if result.state == "running":
             result.state = scripts.end(run, "check")
             if result.state != "running":
                 log.info("warm_run_ended", job=name, run=run, state=result.state)
+                _ended(context, job, result.state)
     return asdict(result)
 
 
@@ -298,6 +316,7 @@ def _read_and_fill(
             result.state = "superseded"
             return
         if filled >= 0:
+            metrics.emit("warm_rows", len(rows), job=job.name)
             result.rows = len(rows) + len(chunk.invalid)
             result.filled, result.skipped, result.invalid = filled, skipped, len(chunk.invalid)
             return

@@ -62,7 +62,22 @@ def dispatch_once(context: Context, send: Send) -> int:
     return sent
 
 
-def run_dispatcher(context: Context, send: Send, stop: threading.Event) -> None:
-    """Dispatch every `dispatch_interval` until `stop` is set; survive Redis outages."""
+def run_dispatcher(
+    context: Context,
+    send: Send,
+    stop: threading.Event,
+    beat: Callable[[], None] | None = None,
+) -> None:
+    """Dispatch every `dispatch_interval` until `stop` is set; survive Redis outages.
+
+    `beat()` is called on every pass, failed or not: the loop's own progress (the
+    worker's liveness), which an outage of Redis does not stop.
+    """
     interval = context.settings.dispatch_interval_ms / 1000
-    run_every(interval, lambda: dispatch_once(context, send), stop, "dispatch")
+
+    def tick() -> None:
+        if beat is not None:
+            beat()
+        dispatch_once(context, send)
+
+    run_every(interval, tick, stop, "dispatch")

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError, ResponseError
 
+from cachewarden import metrics
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, ConfigError, LockLost
 from cachewarden.keys import STREAM_GROUP
@@ -248,6 +249,7 @@ class ShardFlusher:
             winners = [op for op in winners if op.key not in held]
         rejected = outcome.rejected
         dead = self._finish(entries, ops, winners, outcome)
+        metrics.emit("flush_batch_rows", len(entries), entity=self.spec.name)
         result.entries += len(entries)
         result.applied += len(winners) - len(rejected)
         result.rejected += dead
@@ -298,5 +300,19 @@ def _ensure_group(redis: Any, stream: str) -> None:
 def flush_shard(context: Context, entity: str, shard: int, budget_ms: int = 5000) -> FlushResult:
     """Flush one shard of `entity` for up to `budget_ms` (the core of the flush task)."""
     spec = context.entity(entity)
+    started = time.monotonic()
     with structlog.contextvars.bound_contextvars(entity=entity, shard=shard):
-        return ShardFlusher(context, spec, shard).run(budget_ms)
+        result = ShardFlusher(context, spec, shard).run(budget_ms)
+    if result.status == "busy":
+        metrics.emit("flush_lock_busy", entity=entity)
+        return result
+    metrics.emit("flush_seconds", time.monotonic() - started, entity=entity)
+    if result.status in ("backoff", "fenced"):
+        metrics.emit("flush_failures", entity=entity, status=result.status)
+    if result.batches:
+        metrics.emit("flush_rows", result.applied, entity=entity)
+        stats = context.keys.flush_stats(entity)
+        context.redis.hset(
+            stats, mapping={"last_flush_ms": int(time.time() * 1000), "last_rows": result.applied}
+        )
+    return result
