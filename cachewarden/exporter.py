@@ -77,38 +77,51 @@ def _alive(pid: int) -> bool:
 class Meters:
     """The worker's counters and histograms, fed by cachewarden.metrics events."""
 
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Histogram
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import REGISTRY, Counter, Histogram
 
+        on: Any = REGISTRY if registry is None else registry
         self.batch_rows = Histogram(
-            f"{PREFIX}_flush_batch_rows", "Rows per flush batch.", ["entity"], buckets=BATCH_BUCKETS
+            f"{PREFIX}_flush_batch_rows",
+            "Rows per flush batch.",
+            ["entity"],
+            buckets=BATCH_BUCKETS,
+            registry=on,
         )
         self.flush_rows = Counter(
-            f"{PREFIX}_rows_flushed", "Rows flushed to the database.", ["entity"]
+            f"{PREFIX}_rows_flushed", "Rows flushed to the database.", ["entity"], registry=on
         )
         self.flush_seconds = Histogram(
             f"{PREFIX}_flush_seconds",
             "Duration of a flush task.",
             ["entity"],
             buckets=SECONDS_BUCKETS,
+            registry=on,
         )
         self.flush_failures = Counter(
             f"{PREFIX}_flush_failures",
             "Flushes that backed off or were fenced.",
             ["entity", "status"],
+            registry=on,
         )
         self.lock_busy = Counter(
-            f"{PREFIX}_flush_lock_busy", "Flushes that found their shard's lock held.", ["entity"]
+            f"{PREFIX}_flush_lock_busy",
+            "Flushes that found their shard's lock held.",
+            ["entity"],
+            registry=on,
         )
         self.refreshed = Counter(
-            f"{PREFIX}_refreshed_rows", "Entries refresh-ahead reloaded.", ["entity"]
+            f"{PREFIX}_refreshed_rows", "Entries refresh-ahead reloaded.", ["entity"], registry=on
         )
-        self.warm_rows = Counter(f"{PREFIX}_warm_rows", "Rows warm runs read.", ["job"])
+        self.warm_rows = Counter(
+            f"{PREFIX}_warm_rows", "Rows warm runs read.", ["job"], registry=on
+        )
         self.warm_runs = Histogram(
             f"{PREFIX}_warm_run_seconds",
             "Duration of warm runs that ended, by outcome.",
             ["job", "outcome"],
             buckets=SECONDS_BUCKETS,
+            registry=on,
         )
 
     def __call__(self, event: str, value: float, labels: Mapping[str, str]) -> None:
