@@ -6,6 +6,7 @@ only ever *sends* tasks by name and never imports the worker or the tasks.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -57,7 +58,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "worker_concurrency": settings.celery.concurrency or None,
+        **_broker_tls(settings),
     }
+
+
+def _broker_tls(settings: Settings) -> dict[str, Any]:
+    """A rediss:// broker verifies the server against [redis] tls_ca_file (and presents
+    tls_cert_file/tls_key_file), as the cache's client does."""
+    if not settings.broker_url.startswith("rediss://"):
+        return {}
+    return {"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED, **settings.redis.tls}}
 
 
 def _queue(name: str) -> Queue:

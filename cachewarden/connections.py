@@ -35,6 +35,7 @@ def redis_client(settings: RedisSettings) -> Redis:
         health_check_interval=30,
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_TIMEOUT_S,
+        **(settings.tls if settings.url.startswith("rediss://") else {}),
     )
     return Redis(connection_pool=pool)
 

@@ -55,6 +55,21 @@ class RedisSettings:
     # write() raises Backpressure once Redis uses this share of maxmemory or more, so
     # what drains the buffer (locks, markers, dead letters, the broker) always fits.
     memory_headroom: float = 0.1
+    # TLS (a rediss:// URL): the CA that signed the server's certificate, and this
+    # client's certificate and key where the server asks for one (tls-auth-clients).
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    @property
+    def tls(self) -> dict[str, str]:
+        """redis-py's (and kombu's) TLS options for these files (empty: none set)."""
+        options = {
+            "ssl_ca_certs": self.tls_ca_file,
+            "ssl_certfile": self.tls_cert_file,
+            "ssl_keyfile": self.tls_key_file,
+        }
+        return {k: v for k, v in options.items() if v}
 
     @property
     def shown(self) -> str:
@@ -305,8 +320,20 @@ def _redis(reader: _Reader) -> RedisSettings:
     headroom = float(reader.get("memory_headroom", float, 0.1))
     if not 0 <= headroom < 0.9:
         raise reader.fail("memory_headroom", f"must be at least 0 and below 0.9, got {headroom}")
+    tls = {
+        name: reader.get(name, str, "") for name in ("tls_ca_file", "tls_cert_file", "tls_key_file")
+    }
+    for name, path in tls.items():
+        if path and not os.path.isfile(path):
+            raise reader.fail(name, f"{path!r} is not a file")
+    if bool(tls["tls_cert_file"]) != bool(tls["tls_key_file"]):
+        raise reader.fail("tls_cert_file", "set both tls_cert_file and tls_key_file, or neither")
+    if any(tls.values()) and not url.startswith("rediss://"):
+        raise reader.fail("url", "TLS files are set: use a rediss:// URL")
     reader.reject_unknown()
-    return RedisSettings(url=url, prefix=prefix, unsafe_policy=policy, memory_headroom=headroom)
+    return RedisSettings(
+        url=url, prefix=prefix, unsafe_policy=policy, memory_headroom=headroom, **tls
+    )
 
 
 def _write_behind(reader: _Reader) -> WriteBehindSettings:
@@ -384,6 +411,7 @@ def _read_path(reader: _Reader, ttl_ms: int) -> dict[str, Any]:
     }
 
 
+_TLS_FILES = ("tls_ca_file", "tls_cert_file", "tls_key_file")
 _CRON_FIELD = re.compile(r"^[A-Za-z0-9*?/,-]+$")
 _HOUR_MS = 3_600_000
 

@@ -165,10 +165,12 @@ class Harness:
         db_url: str | None = None,
         requeue_after: str | None = None,
         warming: dict[str, dict[str, Any]] | None = None,
+        redis_options: dict[str, Any] | None = None,
+        monitoring: dict[str, Any] | None = None,
     ) -> Settings:
         """Write the config file for `entities` and load it."""
         tables: dict[str, dict[str, Any]] = {
-            "redis": {"url": redis_url, "prefix": self.prefix},
+            "redis": {"url": redis_url, "prefix": self.prefix, **(redis_options or {})},
             "database": {"url": db_url or self.db_url},
             "celery": {"queue": self.queue},
             "dispatch": {"interval": dispatch_interval}
@@ -179,6 +181,8 @@ class Harness:
             tables[f"entities.{name}.write_behind"] = (write_behind or {}).get(name, {})
         for name, spec in (warming or {}).items():
             tables[f"warming.{name}"] = spec
+        if monitoring:
+            tables["monitoring"] = monitoring
         self.config_path.write_text(render_config(tables))
         self.settings = load_settings(self.config_path)
         self._close_clients()

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # -- a private PostgreSQL -----------------------------------------------------------
 
@@ -163,9 +164,12 @@ class PrivateRedis:
     or call `close()`: it always stops.
     """
 
-    def __init__(self, password: str | None = None, **options: str) -> None:
+    def __init__(
+        self, password: str | None = None, tls: Certificates | None = None, **options: str
+    ) -> None:
         self.port = free_port()
         self.password = password
+        self.tls = tls  # TLS only: no plain port, client certificates required
         self.options = options  # more redis-server options, e.g. maxmemory="30mb"
         self.dir = Path(tempfile.mkdtemp(prefix="cwredis"))
         self.log_path = self.dir / "redis.log"
@@ -175,7 +179,8 @@ class PrivateRedis:
     def url(self) -> str:
         """The redis:// URL of its database 0 (with the password, if it has one)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> PrivateRedis:
         """Start (or restart) the server on the same port and directory; wait for PING."""
@@ -194,12 +199,32 @@ class PrivateRedis:
         }
         if self.password:
             options["requirepass"] = self.password
+        tls_client: dict[str, Any] = {}
+        if self.tls:
+            options |= {
+                "port": "0",
+                "tls-port": str(self.port),
+                "tls-cert-file": str(self.tls.server_cert),
+                "tls-key-file": str(self.tls.server_key),
+                "tls-ca-cert-file": str(self.tls.ca),
+                "tls-auth-clients": "yes",
+            }
+            tls_client = {
+                "ssl": True,
+                "ssl_ca_certs": str(self.tls.ca),
+                "ssl_certfile": str(self.tls.client_cert),
+                "ssl_keyfile": str(self.tls.client_key),
+            }
         argv = [shutil.which("redis-server") or "redis-server"]
         for name, value in options.items():
             argv += [f"--{name}", value]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=1
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            socket_connect_timeout=1,
+            **tls_client,
         )
         try:
             for _ in range(300):
@@ -255,3 +280,70 @@ class PrivateRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Certificates:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.ca = directory / "ca.crt"
+        self.server_cert, self.server_key = directory / "server.crt", directory / "server.key"
+        self.client_cert, self.client_key = directory / "client.crt", directory / "client.key"
+        directory.mkdir(parents=True, exist_ok=True)
+        ca_key = directory / "ca.key"
+        self._run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(self.ca),
+            "-subj",
+            "/CN=cachewarden test CA",
+        )
+        for cert, key, name in (
+            (self.server_cert, self.server_key, "127.0.0.1"),
+            (self.client_cert, self.client_key, "cachewarden client"),
+        ):
+            csr = directory / f"{key.stem}.csr"
+            self._run(
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(key),
+                "-out",
+                str(csr),
+                "-subj",
+                f"/CN={name}",
+            )
+            ext = directory / f"{key.stem}.ext"
+            ext.write_text("subjectAltName=IP:127.0.0.1\n")
+            self._run(
+                "x509",
+                "-req",
+                "-in",
+                str(csr),
+                "-CA",
+                str(self.ca),
+                "-CAkey",
+                str(ca_key),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                str(cert),
+                "-extfile",
+                str(ext),
+            )
+
+    @staticmethod
+    def _run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
