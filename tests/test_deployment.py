@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 
 from tests.conftest import Harness
 from tests.helpers import REPO, FlowerProcess, wait_for
@@ -144,3 +145,60 @@ def test_flower_shows_a_flush_during_a_database_outage_as_failed(
     )
     assert "FlushFailed" in str(seen[0]["exception"]) and "unavailable" in str(seen[0]["exception"])
     assert h.buffered("user") == 1
+
+
+def test_flower_lists_flush_refresh_and_warm_tasks_with_arguments_and_outcomes(
+    pg_harness: Harness,
+) -> None:
+    """A real Flower beside a real worker lists a flush (entity, shard, rows applied), a refresh (entity, keys) and a warm run (job, rows) as SUCCESS through its API, and refuses that API without credentials."""
+    h = pg_harness
+    h.create_table("users", version=False)
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b')"))
+    h.configure(
+        {"user": {**USER, "ttl": "2s", "refresh_ahead": 0.5}},
+        {"user": {"max_delay": "200ms"}},
+        warming={"all": {"entity": "user", "every": "1h"}},
+    )
+    flower = FlowerProcess(h.config_path)
+    try:
+        assert flower.status("/api/tasks") == 401
+        h.worker(concurrency=2)
+        h.cache.write("user", 3, {"name": "c"})
+        assert h.cache.get("user", 1) == {"id": 1, "name": "a"}  # a load: the key is hot
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cachewarden.cli",
+                "--config",
+                str(h.config_path),
+                "warm",
+                "all",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+
+        def listed() -> dict[str, dict[str, object]] | None:
+            h.cache.get("user", 1)  # read on: in its last second, a read asks for a refresh
+            found = {}
+            for name in ("cachewarden.flush", "cachewarden.refresh", "cachewarden.warm"):
+                tasks = flower.tasks(name, "SUCCESS")
+                if not tasks:
+                    return None
+                found[name] = tasks[0]
+            return found
+
+        seen = wait_for(listed, 30, interval=0.5, what="Flower to list all three")
+    finally:
+        flower.stop()
+    flush, refresh, warm = (
+        seen[n] for n in ("cachewarden.flush", "cachewarden.refresh", "cachewarden.warm")
+    )
+    assert "'user'" in str(flush["args"]) and "'applied'" in str(flush["result"])
+    assert "'user'" in str(refresh["args"]) and "'1'" in str(refresh["args"])
+    assert "'all'" in str(warm["args"]) and "'rows': 3" in str(warm["result"])
