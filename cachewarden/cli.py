@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -64,9 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="the warming jobs: schedule, next and last run, outcome")
     jobs.add_argument("--json", action="store_true", help="print JSON")
     run = sub.add_parser(
-        "run", help="development: a worker, with an embedded Redis if none answers"
+        "run",
+        help="try it: worker, scheduler and Flower (embedded Redis if none answers), and a demo",
     )
     run.add_argument("--no-embedded", action="store_true", help="never start the embedded Redis")
+    run.add_argument("--no-demo", action="store_true", help="start everything, skip the demo")
     for name in ("dlq", "dead-letters"):
         _dead_letter_parser(sub, name)
     flush = sub.add_parser(
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scheduler": commands.scheduler,
         "warm": commands.warm,
         "jobs": commands.jobs,
-        "run": lambda s, a: _run(s, args.config, a.no_embedded),
+        "run": lambda s, a: _run(s, args.config, a.no_embedded, not a.no_demo),
         "dead-letters": commands.dead_letters,
         "dlq": commands.dead_letters,
         "flush": commands.flush,
@@ -190,31 +191,17 @@ def _celery(settings: Settings, config: str | None, argv: list[str], replace: bo
     return subprocess.call(cmd, env=env)
 
 
-def _run(settings: Settings, config: str | None, no_embedded: bool) -> int:
-    """A worker for development; starts the embedded Redis when none answers."""
-    from cachewarden.embedded import redis_answers, start_embedded_redis
+def _run(settings: Settings, config: str | None, no_embedded: bool, demo: bool) -> int:
+    """Everything on this machine, with the embedded Redis if none answers, and a demo."""
+    from cachewarden.devrun import run
 
-    def stop(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    embedded = None
-    if not redis_answers(settings.redis.url):
-        if no_embedded:
-            print(f"cachewarden: Redis at {settings.redis.shown} does not answer", file=sys.stderr)
-            return EXIT_FAILED
-        embedded = start_embedded_redis(settings.redis.url, Path(".cachewarden/redis"))
+    if not Path("worker/__init__.py").is_file():
         print(
-            f"cachewarden: started an embedded Redis (AOF in .cachewarden/redis) at "
-            f"{settings.redis.shown}",
+            "cachewarden: run this from the cachewarden repository root (where worker/ is)",
             file=sys.stderr,
         )
-    try:
-        return _celery(settings, config, ["worker"])
-    finally:
-        if embedded is not None:
-            embedded.terminate()
-            embedded.wait(10)
+        return EXIT_FAILED
+    return run(settings, config, no_embedded, demo, sys.stdout)
 
 
 if __name__ == "__main__":

