@@ -102,6 +102,7 @@ class Cache:
 
     def close(self) -> None:
         """Release the Redis connections and the database engine (of a context it built)."""
+        self._reader.publish()
         if self._owns_context:
             self.context.close()
 

@@ -231,6 +231,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"entity {name}: pending={e['pending']:,} lag={e['lag_s']:.1f}s "
             f"dead_letters={e['dead_letters']:,} enqueued={e['writes_enqueued']:,} "
+            f"hits={int(reads.get('hits', 0)):,} misses={int(reads.get('misses', 0)):,} "
             f"loads={int(reads.get('loads', 0)):,} waits={int(reads.get('waits', 0)):,} "
             f"refreshed={int(reads.get('refreshed', 0)):,} "
             f"last_flush={_ago(e['last_flush_ms'])} last_sweep={_ago(e['last_sweep_ms'])}"

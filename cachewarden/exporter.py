@@ -194,6 +194,11 @@ class RedisCollector:
         loads = CounterMetricFamily(
             f"{PREFIX}_loads", "Read-through loads by the applications.", labels=["entity"]
         )
+        reads = CounterMetricFamily(
+            f"{PREFIX}_reads",
+            "Reads by the applications, by result (counted in batches).",
+            labels=["entity", "result"],
+        )
         waits = CounterMetricFamily(
             f"{PREFIX}_stampede_waits", "Misses that waited for another loader.", labels=["entity"]
         )
@@ -208,8 +213,10 @@ class RedisCollector:
             dead.add_metric([name], state.dead_letters)
             enqueued.add_metric([name], state.enqueued)
             loads.add_metric([name], state.reads.get("loads", 0))
+            reads.add_metric([name, "hit"], state.reads.get("hits", 0))
+            reads.add_metric([name, "miss"], state.reads.get("misses", 0))
             waits.add_metric([name], state.reads.get("waits", 0))
-        yield from (pending, lag, dead, enqueued, loads, waits)
+        yield from (pending, lag, dead, enqueued, loads, reads, waits)
 
 
 def serve(settings: Settings, node: str) -> ThreadingHTTPServer | None:

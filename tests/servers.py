@@ -165,10 +165,15 @@ class PrivateRedis:
     """
 
     def __init__(
-        self, password: str | None = None, tls: Certificates | None = None, **options: str
+        self,
+        password: str | None = None,
+        tls: Certificates | None = None,
+        username: str | None = None,
+        **options: str,
     ) -> None:
         self.port = free_port()
         self.password = password
+        self.username = username  # an ACL user (the default user is then turned off)
         self.tls = tls  # TLS only: no plain port, client certificates required
         self.options = options  # more redis-server options, e.g. maxmemory="30mb"
         self.dir = Path(tempfile.mkdtemp(prefix="cwredis"))
@@ -178,7 +183,7 @@ class PrivateRedis:
     @property
     def url(self) -> str:
         """The redis:// URL of its database 0 (with the password, if it has one)."""
-        auth = f":{self.password}@" if self.password else ""
+        auth = f"{self.username or ''}:{self.password}@" if self.password else ""
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
 
@@ -197,7 +202,13 @@ class PrivateRedis:
             "daemonize": "no",
             **self.options,
         }
-        if self.password:
+        if self.password and self.username:
+            acl = self.dir / "users.acl"
+            acl.write_text(
+                f"user default off\nuser {self.username} on >{self.password} ~* &* +@all\n"
+            )
+            options["aclfile"] = str(acl)
+        elif self.password:
             options["requirepass"] = self.password
         tls_client: dict[str, Any] = {}
         if self.tls:
@@ -222,6 +233,7 @@ class PrivateRedis:
         client = redis.Redis(
             host="127.0.0.1",
             port=self.port,
+            username=self.username,
             password=self.password,
             socket_connect_timeout=1,
             **tls_client,

@@ -176,3 +176,20 @@ def test_the_http_probes_answer_beside_the_metrics(pg_harness: Harness, tmp_path
     assert f"{h.queue}.writebehind" in body and f"{h.queue}.warming" in body
     assert status("/livez")[0] == 200
     assert status("/nothing")[0] == 404
+
+
+def test_status_and_metrics_count_hits_and_misses_of_the_applications(
+    pg_harness: Harness, tmp_path: Path
+) -> None:
+    """Three hits and two misses in an application process show as hits=3 and misses=2 in `status` once its Cache closes (reads are counted in batches, not one round trip each)."""
+    h = pg_harness
+    monitored(h, tmp_path)
+    h.cache.write("user", 1, {"name": "x"})
+    for _ in range(3):
+        assert (h.cache.get("user", 1) or {})["name"] == "x"
+    assert h.cache.get("user", 404) is None and h.cache.get("user", 405) is None
+    reads = h.context.redis.hgetall(h.context.keys.read_stats("user"))
+    assert "hits" not in reads or int(reads["hits"]) < 3  # not yet: counted in batches
+    h._close_clients()
+    entity = json.loads(cli(h, "status", "--json").stdout)["entities"]["user"]
+    assert entity["reads"]["hits"] == 3 and entity["reads"]["misses"] == 2

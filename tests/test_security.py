@@ -83,3 +83,27 @@ def test_a_redis_password_shows_in_no_log_status_check_doctor_or_metric(
     for name, text in outputs.items():
         assert secret not in text, name
         assert db_secret not in text, name
+
+
+def test_an_acl_user_works_for_the_cache_and_the_broker(pg_harness: Harness) -> None:
+    """A Redis whose default user is off and whose only user is an ACL user (user:password in the URL): writes are taken, flushed through a worker that uses it as broker, and read back; a wrong password is refused with a clear error."""
+    h = pg_harness
+    h.create_table("users", version=False)
+    with PrivateRedis(password="acl-pw", username="cachewarden") as server:
+        assert server.url.startswith("redis://cachewarden:acl-pw@")
+        h.configure({"user": USER}, redis_url=server.url)
+        h.worker(concurrency=1)
+        h.cache.write("user", 3, {"name": "acl"})
+        wait_for(lambda: h.count("users") == 1, 20, what="the write to land")
+        assert (h.cache.get("user", 3) or {}).get("name") == "acl"
+        wrong = server.url.replace("acl-pw", "wrong")
+        h.configure({"user": USER}, redis_url=wrong)
+        done = subprocess.run(
+            [sys.executable, "-m", "cachewarden.cli", "--config", str(h.config_path), "status"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and "wrong" not in done.stderr
+        assert "invalid username-password" in done.stderr.lower() or "WRONGPASS" in done.stderr

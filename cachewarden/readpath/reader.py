@@ -14,6 +14,7 @@ grace (`stale_ttl`) the old value is served while that refresh runs or fails.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Sequence
 
 import structlog
@@ -32,12 +33,22 @@ from cachewarden.settings import EntitySettings
 log = structlog.get_logger("cachewarden.readpath")
 
 
+# Hits and misses are counted here and added to Redis's read counters (`status`, the
+# metrics) every so many reads or seconds, not by every read: a hit stays one round trip.
+PUBLISH_EVERY_READS = 1000
+PUBLISH_EVERY_S = 1.0
+
+
 class _Entity:
-    """What reads of one entity reuse: its scripts, early-refresh rule, last delay."""
+    """What reads of one entity reuse: its scripts, early-refresh rule, last delay, and
+    the hits and misses not yet added to Redis's counters."""
 
     def __init__(self, context: Context, spec: EntitySettings) -> None:
         self.spec = spec
+        self.context = context
         self.scripts = read_scripts(context, spec.name)
+        self.hits = self.misses = 0
+        self._published_at = time.monotonic()
         self.rule = EarlyRefresh(spec.early_refresh, spec.refresh_ahead, spec.xfetch_beta)
         self.fixed = spec.early_refresh != "xfetch" or spec.refresh_ahead <= 0
         self.delay_ms: float | None = None  # the refresh delay the last hit reported
@@ -45,6 +56,33 @@ class _Entity:
             self.rule.refresh_below_ms(spec.ttl_ms, None, 1.0),
             self.rule.refresh_below_ms(spec.negative_ttl_ms, None, 1.0),
         )
+
+    def counted(self, hits: int, misses: int) -> None:
+        """Count reads; add the counts to Redis when enough reads or time have gone by."""
+        self.hits += hits
+        self.misses += misses
+        if (
+            self.hits + self.misses >= PUBLISH_EVERY_READS
+            or time.monotonic() - self._published_at >= PUBLISH_EVERY_S
+        ):
+            self.publish()
+
+    def publish(self) -> None:
+        """Add the counts to the entity's read counters in Redis (best effort)."""
+        hits, misses, self.hits, self.misses = self.hits, self.misses, 0, 0
+        self._published_at = time.monotonic()
+        if not hits and not misses:
+            return
+        stats = self.context.keys.read_stats(self.spec.name)
+        try:
+            with self.context.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(stats, "hits", hits)
+                pipe.hincrby(stats, "misses", misses)
+                pipe.execute()
+        except RedisError as exc:  # counters only: keep them for the next try
+            self.hits += hits
+            self.misses += misses
+            log.warning("read_counters_unpublished", entity=self.spec.name, error=str(exc))
 
     def refresh_below_ms(self, rand: float) -> tuple[float, float]:
         """(row, known-absent): ask for a refresh when at most this many ms are left."""
@@ -105,7 +143,9 @@ class ReadThrough:
             reply = side.scripts.read(text, token, side.refresh_below_ms(self._draw()))
             if reply.value is not None:
                 self._after_hit(side, reply)
+                side.counted(1, 0)
                 return reply.value
+            side.counted(0, 1)
             return self._misses.miss(side.spec, side.scripts, text, token, reply)
         except RedisError as exc:
             raise _unavailable(side.spec, text, exc) from None
@@ -129,6 +169,7 @@ class ReadThrough:
                 else:
                     values[text] = reply.value
                     self._after_hit(side, reply)
+            side.counted(len(unique) - len(missed), len(missed))
             if missed:
                 values.update(self._misses.miss_many(side.spec, side.scripts, token, missed))
         except RedisError as exc:
@@ -144,6 +185,11 @@ class ReadThrough:
         self.stats.hit(stale, reply.flag)
         if reply.extra:
             side.delay_ms = float(reply.extra)
+
+    def publish(self) -> None:
+        """Add the hits and misses counted so far to Redis (at close)."""
+        for side in self._entities.values():
+            side.publish()
 
     # -- plumbing -------------------------------------------------------------
 

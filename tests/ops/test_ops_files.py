@@ -44,6 +44,7 @@ def served_metrics() -> set[str]:
         "dead_letters",
         "writes_enqueued_total",
         "loads_total",
+        "reads_total",
         "stampede_waits_total",
     }
     source = Path(exporter.__file__).read_text()
