@@ -33,8 +33,9 @@ from cachewarden.settings import EntitySettings
 log = structlog.get_logger("cachewarden.readpath")
 
 
-# Hits and misses are counted here and added to Redis's read counters (`status`, the
-# metrics) every so many reads or seconds, not by every read: a hit stays one round trip.
+# Hits and misses are counted here and passed on to Redis's read counters (`status`, the
+# metrics) with the read that comes after so many reads or seconds: the read script adds
+# them, so a hit stays one round trip.
 PUBLISH_EVERY_READS = 1000
 PUBLISH_EVERY_S = 1.0
 
@@ -58,19 +59,25 @@ class _Entity:
         )
 
     def counted(self, hits: int, misses: int) -> None:
-        """Count reads; add the counts to Redis when enough reads or time have gone by."""
+        """Count reads (passed on to Redis with a later read, see `due_counts`)."""
         self.hits += hits
         self.misses += misses
+
+    def due_counts(self) -> tuple[int, int]:
+        """The counts to pass on with this read, when enough reads or time have gone by
+        (the read script adds them: counting costs no round trip); else (0, 0)."""
         if (
-            self.hits + self.misses >= PUBLISH_EVERY_READS
-            or time.monotonic() - self._published_at >= PUBLISH_EVERY_S
+            self.hits + self.misses < PUBLISH_EVERY_READS
+            and time.monotonic() - self._published_at < PUBLISH_EVERY_S
         ):
-            self.publish()
+            return 0, 0
+        counts, self.hits, self.misses = (self.hits, self.misses), 0, 0
+        self._published_at = time.monotonic()
+        return counts
 
     def publish(self) -> None:
-        """Add the counts to the entity's read counters in Redis (best effort)."""
+        """Add the counts not yet passed on to Redis (at close; best effort)."""
         hits, misses, self.hits, self.misses = self.hits, self.misses, 0, 0
-        self._published_at = time.monotonic()
         if not hits and not misses:
             return
         stats = self.context.keys.read_stats(self.spec.name)
@@ -79,9 +86,7 @@ class _Entity:
                 pipe.hincrby(stats, "hits", hits)
                 pipe.hincrby(stats, "misses", misses)
                 pipe.execute()
-        except RedisError as exc:  # counters only: keep them for the next try
-            self.hits += hits
-            self.misses += misses
+        except RedisError as exc:
             log.warning("read_counters_unpublished", entity=self.spec.name, error=str(exc))
 
     def refresh_below_ms(self, rand: float) -> tuple[float, float]:
@@ -140,7 +145,12 @@ class ReadThrough:
         """The entry's value as this flight's leader: a hit, or the miss resolved."""
         token = new_token()
         try:
-            reply = side.scripts.read(text, token, side.refresh_below_ms(self._draw()))
+            counts = side.due_counts()
+            try:
+                reply = side.scripts.read(text, token, side.refresh_below_ms(self._draw()), counts)
+            except RedisError:
+                side.counted(*counts)  # not passed on: keep them for the next read
+                raise
             if reply.value is not None:
                 self._after_hit(side, reply)
                 side.counted(1, 0)
@@ -161,7 +171,14 @@ class ReadThrough:
         token = new_token()
         values: dict[str, str] = {}
         try:
-            replies = side.scripts.read_many(unique, token, side.refresh_below_ms(self._draw()))
+            counts = side.due_counts()
+            try:
+                replies = side.scripts.read_many(
+                    unique, token, side.refresh_below_ms(self._draw()), counts
+                )
+            except RedisError:
+                side.counted(*counts)
+                raise
             missed = []
             for text, reply in zip(unique, replies, strict=True):
                 if reply.value is None:

@@ -4,13 +4,17 @@
 --       7 refresh requests (sorted set: key -> the horizon of its reload)
 -- ARGV: 1 key, 2 stale_ms, 3 lease token, 4 lock_timeout_ms, 5 track hot keys ("1"/"0"),
 --       6 ask for a refresh when at most this many ms are left (a row),
---       7 the same for a known-absent entry, 8 return the entity's refresh delay ("1"/"0")
+--       7 the same for a known-absent entry, 8 return the entity's refresh delay ("1"/"0"),
+--       9, 10 hits and misses the caller counted since it last passed them on (added to
+--       the read counters here, so counting costs no round trip of its own)
 -- A hit returns {value, pttl, asked, now_ms, delay_ms}: asked is 1 when this read
 -- recorded a refresh request (none was queued for the key yet); delay_ms is nil
 -- unless asked for (or unknown).
 -- A miss returns {nil, -2, state, now_ms, error}: state 1 = this caller took the lease
 -- and loads; 0 = another loader holds the lease; 2 = a write of the key is pending;
 -- 3 = the last load failed moments ago (error: its message).
+if ARGV[9] and ARGV[9] ~= '0' then redis.call('HINCRBY', KEYS[6], 'hits', ARGV[9]) end
+if ARGV[10] and ARGV[10] ~= '0' then redis.call('HINCRBY', KEYS[6], 'misses', ARGV[10]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local value = redis.call('GET', KEYS[1])

@@ -108,7 +108,11 @@ class ReadScripts:
     # -- read.lua -------------------------------------------------------------
 
     def _read_call(
-        self, key: str, token: str, refresh_below_ms: tuple[float, float]
+        self,
+        key: str,
+        token: str,
+        refresh_below_ms: tuple[float, float],
+        counts: tuple[int, int] = (0, 0),
     ) -> tuple[list[str], list[Any]]:
         """read.lua's KEYS and ARGV."""
         spec = self.spec
@@ -130,25 +134,38 @@ class ReadScripts:
             int(refresh_below_ms[0]),
             int(refresh_below_ms[1]),
             self._want_delay,
+            counts[0],
+            counts[1],
         ]
         return keys, args
 
-    def read(self, key: str, token: str, refresh_below_ms: tuple[float, float] = (0, 0)) -> Reply:
+    def read(
+        self,
+        key: str,
+        token: str,
+        refresh_below_ms: tuple[float, float] = (0, 0),
+        counts: tuple[int, int] = (0, 0),
+    ) -> Reply:
         """One round trip: the entry (and what the refresh decision needs), or a miss's role.
 
         A hit with at most `refresh_below_ms` left (for a row, for a known-absent
         entry) records a refresh request, unless one is queued for the key already.
+        `counts` (hits, misses) are added to the entity's read counters.
         """
-        keys, args = self._read_call(key, token, refresh_below_ms)
+        keys, args = self._read_call(key, token, refresh_below_ms, counts)
         return Reply.parse(self.lua.call("read", keys, args))
 
     def read_many(
-        self, keys: Sequence[str], token: str, refresh_below_ms: tuple[float, float] = (0, 0)
+        self,
+        keys: Sequence[str],
+        token: str,
+        refresh_below_ms: tuple[float, float] = (0, 0),
+        counts: tuple[int, int] = (0, 0),
     ) -> list[Reply]:
-        """`read` for many keys in one pipelined round trip."""
+        """`read` for many keys in one pipelined round trip (`counts` ride on the first)."""
         pipe = self.redis.pipeline(transaction=False)
-        for key in keys:
-            k, a = self._read_call(key, token, refresh_below_ms)
+        for n, key in enumerate(keys):
+            k, a = self._read_call(key, token, refresh_below_ms, counts if n == 0 else (0, 0))
             self._read(keys=k, args=a, client=pipe)
         return [Reply.parse(raw) for raw in pipe.execute()]
 
