@@ -70,6 +70,16 @@ class Registry:
         except (RedisConnectionError, OSError):
             return self._send(script, command)  # once more, on a fresh connection
 
+    def command(self, *parts: Any) -> Any:
+        """Any command, on `call`'s connections: packed by hiredis, its reply as hiredis
+        parsed it (nested lists, no redis-py response callback). For the flusher's stream
+        reads, where redis-py's parsing into dicts costs more than the read."""
+        command = hiredis.pack_command(parts)
+        try:
+            return self._send(None, command)
+        except (RedisConnectionError, OSError):
+            return self._send(None, command)
+
     def preload(self, names: Iterable[str]) -> None:
         """Load scripts `names` into Redis through `call`'s connections (opening one)."""
         for name in names:
@@ -78,7 +88,7 @@ class Registry:
             command = hiredis.pack_command(parts)
             self._send(script, command)
 
-    def _send(self, script: Script, command: bytes) -> Any:
+    def _send(self, script: Script | None, command: bytes) -> Any:
         idle = self._idle
         if self._born != _generation:
             self._forget()
@@ -92,6 +102,8 @@ class Registry:
             try:
                 reply = conn.read_response()
             except NoScriptError:
+                if script is None:
+                    raise
                 conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", script.script))
                 conn.read_response()
                 conn.send_packed_command([command])

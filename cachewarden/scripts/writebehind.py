@@ -170,7 +170,7 @@ class WriteScripts:
             args += triple
         for letter in letters:
             args += letter
-        done, dead = self.lua.run("finish", keys=keys, args=args)
+        done, dead = self.lua.call("finish", keys, args)
         return int(done), int(dead)
 
     # -- replay.lua -------------------------------------------------------------

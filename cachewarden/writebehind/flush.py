@@ -203,28 +203,42 @@ class ShardFlusher:
                 break
 
     def _batches(self) -> Iterator[Entries]:
-        """Entries others took and never acknowledged first, then new ones, in batches."""
-        redis, size = self.context.redis, self.spec.write_behind.batch_size
-        _ensure_group(redis, self._stream)
+        """Entries others took and never acknowledged first, then new ones, in batches.
+
+        Read with the script registry's direct commands: hiredis parses the reply, and
+        each entry's fields become a dict in one step (no redis-py response callback)."""
+        lua, size = self.context.lua, self.spec.write_behind.batch_size
+        consumer = self.context.consumer
+        _ensure_group(self.context.redis, self._stream)
         cursor = "0-0"
         while True:
-            reply: list[Any] = redis.xautoclaim(
-                self._stream, STREAM_GROUP, self.context.consumer, 0, cursor, count=size
+            reply: list[Any] = lua.command(
+                "XAUTOCLAIM", self._stream, STREAM_GROUP, consumer, 0, cursor, "COUNT", size
             )
-            cursor, claimed = reply[0], reply[1]
+            cursor, claimed = reply[0], _entries(reply[1])
             if claimed:
                 self._check_dead_letters()
                 yield claimed
             if cursor == "0-0":
                 break
         while True:
-            read: Any = redis.xreadgroup(
-                STREAM_GROUP, self.context.consumer, {self._stream: ">"}, count=size
+            read: Any = lua.command(
+                "XREADGROUP",
+                "GROUP",
+                STREAM_GROUP,
+                consumer,
+                "COUNT",
+                size,
+                "STREAMS",
+                self._stream,
+                ">",
             )
-            if not read or not read[0][1]:
+            # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries].
+            entries = next(iter(read.values())) if isinstance(read, dict) else read and read[0][1]
+            if not entries:
                 return
             self._check_dead_letters()  # what it read stays pending, claimed again later
-            yield read[0][1]
+            yield _entries(entries)
 
     def _check_dead_letters(self) -> None:
         """Take no new batch while the entity holds max_dead_letters (nothing is dropped)."""
@@ -283,6 +297,17 @@ class ShardFlusher:
         ]
         _, dead = self._scripts.finish(self.shard, [sid for sid, _ in entries], settled, letters)
         return dead
+
+
+def _entries(raw: list[Any]) -> Entries:
+    """A stream reply's entries as (id, fields); a deleted entry's fields are None."""
+    out: Entries = []
+    for sid, flat in raw:
+        if isinstance(flat, dict):
+            out.append((sid, flat or None))
+        else:
+            out.append((sid, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None))
+    return out
 
 
 def _version(op: Op) -> str:

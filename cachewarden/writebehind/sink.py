@@ -38,6 +38,9 @@ from cachewarden.tables import EntityTable
 from cachewarden.writebehind.coalesce import DELETE, Op
 from cachewarden.writebehind.fence import Fence, fence_table
 from cachewarden.writebehind.pgarrays import UnnestUpsert, build_lookup, build_unnest
+from cachewarden.writebehind.pgcopy import COPY_MIN_ROWS, CopyMerge
+
+_scan: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 # A batch of at least this many rows that the database refused row by row with one
 # message is a fault of the table (a trigger, a migration's constraint), not of its
@@ -127,6 +130,7 @@ class SqlSink:
         self._statements: dict[tuple[str, ...], Insert] = {}
         self._unnests: dict[tuple[str, ...], UnnestUpsert | None] = {}
         self._lookup = build_lookup(self.engine, self.table, self.entity) if self._fast else None
+        self._copy = CopyMerge(self.engine, self.table, self.entity) if self._fast else None
         self._checked: dict[tuple[str, ...], tuple[str, ...]] = {}  # JSON key order -> columns
         self._exact = _exact_columns(self.table)
 
@@ -258,10 +262,14 @@ class SqlSink:
             self._wait_for_locks(conn)
             fence.check(conn)
             self._deletes(conn, cleared, [])
+            staged = [False]  # the COPY path's staging table filled in this transaction
+            merged: dict[Any, bool] = {}  # key -> written, for rows the COPY path merged
             for columns, rows in writes.items():
-                self._upsert_rows(conn, columns, rows, fast)
+                self._upsert_rows(conn, columns, rows, fast, staged, merged)
             self._deletes(conn, plain_deletes, versioned_deletes)
-            return self._outranked(conn, versioned, fast)
+            stale = [op for key, op in versioned.items() if merged.get(key) is False]
+            rest = {key: op for key, op in versioned.items() if key not in merged}
+            return stale + self._outranked(conn, rest, fast)
 
     def _wait_for_locks(self, conn: Connection) -> None:
         """Bound how long this transaction's statements wait for a row lock (lock_wait).
@@ -277,9 +285,22 @@ class SqlSink:
             conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {int(seconds)}")
 
     def _upsert_rows(
-        self, conn: Connection, columns: tuple[str, ...], rows: list[dict[str, Any]], fast: bool
+        self,
+        conn: Connection,
+        columns: tuple[str, ...],
+        rows: list[dict[str, Any]],
+        fast: bool,
+        staged: list[bool],
+        merged: dict[Any, bool],
     ) -> None:
         if fast:
+            if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
+                written = self._copy.apply(conn, columns, rows, reused=staged[0])
+                if written is not None:
+                    staged[0] = True
+                    key = self.entity.key
+                    merged.update((row[key], row[key] in written) for row in rows)
+                    return
             if columns not in self._unnests:
                 self._unnests[columns] = build_unnest(self.engine, self.table, columns, self.entity)
             unnest = self._unnests[columns]
@@ -316,8 +337,10 @@ class SqlSink:
     def _row(self, op: Op) -> tuple[tuple[str, ...], dict[str, Any]]:
         """The row of a write and its columns, sorted (the upsert statement's cache key)."""
         try:
-            row = json.loads(op.value)
-        except ValueError:
+            row, end = _scan(op.value, 0)  # the C scanner, without json.loads' regexes
+            if end != len(op.value):
+                row = json.loads(op.value)  # surrounding whitespace, or trailing junk
+        except (ValueError, StopIteration):
             raise _RowProblem(f"the buffered value is not JSON: {op.value[:60]!r}") from None
         if not isinstance(row, dict):
             raise _RowProblem(f"the buffered value is not a JSON object: {op.value[:60]!r}")

@@ -1,0 +1,167 @@
+"""PostgreSQL's COPY path for a flush: binary COPY into a staging table, then one merge.
+
+A batch's rows go in by psycopg's binary COPY (the columns' own types, dumped in C)
+into a temporary staging table that each connection makes once per table shape
+(`CREATE TEMP TABLE ... ON COMMIT DELETE ROWS AS SELECT ... WITH NO DATA`: the
+columns' types, no constraints), and one `INSERT ... SELECT ... ON CONFLICT ... DO
+UPDATE ... WHERE <version guard> RETURNING key` merges them, in the flush's fenced
+transaction; a versioned write whose key it does not return lost to a newer version,
+so no second query looks the versions up.
+
+Only batches whose every value dumps exactly as the generic statement would bind
+it take this path: per column, the Python types the column's type takes as is
+(an int for an integer within its range, a str for text, ...). Anything else, and
+any batch this path fails on, goes to the array path or the generic one
+(sink.py), which isolate bad rows as always.
+"""
+
+from __future__ import annotations
+
+import datetime
+import uuid
+import zlib
+from collections.abc import Sequence
+from decimal import Decimal
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.exc import DBAPIError
+
+from cachewarden.settings import EntitySettings
+
+# Below this many rows the array statement (one round trip) costs less than COPY's three.
+COPY_MIN_ROWS = 64
+
+_INT_RANGE = {21: 2**15, 23: 2**31, 20: 2**63}  # int2, int4, int8: |value| < range
+_TAKES: dict[int, frozenset[type]] = {
+    16: frozenset({bool}),
+    21: frozenset({int}),
+    23: frozenset({int}),
+    20: frozenset({int}),
+    700: frozenset({float}),
+    701: frozenset({float}),
+    1700: frozenset({Decimal}),
+    25: frozenset({str}),
+    1043: frozenset({str}),
+    1042: frozenset({str}),
+    1082: frozenset({datetime.date}),
+    1114: frozenset({datetime.datetime}),
+    1184: frozenset({datetime.datetime}),
+    1083: frozenset({datetime.time}),
+    2950: frozenset({uuid.UUID}),
+}
+_NONE = type(None)
+
+
+def _quote(engine: Engine, name: str) -> str:
+    return str(engine.dialect.identifier_preparer.quote(name))
+
+
+class CopyMerge:
+    """The COPY path of one reflected table."""
+
+    def __init__(self, engine: Engine, table: Table, entity: EntitySettings) -> None:
+        self.engine = engine
+        self.table = table
+        self.entity = entity
+        self.target = engine.dialect.identifier_preparer.format_table(table)
+        shape = ",".join(f"{c.name}:{c.type!r}" for c in table.c)
+        self.stage = f"cw_stage_{zlib.crc32(f'{self.target}|{shape}'.encode()):08x}"
+        self._merges: dict[tuple[str, ...], str] = {}
+        self._oids: dict[str, int] | None = None
+        self._create_sql = (
+            f"CREATE TEMP TABLE IF NOT EXISTS {self.stage} ON COMMIT DELETE ROWS AS "
+            f"SELECT * FROM {self.target} WITH NO DATA"
+        )
+
+    def apply(
+        self,
+        conn: Connection,
+        columns: tuple[str, ...],
+        rows: Sequence[dict[str, Any]],
+        reused: bool = False,
+    ) -> set[Any] | None:
+        """COPY `rows` and merge them: the keys the merge wrote (inserted, or updated past
+        the version guard), or None (nothing done) where a value would not dump exactly as
+        the generic statement binds it. `reused`: the staging table was filled before in
+        this transaction (it is emptied first). Raises DBAPIError as SQLAlchemy would."""
+        raw: Any = conn.connection.driver_connection
+        try:
+            with raw.cursor() as cur:
+                # Every time: a transaction that rolled back took the table's creation with it.
+                cur.execute(self._create_sql)
+                if self._oids is None:
+                    self._oids = self._types(cur)
+                types = [self._oids[c] for c in columns]
+                pick = itemgetter(*columns)
+                if len(columns) > 1:
+                    values = [pick(row) for row in rows]
+                else:
+                    values = [(row[columns[0]],) for row in rows]
+                if not _dumpable(types, values):
+                    return None
+                if reused:
+                    cur.execute(f"TRUNCATE {self.stage}")
+                names = ", ".join(_quote(self.engine, c) for c in columns)
+                with cur.copy(f"COPY {self.stage} ({names}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(types)
+                    for value in values:
+                        copy.write_row(value)
+                cur.execute(self._merge(columns))
+                written = {row[0] for row in cur.fetchall()}
+        except Exception as exc:
+            import psycopg
+
+            if isinstance(exc, psycopg.Error):
+                raise DBAPIError.instance(f"COPY {self.stage}", None, exc, psycopg.Error) from exc
+            raise
+        return written
+
+    def _types(self, cur: Any) -> dict[str, int]:
+        """The staging table's column types (OIDs), for the binary COPY."""
+        cur.execute(
+            "SELECT attname, atttypid FROM pg_attribute "
+            "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+            (self.stage,),
+        )
+        return {str(name): int(oid) for name, oid in cur.fetchall()}
+
+    def _merge(self, columns: tuple[str, ...]) -> str:
+        found = self._merges.get(columns)
+        if found is not None:
+            return found
+        key, version = self.entity.key, self.entity.version_column
+        q = {c: _quote(self.engine, c) for c in columns}
+        names = ", ".join(q[c] for c in columns)
+        sql = f"INSERT INTO {self.target} ({names}) SELECT {names} FROM {self.stage}"
+        updated = [c for c in columns if c != key]
+        if not updated:
+            sql += f" ON CONFLICT ({q[key]}) DO NOTHING"
+        else:
+            sets = ", ".join(f"{q[c]} = EXCLUDED.{q[c]}" for c in updated)
+            sql += f" ON CONFLICT ({q[key]}) DO UPDATE SET {sets}"
+            if version is not None and version in columns:
+                sql += f" WHERE {self.target}.{q[version]} <= EXCLUDED.{q[version]}"
+        # The keys written: a versioned write whose key is not among them was outranked.
+        sql += f" RETURNING {q[key]}"
+        self._merges[columns] = sql
+        return sql
+
+
+def _dumpable(types: list[int], rows: list[tuple[Any, ...]]) -> bool:
+    """True when each value is of a Python type its column's binary dumper takes as is."""
+    for i, oid in enumerate(types):
+        takes = _TAKES.get(oid)
+        if takes is None:
+            return False
+        kinds = {type(row[i]) for row in rows}
+        kinds.discard(_NONE)
+        if not kinds <= takes:
+            return False
+        bound = _INT_RANGE.get(oid)
+        if bound is not None:
+            present = [row[i] for row in rows if row[i] is not None]
+            if present and (max(present) >= bound or min(present) < -bound):
+                return False
+    return True
