@@ -423,12 +423,6 @@ def demo(settings: Settings, _args: argparse.Namespace) -> int:
     """Create a users-like table for each configured entity whose table is missing."""
     from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
 
-    if settings.database.url.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(settings.database.url.removeprefix("sqlite:///")).parent.mkdir(
-            parents=True, exist_ok=True
-        )
     engine = make_engine(settings.database)
     metadata = MetaData()
     for spec in settings.entities.values():

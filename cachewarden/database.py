@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -22,6 +23,10 @@ def make_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
     engine = create_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        database = engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            # A file in a directory not made yet (the default's .cachewarden/demo.db).
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
     return engine
 
 
