@@ -31,7 +31,35 @@ if n > 0 then
   for i = 1, #ids, 1000 do
     local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
     redis.call('XACK', KEYS[1], ARGV[1], unpack(chunk))
-    redis.call('XDEL', KEYS[1], unpack(chunk))
+  end
+  -- Delete the acknowledged entries by trimming the stream below its oldest entry
+  -- still unacknowledged (or past the batch's last id, the ids being in stream
+  -- order): whole nodes go at once, where XDEL takes entry by entry. The entries
+  -- of the batch past an older unacknowledged one (a row held by a lock) are
+  -- XDELed, so the stream's length stays its pending writes.
+  local ms, seq = string.match(ids[n], '^(%d+)-(%d+)$')
+  local past = ms .. '-' .. (tonumber(seq) + 1)
+  local minid = past
+  local oldest = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1)
+  if #oldest > 0 then
+    local oms, oseq = string.match(oldest[1][1], '^(%d+)-(%d+)$')
+    if tonumber(oms) < tonumber(ms) or (oms == ms and tonumber(oseq) <= tonumber(seq)) then
+      minid = oldest[1][1]
+    end
+  end
+  redis.call('XTRIM', KEYS[1], 'MINID', minid)
+  if minid ~= past then
+    local mms, mseq = string.match(minid, '^(%d+)-(%d+)$')
+    mms, mseq = tonumber(mms), tonumber(mseq)
+    local later = {}
+    for i = 1, n do
+      local ims, iseq = string.match(ids[i], '^(%d+)-(%d+)$')
+      ims, iseq = tonumber(ims), tonumber(iseq)
+      if ims > mms or (ims == mms and iseq >= mseq) then later[#later + 1] = ids[i] end
+    end
+    for i = 1, #later, 1000 do
+      redis.call('XDEL', KEYS[1], unpack(later, i, math.min(i + 999, #later)))
+    end
   end
 end
 local m = tonumber(ARGV[6 + n])
