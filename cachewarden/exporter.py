@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -274,16 +273,3 @@ def _describe(state: heartbeat.Health) -> str:
     )
     queues = ", ".join(state.queues) or "none yet"
     return f"{state.node}: {ages}; consuming: {queues}\n"
-
-
-def wait_port(address: str, port: int, timeout_s: float = 10.0) -> bool:
-    """True once something listens on address:port (for tests and the demo)."""
-    import socket
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex((address, port)) == 0:
-                return True
-        time.sleep(0.05)
-    return False

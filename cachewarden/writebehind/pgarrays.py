@@ -121,15 +121,22 @@ def build_unnest(
         f"INSERT INTO {target} ({', '.join(c.quoted for c in cols)}) "
         f"SELECT * FROM unnest({', '.join(c.sql(f'c{i}') for i, c in enumerate(cols))})"
     )
+    return UnnestUpsert(sql + on_conflict(q, columns, key, version, target), cols)
+
+
+def on_conflict(
+    quoted: dict[str, str], columns: tuple[str, ...], key: str, version: str | None, target: str
+) -> str:
+    """The upsert's tail, as the generic statement has it: on a conflict of the key,
+    set every other column, where a version column guards the row (the newer wins)."""
     updated = [c for c in columns if c != key]
     if not updated:
-        sql += f" ON CONFLICT ({q[key]}) DO NOTHING"
-    else:
-        sets = ", ".join(f"{q[c]} = EXCLUDED.{q[c]}" for c in updated)
-        sql += f" ON CONFLICT ({q[key]}) DO UPDATE SET {sets}"
-        if version is not None and version in columns:
-            sql += f" WHERE {target}.{q[version]} <= EXCLUDED.{q[version]}"
-    return UnnestUpsert(sql, cols)
+        return f" ON CONFLICT ({quoted[key]}) DO NOTHING"
+    sets = ", ".join(f"{quoted[c]} = EXCLUDED.{quoted[c]}" for c in updated)
+    tail = f" ON CONFLICT ({quoted[key]}) DO UPDATE SET {sets}"
+    if version is not None and version in columns:
+        tail += f" WHERE {target}.{quoted[version]} <= EXCLUDED.{quoted[version]}"
+    return tail
 
 
 @dataclass(frozen=True)

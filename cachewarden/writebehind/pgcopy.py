@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, Table
 from sqlalchemy.exc import DBAPIError
 
 from cachewarden.settings import EntitySettings
+from cachewarden.writebehind.pgarrays import on_conflict
 
 # Below this many rows the array statement (one round trip) costs less than COPY's three.
 COPY_MIN_ROWS = 64
@@ -135,14 +136,7 @@ class CopyMerge:
         q = {c: _quote(self.engine, c) for c in columns}
         names = ", ".join(q[c] for c in columns)
         sql = f"INSERT INTO {self.target} ({names}) SELECT {names} FROM {self.stage}"
-        updated = [c for c in columns if c != key]
-        if not updated:
-            sql += f" ON CONFLICT ({q[key]}) DO NOTHING"
-        else:
-            sets = ", ".join(f"{q[c]} = EXCLUDED.{q[c]}" for c in updated)
-            sql += f" ON CONFLICT ({q[key]}) DO UPDATE SET {sets}"
-            if version is not None and version in columns:
-                sql += f" WHERE {self.target}.{q[version]} <= EXCLUDED.{q[version]}"
+        sql += on_conflict(q, columns, key, version, self.target)
         # The keys written: a versioned write whose key is not among them was outranked.
         sql += f" RETURNING {q[key]}"
         self._merges[columns] = sql
