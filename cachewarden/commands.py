@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from redis.exceptions import RedisError
@@ -134,15 +136,23 @@ def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, A
     return out
 
 
-def stats(settings: Settings, args: argparse.Namespace) -> int:
-    """Print pending writes, due shards, dead letters and read-path counters."""
+@contextmanager
+def _redis(settings: Settings) -> Iterator[Any]:
+    """A client for the command's work: a Redis error is BackendUnavailable naming the
+    server (password masked), and the client is closed either way."""
     client = redis_client(settings.redis)
     try:
-        data = entity_stats(settings, client, Keyspace(settings.redis.prefix))
+        yield client
     except RedisError as exc:
         raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
     finally:
         client.close()
+
+
+def stats(settings: Settings, args: argparse.Namespace) -> int:
+    """Print pending writes, due shards, dead letters and read-path counters."""
+    with _redis(settings) as client:
+        data = entity_stats(settings, client, Keyspace(settings.redis.prefix))
     if args.json:
         print(json.dumps(data))
         return OK
@@ -215,13 +225,8 @@ def status_data(settings: Settings, client: Any) -> dict[str, Any]:
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
     """Pending writes and lag, dead letters, reads, last flush and sweep; jobs; workers."""
-    client = redis_client(settings.redis)
-    try:
+    with _redis(settings) as client:
         data = status_data(settings, client)
-    except RedisError as exc:
-        raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
-    finally:
-        client.close()
     if args.json:
         print(json.dumps(data))
         return OK
@@ -358,8 +363,7 @@ def flush(settings: Settings, args: argparse.Namespace) -> int:
     from cachewarden.writebehind.drain import drain
 
     names = [settings.entity(args.entity).name] if args.entity else list(settings.entities)
-    client = redis_client(settings.redis)
-    try:
+    with _redis(settings) as client:
         first, left = drain(
             client,
             Keyspace(settings.redis.prefix),
@@ -368,10 +372,6 @@ def flush(settings: Settings, args: argparse.Namespace) -> int:
             lambda line: print(f"flush: {line}", file=sys.stderr),
             settings.queue("writebehind"),
         )
-    except RedisError as exc:
-        raise BackendUnavailable(f"Redis at {settings.redis.shown}: {exc}") from None
-    finally:
-        client.close()
     if left:
         print(f"flush: {left:,} writes still pending after {args.timeout:.0f}s", file=sys.stderr)
         return FAILED
