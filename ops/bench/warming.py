@@ -123,25 +123,29 @@ def warm_command(config: Path) -> float:
     return elapsed
 
 
-def raw_limit(env: WarmEnv, prefix: str, where: str = "") -> tuple[int, float]:
-    """The plain script: a named cursor into pipelined SETs. (rows, seconds)."""
+def stream_into_redis(
+    env: WarmEnv, prefix: str, tail: str = "", pipelined: bool = True
+) -> tuple[int, float]:
+    """The plain script: `SELECT * FROM the table <tail>` through a named cursor into
+    `SET key json PX ttl`, pipelined per 5,000 rows (the raw limit) or one round trip
+    per row (the naive loop). (rows, seconds)."""
     client = env.redis()
     started = time.perf_counter()
     rows = 0
     with env.pg(autocommit=False) as conn:
         cursor = conn.cursor(name="warm_raw")
         cursor.itersize = 10_000
-        cursor.execute(f"SELECT * FROM {TABLE} {where}")
+        cursor.execute(f"SELECT * FROM {TABLE} {tail}")
         columns = [d.name for d in cursor.description or ()]
-        pipe = client.pipeline(transaction=False)
+        target = client.pipeline(transaction=False) if pipelined else client
         for row in cursor:
-            pipe.set(
-                f"{prefix}{row[0]}", json.dumps(dict(zip(columns, row, strict=True))), px=TTL_MS
-            )
+            value = json.dumps(dict(zip(columns, row, strict=True)))
+            target.set(f"{prefix}{row[0]}", value, px=TTL_MS)
             rows += 1
-            if rows % PIPELINE_ROWS == 0:
-                pipe.execute()
-        pipe.execute()
+            if pipelined and rows % PIPELINE_ROWS == 0:
+                target.execute()
+        if pipelined:
+            target.execute()
         cursor.close()
     elapsed = time.perf_counter() - started
     client.close()
@@ -149,7 +153,7 @@ def raw_limit(env: WarmEnv, prefix: str, where: str = "") -> tuple[int, float]:
 
 
 def _raw_part(env: WarmEnv, prefix: str, where: str, out: Any) -> None:
-    out.put(raw_limit(env, prefix, where)[0])
+    out.put(stream_into_redis(env, prefix, where)[0])
 
 
 def raw_limit_parallel(env: WarmEnv, prefix: str, procs: int) -> tuple[int, float]:
@@ -171,27 +175,6 @@ def raw_limit_parallel(env: WarmEnv, prefix: str, procs: int) -> tuple[int, floa
     for child in children:
         child.join(60)
     return rows, time.perf_counter() - started
-
-
-def naive_loop(env: WarmEnv, prefix: str, limit: int) -> tuple[int, float]:
-    """One SET per row (the same named cursor). (rows, seconds)."""
-    client = env.redis()
-    started = time.perf_counter()
-    rows = 0
-    with env.pg(autocommit=False) as conn:
-        cursor = conn.cursor(name="warm_naive")
-        cursor.itersize = 10_000
-        cursor.execute(f"SELECT * FROM {TABLE} ORDER BY id LIMIT {limit}")
-        columns = [d.name for d in cursor.description or ()]
-        for row in cursor:
-            client.set(
-                f"{prefix}{row[0]}", json.dumps(dict(zip(columns, row, strict=True))), px=TTL_MS
-            )
-            rows += 1
-        cursor.close()
-    elapsed = time.perf_counter() - started
-    client.close()
-    return rows, elapsed
 
 
 def worker_peak_kb(worker: Worker) -> tuple[int, int]:
@@ -223,7 +206,7 @@ def phase_speed(env: WarmEnv) -> dict[str, Any]:
         seconds = warm_command(config)
         ours += seconds
         say(f"round {n + 1}: cachewarden {args.rows / seconds:,.0f} keys/s ({seconds:.2f} s)")
-        rows, seconds = raw_limit(env, f"{env.base}-raw:")
+        rows, seconds = stream_into_redis(env, f"{env.base}-raw:")
         raw_rows += rows
         raw += seconds
         say(f"round {n + 1}: raw limit {rows / seconds:,.0f} keys/s ({seconds:.2f} s)")
@@ -246,7 +229,8 @@ def phase_speed(env: WarmEnv) -> dict[str, Any]:
 
 
 def phase_naive(env: WarmEnv) -> float:
-    rows, seconds = naive_loop(env, f"{env.base}-naive:", env.args.naive_rows)
+    limit = f"ORDER BY id LIMIT {env.args.naive_rows}"
+    rows, seconds = stream_into_redis(env, f"{env.base}-naive:", limit, pipelined=False)
     env.clear(f"{env.base}-naive:*")
     return rows / seconds
 
