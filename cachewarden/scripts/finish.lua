@@ -9,14 +9,18 @@
 -- operation it superseded leaves no dead letter: the newer write replaces it).
 -- While a warm run of the entity is reading (its marker is set), each settled key is
 -- recorded as touched now: a chunk read before this flush must not fill it.
+-- Per key: one HMGET field, one HDEL field (batched) and one PEXPIRE; per entry one
+-- XACK id; the entries themselves go by one XTRIM.
 -- KEYS: 1 stream, 2 dirty hash, 3 dead-letter stream, 4 dead-letter keys hash,
---       5 warming marker, 6 touched keys zset, then the entry of each settled key,
---       in triple order
--- op: "w" written, "d" deleted, "x" refused by the database (dead-lettered),
+--       5 warming marker, 6 touched keys zset, then the entry of each written key
+--       (in pair order), then the entry of each other key (in triple order)
+-- op: "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
--- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 number of ids N, 6..5+N stream ids,
---       then M, then M triples (key, id of its applied operation, op), then for each
---       triple with op "x", in order, its letter: o, v, n (version, ""), error, stream_id
+-- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 the batch's last stream id ("" for none),
+--       6 E, then E ids to acknowledge besides the settled ones (superseded operations,
+--       deleted entries), then W, then W pairs (key, id of its applied write), then M,
+--       then M triples (key, id of its applied operation, op), then for each triple
+--       with op "x", in order, its letter: o, v, n (version, ""), error, stream_id
 -- Returns {keys settled, dead letters added}.
 local warming = redis.call('EXISTS', KEYS[5]) == 1
 local now_touched
@@ -24,20 +28,32 @@ if warming then
   local t = redis.call('TIME')
   now_touched = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local n = tonumber(ARGV[5])
+local e = tonumber(ARGV[6])
+local wat = 7 + e            -- W
+local w = tonumber(ARGV[wat])
+local mat = wat + 1 + 2 * w  -- M
+local m = tonumber(ARGV[mat])
+local ids, fields = {}, {}
+for i = 1, e do ids[i] = ARGV[6 + i] end
+for t = 0, w - 1 do
+  fields[#fields + 1] = ARGV[wat + 1 + 2 * t]
+  ids[#ids + 1] = ARGV[wat + 2 + 2 * t]
+end
+for t = 0, m - 1 do
+  fields[#fields + 1] = ARGV[mat + 1 + 3 * t]
+  ids[#ids + 1] = ARGV[mat + 2 + 3 * t]
+end
+local n = #ids
 if n > 0 then
-  local ids = {}
-  for i = 1, n do ids[i] = ARGV[5 + i] end
-  for i = 1, #ids, 1000 do
-    local chunk = {unpack(ids, i, math.min(i + 999, #ids))}
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(chunk))
+  for i = 1, n, 1000 do
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, n)))
   end
   -- Delete the acknowledged entries by trimming the stream below its oldest entry
-  -- still unacknowledged (or past the batch's last id, the ids being in stream
-  -- order): whole nodes go at once, where XDEL takes entry by entry. The entries
-  -- of the batch past an older unacknowledged one (a row held by a lock) are
-  -- XDELed, so the stream's length stays its pending writes.
-  local ms, seq = string.match(ids[n], '^(%d+)-(%d+)$')
+  -- still unacknowledged (or past the batch's last id): whole nodes go at once, where
+  -- XDEL takes entry by entry. The entries of the batch past an older unacknowledged
+  -- one (a row held by a lock) are XDELed, so the stream's length stays its pending
+  -- writes.
+  local ms, seq = string.match(ARGV[5], '^(%d+)-(%d+)$')
   local past = ms .. '-' .. (tonumber(seq) + 1)
   local minid = past
   local oldest = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1)
@@ -62,16 +78,28 @@ if n > 0 then
     end
   end
 end
-local m = tonumber(ARGV[6 + n])
-local first = 7 + n
-local letter = first + m * 3  -- the next letter's fields
-local settled, dead = 0, 0
+-- Each settled key's newest pending operation, in one read.
+local newest = {}
+for i = 1, #fields, 1000 do
+  local got = redis.call('HMGET', KEYS[2], unpack(fields, i, math.min(i + 999, #fields)))
+  for j = 1, #got do newest[i + j - 1] = got[j] end
+end
+local done = {}  -- the keys settled: their dirty fields go
+local ttl = ARGV[2]
+for t = 1, w do
+  if newest[t] == ARGV[wat + 2 * t] then
+    done[#done + 1] = fields[t]
+    redis.call('PEXPIRE', KEYS[6 + t], ttl)
+  end
+end
+local letter = mat + 1 + 3 * m  -- the next letter's fields
+local dead = 0
 for t = 0, m - 1 do
-  local i = first + t * 3
+  local i = mat + 1 + 3 * t
   local key, id, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local newest = redis.call('HGET', KEYS[2], key) == id
+  local current = newest[w + t + 1] == id
   if op == 'x' then
-    if newest then
+    if current then
       local dead_id = redis.call('XADD', KEYS[3], '*', 'o', ARGV[letter], 'k', key,
         'v', ARGV[letter + 1], 'n', ARGV[letter + 2], 'error', ARGV[letter + 3],
         'stream_id', ARGV[letter + 4], 'shard', ARGV[3], 'failed_at_ms', ARGV[4])
@@ -80,10 +108,9 @@ for t = 0, m - 1 do
     end
     letter = letter + 5
   end
-  if newest then
-    redis.call('HDEL', KEYS[2], key)
-    local entry = KEYS[7 + t]
-    if warming then redis.call('ZADD', KEYS[6], now_touched, key) end
+  if current then
+    done[#done + 1] = key
+    local entry = KEYS[7 + w + t]
     if op == 'd' then
       -- The delete won. The entry holds its 'null' marker, or a write that lost to it
       -- on version (cached when it was enqueued): either way, drop it.
@@ -95,21 +122,32 @@ for t = 0, m - 1 do
       -- The write lost to a newer version in the database. Keep the entry only if
       -- it already holds a newer version than the one that lost; else drop it.
       local lost, column = string.match(op, '^s:(%-?%d+):(.*)$')
-      local current = redis.call('GET', entry)
+      local cached = redis.call('GET', entry)
       local keep = false
-      if current and current ~= 'null' then
-        local ok, row = pcall(cjson.decode, current)
+      if cached and cached ~= 'null' then
+        local ok, row = pcall(cjson.decode, cached)
         keep = ok and type(row) == 'table' and tonumber(row[column]) ~= nil
           and tonumber(row[column]) > tonumber(lost)
       end
-      if keep then redis.call('PEXPIRE', entry, ARGV[2]) else redis.call('DEL', entry) end
+      if keep then redis.call('PEXPIRE', entry, ttl) else redis.call('DEL', entry) end
     else
-      redis.call('PEXPIRE', entry, ARGV[2])
+      redis.call('PEXPIRE', entry, ttl)
     end
-    settled = settled + 1
   end
 end
+local settled = #done
+for i = 1, settled, 1000 do
+  redis.call('HDEL', KEYS[2], unpack(done, i, math.min(i + 999, settled)))
+end
 if warming and settled > 0 then
+  local touched = {}
+  for i = 1, settled do
+    touched[#touched + 1] = now_touched
+    touched[#touched + 1] = done[i]
+  end
+  for i = 1, #touched, 1000 do
+    redis.call('ZADD', KEYS[6], unpack(touched, i, math.min(i + 999, #touched)))
+  end
   redis.call('PEXPIRE', KEYS[6], redis.call('PTTL', KEYS[5]) + 1000)
 end
 return {settled, dead}

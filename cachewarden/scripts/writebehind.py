@@ -147,7 +147,14 @@ class WriteScripts:
         op, value, version, error, stream id), "s:<version>:<column>" outranked by a
         newer version in the database.
         """
-        name = self.spec.name
+        name, entry = self.spec.name, self._entry
+        # The common case travels lean: written keys as (key, id) pairs, every other
+        # operation as a triple; the ids to acknowledge are the settled ones plus the
+        # extras (operations a later one superseded, entries deleted under the group).
+        written = [(key, sid) for key, sid, op in settled if op == "w"]
+        others = [triple for triple in settled if triple[2] != "w"]
+        applied = {sid for _, sid, _ in settled}
+        extras = [sid for sid in ids if sid not in applied]
         keys = [
             self._streams[shard],
             self._dirty[shard],
@@ -155,18 +162,23 @@ class WriteScripts:
             self.keys.dead_keys(name),
             self.keys.warming(name),
             self.keys.touched(name),
-            *(self._entry + key for key, _, _ in settled),
         ]
+        keys += [entry + key for key, _ in written]
+        keys += [entry + key for key, _, _ in others]
         args: list[Any] = [
             STREAM_GROUP,
             self.spec.ttl_ms + self.spec.stale_ttl_ms,
             shard,
             int(time.time() * 1000),
-            len(ids),
-            *ids,
-            len(settled),
+            ids[-1] if ids else "",
+            len(extras),
+            *extras,
+            len(written),
         ]
-        for triple in settled:
+        for pair in written:
+            args += pair
+        args.append(len(others))
+        for triple in others:
             args += triple
         for letter in letters:
             args += letter

@@ -9,16 +9,18 @@ first, so the survivor is not judged against a version the delete removed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 WRITE = "w"
 DELETE = "d"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Op:
-    """One buffered operation as read from a write stream."""
+    """One buffered operation as read from a write stream (not frozen: a frozen
+    dataclass's __init__ costs four times as much, and a flush builds one per entry;
+    nothing changes an Op once built, `dataclasses.replace` makes a new one)."""
 
     id: str
     kind: str
@@ -40,6 +42,18 @@ class Op:
             value=fields.get("v", ""),
             version=int(version) if version else None,
         )
+
+    @classmethod
+    def from_flat(cls, stream_id: str, flat: Sequence[str]) -> Op:
+        """Build an Op from a stream entry's fields as the server sends them, a flat list
+        of names and values (enqueue.lua writes o, k, v and optional n in that order)."""
+        if len(flat) in (6, 8) and flat[0] == "o" and flat[2] == "k" and flat[4] == "v":
+            if len(flat) == 6:
+                return cls(stream_id, flat[1], flat[3], flat[5])
+            if flat[6] == "n":
+                version = flat[7]
+                return cls(stream_id, flat[1], flat[3], flat[5], int(version) if version else None)
+        return cls.from_fields(stream_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
 
 def supersedes(new: Op, current: Op) -> bool:

@@ -36,7 +36,14 @@ CONSUMER_IDLE_MS = 10 * 60 * 1000
 TIDY_EVERY_S = 60.0
 _tidied: dict[tuple[str, int], float] = {}
 
-Entries = list[tuple[str, dict[str, str] | None]]
+
+@dataclass
+class Batch:
+    """What one stream read returned: every entry's id, in stream order, and the Op of
+    each entry that still has fields (an entry deleted under the group has none)."""
+
+    ids: list[str]
+    ops: list[Op]
 
 
 class _DeadLettersFull(Exception):
@@ -196,13 +203,13 @@ class ShardFlusher:
     # -- reading and applying -----------------------------------------------------
 
     def _drain(self, sink: SqlSink, fence: Fence, result: FlushResult, deadline: float) -> None:
-        for entries in self._batches():
-            self._apply(entries, sink, fence, result)
+        for batch in self._batches():
+            self._apply(batch, sink, fence, result)
             self._extend()
             if time.monotonic() >= deadline:
                 break
 
-    def _batches(self) -> Iterator[Entries]:
+    def _batches(self) -> Iterator[Batch]:
         """Entries others took and never acknowledged first, then new ones, in batches.
 
         Read with the script registry's direct commands: hiredis parses the reply, and
@@ -215,8 +222,8 @@ class ShardFlusher:
             reply: list[Any] = lua.command(
                 "XAUTOCLAIM", self._stream, STREAM_GROUP, consumer, 0, cursor, "COUNT", size
             )
-            cursor, claimed = reply[0], _entries(reply[1])
-            if claimed:
+            cursor, claimed = reply[0], _batch(reply[1])
+            if claimed.ids:
                 self._check_dead_letters()
                 yield claimed
             if cursor == "0-0":
@@ -238,7 +245,7 @@ class ShardFlusher:
             if not entries:
                 return
             self._check_dead_letters()  # what it read stays pending, claimed again later
-            yield _entries(entries)
+            yield _batch(entries)
 
     def _check_dead_letters(self) -> None:
         """Take no new batch while the entity holds max_dead_letters (nothing is dropped)."""
@@ -251,27 +258,27 @@ class ShardFlusher:
                 f"discarded: cachewarden dead-letters list {self.spec.name}"
             )
 
-    def _apply(self, entries: Entries, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
-        ops = [Op.from_fields(sid, fields) for sid, fields in entries if fields]
-        held = self.held
-        winners = coalesce([op for op in ops if op.key not in held])
+    def _apply(self, batch: Batch, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
+        ids, ops, held = batch.ids, batch.ops, self.held
+        winners = coalesce([op for op in ops if op.key not in held] if held else ops)
         outcome = sink.apply(winners, fence) if winners else Outcome()
         held.update(op.key for op in outcome.locked)
         if held:  # what is held stays pending: not acknowledged, not settled
-            entries = [(sid, f) for sid, f in entries if not f or f.get("k") not in held]
+            kept = {op.id for op in ops if op.key in held}
+            ids = [sid for sid in ids if sid not in kept]
             ops = [op for op in ops if op.key not in held]
             winners = [op for op in winners if op.key not in held]
         rejected = outcome.rejected
-        dead = self._finish(entries, ops, winners, outcome)
-        metrics.emit("flush_batch_rows", len(entries), entity=self.spec.name)
-        result.entries += len(entries)
+        dead = self._finish(ids, ops, winners, outcome)
+        metrics.emit("flush_batch_rows", len(ids), entity=self.spec.name)
+        result.entries += len(ids)
         result.applied += len(winners) - len(rejected)
         result.rejected += dead
         result.locked = len(held)
         result.batches += 1
         log.info(
             "flush_batch",
-            batch_size=len(entries),
+            batch_size=len(ids),
             applied=len(winners) - len(rejected),
             rejected=len(rejected),
             dead_letters=dead,
@@ -279,7 +286,7 @@ class ShardFlusher:
             fence=fence.token,
         )
 
-    def _finish(self, entries: Entries, ops: list[Op], winners: list[Op], outcome: Outcome) -> int:
+    def _finish(self, ids: list[str], ops: list[Op], winners: list[Op], outcome: Outcome) -> int:
         """Acknowledge the batch, settle its keys and move its refused rows to the
         dead-letter stream (one script: a crash leaves all of it or none); return how
         many letters it made."""
@@ -295,19 +302,23 @@ class ShardFlusher:
             (bad.op.kind, bad.op.value, _version(bad.op), bad.error, bad.op.id)
             for bad in (refused[key] for key, _, op in settled if op == "x")
         ]
-        _, dead = self._scripts.finish(self.shard, [sid for sid, _ in entries], settled, letters)
+        _, dead = self._scripts.finish(self.shard, ids, settled, letters)
         return dead
 
 
-def _entries(raw: list[Any]) -> Entries:
-    """A stream reply's entries as (id, fields); a deleted entry's fields are None."""
-    out: Entries = []
+def _batch(raw: list[Any]) -> Batch:
+    """A stream reply's entries: every id (a deleted entry's too, to acknowledge it) and
+    an Op per entry that still has fields, built straight from the reply's lists."""
+    ids: list[str] = []
+    ops: list[Op] = []
     for sid, flat in raw:
-        if isinstance(flat, dict):
-            out.append((sid, flat or None))
-        else:
-            out.append((sid, dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None))
-    return out
+        ids.append(sid)
+        if flat:
+            if isinstance(flat, dict):
+                ops.append(Op.from_fields(sid, flat))
+            else:
+                ops.append(Op.from_flat(sid, flat))
+    return Batch(ids, ops)
 
 
 def _version(op: Op) -> str:
