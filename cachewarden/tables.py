@@ -42,6 +42,12 @@ class EntityTable:
         """True when the key column holds integers (its keys have one spelling)."""
         return self._key_of is int
 
+    @property
+    def key_type(self) -> type | None:
+        """int or str when the key column's value is that type of the key text (the key
+        text itself for str), else None (another conversion: UUID, Decimal, ...)."""
+        return self._key_of if self._key_of in (int, str) else None
+
     def key_text(self, key: str | int) -> str:
         """The validated key text (codec.key_text), refusing an integer key's other spellings."""
         text = key_text(self.entity.name, key)

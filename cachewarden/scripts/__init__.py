@@ -80,6 +80,19 @@ class Registry:
         except (RedisConnectionError, OSError):
             return self._send(None, command)
 
+    def send(self, *parts: Any) -> InFlight:
+        """Send a command now, on a connection of `call`'s, and read its reply later
+        (`InFlight.reply`): the flusher's next stream read travels while the database
+        applies the batch before it."""
+        command = hiredis.pack_command(parts)
+        conn = self._take()
+        try:
+            conn.send_packed_command([command])
+        except BaseException:
+            self._drop(conn)
+            raise
+        return InFlight(self, conn, parts)
+
     def preload(self, names: Iterable[str]) -> None:
         """Load scripts `names` into Redis through `call`'s connections (opening one)."""
         for name in names:
@@ -88,15 +101,21 @@ class Registry:
             command = hiredis.pack_command(parts)
             self._send(script, command)
 
-    def _send(self, script: Script | None, command: bytes) -> Any:
-        idle = self._idle
+    def _take(self) -> Any:
         if self._born != _generation:
             self._forget()
-            idle = self._idle
         try:
-            conn: Any = idle.pop()
+            return self._idle.pop()
         except IndexError:
-            conn = self.client.connection_pool.get_connection()
+            return self.client.connection_pool.get_connection()
+
+    def _drop(self, conn: Any) -> None:
+        """A connection broken, interrupted or holding an unread reply: never reused."""
+        conn.disconnect()
+        self.client.connection_pool.release(conn)
+
+    def _send(self, script: Script | None, command: bytes) -> Any:
+        conn = self._take()
         try:
             conn.send_packed_command([command])
             try:
@@ -109,11 +128,9 @@ class Registry:
                 conn.send_packed_command([command])
                 reply = conn.read_response()
         except BaseException:
-            # Broken, interrupted or holding an unread reply: never reused.
-            conn.disconnect()
-            self.client.connection_pool.release(conn)
+            self._drop(conn)
             raise
-        idle.append(conn)
+        self._idle.append(conn)
         return reply
 
     def _forget(self) -> None:
@@ -128,6 +145,38 @@ class Registry:
         idle, self._idle = self._idle, []
         for conn in idle:
             self.client.connection_pool.release(conn)
+
+
+class InFlight:
+    """A command `Registry.send` sent, whose reply is still to be read."""
+
+    def __init__(self, registry: Registry, conn: Any, parts: tuple[Any, ...]) -> None:
+        self._registry = registry
+        self._conn: Any = conn
+        self._parts = parts
+
+    def reply(self) -> Any:
+        """The command's reply (sent again once, as `command` would, if the connection broke)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise RuntimeError("this reply was already read or cancelled")
+        try:
+            reply = conn.read_response()
+        except (RedisConnectionError, OSError):
+            self._registry._drop(conn)
+            return self._registry.command(*self._parts)
+        except BaseException:
+            self._registry._drop(conn)
+            raise
+        if self._registry._born == _generation:
+            self._registry._idle.append(conn)
+        return reply
+
+    def cancel(self) -> None:
+        """Give the reply up: its connection is closed, never reused with it unread."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._registry._drop(conn)
 
 
 _generation = 0

@@ -11,30 +11,35 @@
 -- recorded as touched now: a chunk read before this flush must not fill it.
 -- Per key: one HMGET field, one HDEL field (batched) and one PEXPIRE; per entry one
 -- XACK id; the entries themselves go by one XTRIM.
+-- It also extends the shard's flush lock (and queued marker) while the owner holds it,
+-- as lock_extend.lua does, and reports the dead letters held: the flusher's checks
+-- before its next batch, without round trips of their own.
 -- KEYS: 1 stream, 2 dirty hash, 3 dead-letter stream, 4 dead-letter keys hash,
---       5 warming marker, 6 touched keys zset, then the entry of each written key
---       (in pair order), then the entry of each other key (in triple order)
+--       5 warming marker, 6 touched keys zset, 7 flush lock, 8 queued marker, then the
+--       entry of each written key (in pair order), then the entry of each other key
+--       (in triple order)
 -- op: "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
 -- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 the batch's last stream id ("" for none),
---       6 E, then E ids to acknowledge besides the settled ones (superseded operations,
+--       6 lock owner ("": leave the lock be), 7 lock ttl_ms, 8 E, then E ids to acknowledge besides the settled ones (superseded operations,
 --       deleted entries), then W, then W pairs (key, id of its applied write), then M,
 --       then M triples (key, id of its applied operation, op), then for each triple
 --       with op "x", in order, its letter: o, v, n (version, ""), error, stream_id
--- Returns {keys settled, dead letters added}.
+-- Returns {keys settled, dead letters added, 1 if the lock was extended (0: the owner
+-- no longer holds it, -1: not asked), dead letters the entity holds}.
 local warming = redis.call('EXISTS', KEYS[5]) == 1
 local now_touched
 if warming then
   local t = redis.call('TIME')
   now_touched = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local e = tonumber(ARGV[6])
-local wat = 7 + e            -- W
+local e = tonumber(ARGV[8])
+local wat = 9 + e            -- W
 local w = tonumber(ARGV[wat])
 local mat = wat + 1 + 2 * w  -- M
 local m = tonumber(ARGV[mat])
 local ids, fields = {}, {}
-for i = 1, e do ids[i] = ARGV[6 + i] end
+for i = 1, e do ids[i] = ARGV[8 + i] end
 for t = 0, w - 1 do
   fields[#fields + 1] = ARGV[wat + 1 + 2 * t]
   ids[#ids + 1] = ARGV[wat + 2 + 2 * t]
@@ -89,7 +94,7 @@ local ttl = ARGV[2]
 for t = 1, w do
   if newest[t] == ARGV[wat + 2 * t] then
     done[#done + 1] = fields[t]
-    redis.call('PEXPIRE', KEYS[6 + t], ttl)
+    redis.call('PEXPIRE', KEYS[8 + t], ttl)
   end
 end
 local letter = mat + 1 + 3 * m  -- the next letter's fields
@@ -110,7 +115,7 @@ for t = 0, m - 1 do
   end
   if current then
     done[#done + 1] = key
-    local entry = KEYS[7 + w + t]
+    local entry = KEYS[9 + w + t]
     if op == 'd' then
       -- The delete won. The entry holds its 'null' marker, or a write that lost to it
       -- on version (cached when it was enqueued): either way, drop it.
@@ -150,4 +155,13 @@ if warming and settled > 0 then
   end
   redis.call('PEXPIRE', KEYS[6], redis.call('PTTL', KEYS[5]) + 1000)
 end
-return {settled, dead}
+local extended = -1
+if ARGV[6] ~= '' then
+  extended = 0
+  if redis.call('GET', KEYS[7]) == ARGV[6] then
+    redis.call('PEXPIRE', KEYS[7], ARGV[7])
+    redis.call('SET', KEYS[8], ARGV[6], 'PX', ARGV[7])
+    extended = 1
+  end
+end
+return {settled, dead, extended, redis.call('XLEN', KEYS[3])}

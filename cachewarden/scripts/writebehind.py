@@ -31,6 +31,16 @@ class Pending(NamedTuple):
     version: str  # "" for none
 
 
+class Finished(NamedTuple):
+    """What finish.lua did: keys settled, dead letters added, whether the lock was
+    extended (1, 0: its owner lost it, -1: not asked) and dead letters now held."""
+
+    settled: int
+    dead: int
+    extended: int
+    dead_letters: int
+
+
 class WriteScripts:
     """The write path's scripts for one entity."""
 
@@ -139,9 +149,10 @@ class WriteScripts:
         ids: Sequence[str],
         settled: Sequence[tuple[str, str, str]],
         letters: Sequence[tuple[str, str, str, str, str]] = (),
-    ) -> tuple[int, int]:
+        owner: str = "",
+    ) -> Finished:
         """Acknowledge and delete `ids`; settle each (key, id, op) whose id is still its
-        newest; dead-letter each refused one: (settled, dead letters added).
+        newest; dead-letter each refused one; extend the shard's lock if `owner` holds it.
 
         op: "w" written, "d" deleted, "x" refused (its letter, in order, in `letters`:
         op, value, version, error, stream id), "s:<version>:<column>" outranked by a
@@ -162,6 +173,8 @@ class WriteScripts:
             self.keys.dead_keys(name),
             self.keys.warming(name),
             self.keys.touched(name),
+            self.keys.flush_lock(name, shard),
+            self.keys.queued(name, shard),
         ]
         keys += [entry + key for key, _ in written]
         keys += [entry + key for key, _, _ in others]
@@ -171,6 +184,8 @@ class WriteScripts:
             shard,
             int(time.time() * 1000),
             ids[-1] if ids else "",
+            owner,
+            self.spec.write_behind.lock_ttl_ms,
             len(extras),
             *extras,
             len(written),
@@ -182,8 +197,8 @@ class WriteScripts:
             args += triple
         for letter in letters:
             args += letter
-        done, dead = self.lua.call("finish", keys, args)
-        return int(done), int(dead)
+        done, dead, extended, held = self.lua.call("finish", keys, args)
+        return Finished(int(done), int(dead), int(extended), int(held))
 
     # -- replay.lua -------------------------------------------------------------
 

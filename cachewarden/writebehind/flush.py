@@ -21,7 +21,8 @@ from cachewarden import metrics
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, ConfigError, LockLost
 from cachewarden.keys import STREAM_GROUP
-from cachewarden.scripts.writebehind import WriteScripts
+from cachewarden.scripts import InFlight
+from cachewarden.scripts.writebehind import Finished, WriteScripts
 from cachewarden.settings import EntitySettings
 from cachewarden.writebehind.backoff import backoff_ms
 from cachewarden.writebehind.coalesce import Op, coalesce
@@ -203,17 +204,26 @@ class ShardFlusher:
     # -- reading and applying -----------------------------------------------------
 
     def _drain(self, sink: SqlSink, fence: Fence, result: FlushResult, deadline: float) -> None:
-        for batch in self._batches():
-            self._apply(batch, sink, fence, result)
-            self._extend()
+        self._dead_letters = -1  # not known yet: looked up before the first batch
+        for batch in self._batches(deadline):
+            finished = self._apply(batch, sink, fence, result)
+            # finish.lua extended the lock and counted the dead letters (no round trips).
+            if finished.extended == 0:
+                raise LockLost(
+                    f"{self.spec.name}:{self.shard}: the flush lock expired "
+                    "(a newer flusher may hold it)"
+                )
+            self._dead_letters = finished.dead_letters
             if time.monotonic() >= deadline:
                 break
 
-    def _batches(self) -> Iterator[Batch]:
+    def _batches(self, deadline: float) -> Iterator[Batch]:
         """Entries others took and never acknowledged first, then new ones, in batches.
 
         Read with the script registry's direct commands: hiredis parses the reply, and
-        each entry's fields become a dict in one step (no redis-py response callback)."""
+        each entry's fields become an Op in one step (no redis-py response callback).
+        While a full batch is applied, the next read is already on its way (sent
+        before the batch is yielded, its reply read after)."""
         lua, size = self.context.lua, self.spec.write_behind.batch_size
         consumer = self.context.consumer
         _ensure_group(self.context.redis, self._stream)
@@ -228,29 +238,34 @@ class ShardFlusher:
                 yield claimed
             if cursor == "0-0":
                 break
-        while True:
-            read: Any = lua.command(
-                "XREADGROUP",
-                "GROUP",
-                STREAM_GROUP,
-                consumer,
-                "COUNT",
-                size,
-                "STREAMS",
-                self._stream,
-                ">",
-            )
-            # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries].
-            entries = next(iter(read.values())) if isinstance(read, dict) else read and read[0][1]
-            if not entries:
-                return
-            self._check_dead_letters()  # what it read stays pending, claimed again later
-            yield _batch(entries)
+        read: tuple[Any, ...] = ("XREADGROUP", "GROUP", STREAM_GROUP, consumer, "COUNT", size)
+        read += ("STREAMS", self._stream, ">")
+        ahead: InFlight | None = None
+        try:
+            while True:
+                reply = ahead.reply() if ahead is not None else lua.command(*read)
+                ahead = None
+                # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries].
+                if isinstance(reply, dict):
+                    entries = next(iter(reply.values()))
+                else:
+                    entries = reply and reply[0][1]
+                if not entries:
+                    return
+                self._check_dead_letters()  # what it read stays pending, claimed again later
+                if len(entries) == size and time.monotonic() < deadline:
+                    ahead = lua.send(*read)
+                yield _batch(entries)
+        finally:
+            if ahead is not None:  # stopped early: what it read stays pending, claimed later
+                ahead.cancel()
 
     def _check_dead_letters(self) -> None:
         """Take no new batch while the entity holds max_dead_letters (nothing is dropped)."""
         bound = self.spec.write_behind.max_dead_letters
-        held = int(self.context.redis.xlen(self.context.keys.dead(self.spec.name)))
+        held = self._dead_letters
+        if held < 0:
+            held = int(self.context.redis.xlen(self.context.keys.dead(self.spec.name)))
         if held >= bound:
             raise _DeadLettersFull(
                 f"{self.spec.name}: {held} dead letters are waiting (write_behind."
@@ -258,7 +273,7 @@ class ShardFlusher:
                 f"discarded: cachewarden dead-letters list {self.spec.name}"
             )
 
-    def _apply(self, batch: Batch, sink: SqlSink, fence: Fence, result: FlushResult) -> None:
+    def _apply(self, batch: Batch, sink: SqlSink, fence: Fence, result: FlushResult) -> Finished:
         ids, ops, held = batch.ids, batch.ops, self.held
         winners = coalesce([op for op in ops if op.key not in held] if held else ops)
         outcome = sink.apply(winners, fence) if winners else Outcome()
@@ -269,7 +284,8 @@ class ShardFlusher:
             ops = [op for op in ops if op.key not in held]
             winners = [op for op in winners if op.key not in held]
         rejected = outcome.rejected
-        dead = self._finish(ids, ops, winners, outcome)
+        finished = self._finish(ids, ops, winners, outcome)
+        dead = finished.dead
         metrics.emit("flush_batch_rows", len(ids), entity=self.spec.name)
         result.entries += len(ids)
         result.applied += len(winners) - len(rejected)
@@ -285,11 +301,14 @@ class ShardFlusher:
             locked=len(outcome.locked),
             fence=fence.token,
         )
+        return finished
 
-    def _finish(self, ids: list[str], ops: list[Op], winners: list[Op], outcome: Outcome) -> int:
+    def _finish(
+        self, ids: list[str], ops: list[Op], winners: list[Op], outcome: Outcome
+    ) -> Finished:
         """Acknowledge the batch, settle its keys and move its refused rows to the
-        dead-letter stream (one script: a crash leaves all of it or none); return how
-        many letters it made."""
+        dead-letter stream (one script: a crash leaves all of it or none), and extend the
+        shard's lock."""
         last_id = {op.key: op.id for op in ops}
         kind = {op.key: op.kind for op in winners}
         refused = {bad.op.key: bad for bad in outcome.rejected}
@@ -302,8 +321,7 @@ class ShardFlusher:
             (bad.op.kind, bad.op.value, _version(bad.op), bad.error, bad.op.id)
             for bad in (refused[key] for key, _, op in settled if op == "x")
         ]
-        _, dead = self._scripts.finish(self.shard, ids, settled, letters)
-        return dead
+        return self._scripts.finish(self.shard, ids, settled, letters, self.owner)
 
 
 def _batch(raw: list[Any]) -> Batch:

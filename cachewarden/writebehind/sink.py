@@ -243,6 +243,9 @@ class SqlSink:
         versioned_deletes: list[dict[str, Any]] = []
         cleared: list[Any] = []  # versioned writes that follow an unversioned delete
         versioned: dict[Any, Op] = {}
+        key_name, has_version = self.entity.key, self.entity.version_column is not None
+        key_type = self.reflected.key_type  # None: every key converted by key_value
+        int_key = key_type is int
         for op in ops:
             if op.kind == DELETE:
                 key = self._key_value(op)
@@ -252,12 +255,16 @@ class SqlSink:
                     versioned_deletes.append({"k": key, "v": op.version})
             else:
                 columns, row = self._row(op)
-                row[self.entity.key] = self._key_value(op)  # the key's one conversion
+                key = row[key_name]
+                # The row's own key (Cache.write puts it there) where it is the key text's
+                # one conversion already: an int spelled as the text is, or the text.
+                if key.__class__ is not key_type or (str(key) if int_key else key) != op.key:
+                    key = row[key_name] = self._key_value(op)
                 writes[columns].append(row)
-                if op.version is not None and self.entity.version_column is not None:
-                    versioned[row[self.entity.key]] = op
+                if op.version is not None and has_version:
+                    versioned[key] = op
                     if op.replaces:
-                        cleared.append(row[self.entity.key])
+                        cleared.append(key)
         with self.engine.begin() as conn:
             self._wait_for_locks(conn)
             fence.check(conn)
