@@ -154,6 +154,24 @@ class CpuSample:
             sum(ticks) / tick,
         )
 
+    def __add__(self, other: CpuSample) -> CpuSample:
+        return CpuSample(
+            self.worker + other.worker,
+            self.postgres + other.postgres,
+            self.redis_cpu + other.redis_cpu,
+            self.busy + other.busy,
+            self.total + other.total,
+        )
+
+    def __sub__(self, other: CpuSample) -> CpuSample:
+        return CpuSample(
+            self.worker - other.worker,
+            self.postgres - other.postgres,
+            self.redis_cpu - other.redis_cpu,
+            self.busy - other.busy,
+            self.total - other.total,
+        )
+
     def per_row(self, later: CpuSample, rows: int) -> str:
         def us(a: float, b: float) -> str:
             return f"{(b - a) / rows * 1e6:.1f} us"
@@ -351,16 +369,18 @@ class Env:
         entity: Mapping[str, Any],
         write_behind: Mapping[str, Any] | None = None,
         file: str = "",
+        database_url: str = "",
     ) -> Path:
         """Write a config with its own key prefix and queue (both named by `name`): one
-        entity on `table` keyed by `id`, with `entity` and `write_behind` settings."""
+        entity on `table` keyed by `id`, with `entity` and `write_behind` settings (on
+        the run's PostgreSQL schema unless `database_url` names another database)."""
         lines = [
             "[redis]",
             f"url = {toml_value(self.args.redis_url)}",
             f"prefix = {toml_value(f'{self.base}-{name}')}",
             "",
             "[database]",
-            f"url = {toml_value(self.sa_url)}",
+            f"url = {toml_value(database_url or self.sa_url)}",
             "",
             "[celery]",
             f"queue = {toml_value(f'{self.base}-{name}-q')}",

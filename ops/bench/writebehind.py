@@ -52,7 +52,7 @@ if MISSING is None:
 
 ENTITY = "row"
 COLUMNS = ("id", "name", "score", "version")
-PHASES = ("latency", "batch", "through", "raw", "flush", "zipf")
+PHASES = ("latency", "batch", "through", "raw", "flush", "zipf", "mariadb", "sqlite")
 TABLE_DDL = (
     "CREATE TABLE {name} (id BIGINT PRIMARY KEY, name VARCHAR(200) NOT NULL, "
     "score INTEGER NOT NULL, version BIGINT NOT NULL DEFAULT 0)"
@@ -379,12 +379,12 @@ def phase_write_through(env: WriteEnv) -> float:
 # -- phase 3: the raw limit (plain batched upsert of the same final rows) ----------------
 
 
-def phase_raw(env: WriteEnv, rows: list[Row]) -> float:
+def phase_raw(env: WriteEnv, rows: list[Row], table: str = "raw_rows") -> float:
     """The raw limit, one process, no cache: per batch of 1,000 rows, COPY them into a temp
     table, then INSERT ... SELECT ... ON CONFLICT DO UPDATE, one transaction per batch.
     (Of the plain psycopg methods measured here, the fastest: ahead of binary unnest arrays
-    and far ahead of executemany.)"""
-    env.table("raw_rows")
+    and far ahead of executemany.) Returns the seconds it took."""
+    env.table(table)
     size = env.args.batch_size
     with env.pg(autocommit=False) as conn:
         cur = conn.cursor()
@@ -393,9 +393,7 @@ def phase_raw(env: WriteEnv, rows: list[Row]) -> float:
             "version BIGINT) ON COMMIT DELETE ROWS"
         )
         conn.commit()
-        merge = "INSERT INTO raw_rows SELECT * FROM raw_stage" + UPSERT_TAIL.format(
-            table="raw_rows"
-        )
+        merge = f"INSERT INTO {table} SELECT * FROM raw_stage" + UPSERT_TAIL.format(table=table)
         start = time.perf_counter()
         for i in range(0, len(rows), size):
             with cur.copy("COPY raw_stage (id, name, score, version) FROM STDIN") as copy:
@@ -403,18 +401,18 @@ def phase_raw(env: WriteEnv, rows: list[Row]) -> float:
                     copy.write_row(row)
             cur.execute(merge)
             conn.commit()
-        seconds = time.perf_counter() - start
-    return len(rows) / seconds
+        return time.perf_counter() - start
 
 
-def phase_executemany(env: WriteEnv, rows: list[Row]) -> float:
+def phase_executemany(env: WriteEnv, rows: list[Row], table: str = "many_rows") -> float:
     """The flush target's baseline ("the plain batched upsert"): the same rows by psycopg
-    executemany of a one-row upsert, 1,000 per transaction (the usual hand-written batch)."""
-    env.table("many_rows")
+    executemany of a one-row upsert, 1,000 per transaction (the usual hand-written batch).
+    Returns the seconds it took."""
+    env.table(table)
     size = env.args.batch_size
     upsert = (
-        "INSERT INTO many_rows (id, name, score, version) VALUES (%s, %s, %s, %s)"
-        + UPSERT_TAIL.format(table="many_rows")
+        f"INSERT INTO {table} (id, name, score, version) VALUES (%s, %s, %s, %s)"
+        + UPSERT_TAIL.format(table=table)
     )
     with env.pg(autocommit=False) as conn:
         cur = conn.cursor()
@@ -422,8 +420,7 @@ def phase_executemany(env: WriteEnv, rows: list[Row]) -> float:
         for i in range(0, len(rows), size):
             cur.executemany(upsert, rows[i : i + size])
             conn.commit()
-        seconds = time.perf_counter() - start
-    return len(rows) / seconds
+        return time.perf_counter() - start
 
 
 # -- phase 4: sustained flush by real Celery workers -------------------------------------
@@ -431,13 +428,49 @@ def phase_executemany(env: WriteEnv, rows: list[Row]) -> float:
 
 @dataclass
 class FlushRun:
+    """One or more flush rounds, pooled: rows and seconds summed over the rounds."""
+
     writes: int
     rows: int
     seconds: float
     enqueue_seconds: float
     batches: int
     problems: list[str]
-    cpu: str
+    cpu: CpuSample  # CPU seconds used while draining (summed over the rounds)
+    rounds: int = 1
+    round_rates: list[float] = field(default_factory=list)
+
+    def __add__(self, other: FlushRun) -> FlushRun:
+        return FlushRun(
+            self.writes + other.writes,
+            self.rows + other.rows,
+            self.seconds + other.seconds,
+            self.enqueue_seconds + other.enqueue_seconds,
+            self.batches + other.batches,
+            self.problems + other.problems,
+            self.cpu + other.cpu,
+            self.rounds + other.rounds,
+            self.round_rates + other.round_rates,
+        )
+
+    def us_per_row(self, seconds: float) -> float:
+        return seconds / self.rows * 1e6
+
+    @property
+    def worker_us(self) -> float:
+        return self.us_per_row(self.cpu.worker)
+
+    @property
+    def redis_us(self) -> float:
+        return self.us_per_row(self.cpu.redis_cpu)
+
+    @property
+    def postgres_us(self) -> float:
+        return self.us_per_row(self.cpu.postgres)
+
+    @property
+    def busy(self) -> float:
+        return self.cpu.busy / max(self.cpu.total, 1e-9)
 
     @property
     def rows_per_s(self) -> float:
@@ -448,38 +481,77 @@ class FlushRun:
         return self.writes / self.seconds
 
 
-def phase_flush(env: WriteEnv, expected: dict[int, Row]) -> FlushRun:
+def phase_flush(env: WriteEnv, expected: dict[int, Row], round_no: int = 0) -> FlushRun:
+    """One round of the PostgreSQL flush throughput: `expected`'s writes buffered, then
+    drained by a fresh worker (the clock covers the drain only)."""
+    table = f"wb_rows_{round_no}"
+    env.table(table)
+    run = flush_round(env, f"tp{round_no}", table, env.args.writes, expected)
+    mismatch = check_table(env, table, expected)
+    if mismatch:
+        run.problems.append(mismatch)
+    say(f"flush round {round_no + 1}: {run.rows_per_s:,.0f} rows/s")
+    return run
+
+
+def flush_round(
+    env: WriteEnv,
+    name: str,
+    table: str,
+    writes: int,
+    expected: dict[int, Row],
+    database_url: str = "",
+) -> FlushRun:
+    """Buffer `writes` writes with Cache.write() (not timed), start a worker, release the
+    due set and time the drain; the caller checks the table."""
     a = env.args
-    env.table("wb_rows")
-    config = env.wb_config("tp", "wb_rows", max_pending=a.writes + a.batch_size)
-    say(
-        f"flush: enqueueing {a.writes:,} writes with Cache.write() from {a.enqueue_procs} "
-        "processes (not timed)"
+    config = env.config(
+        name,
+        table,
+        {"ttl": "10m", "version_column": "version"},
+        {
+            "max_delay": "1s",
+            "batch_size": a.batch_size,
+            "shards": a.shards,
+            "max_pending": writes + a.batch_size,
+        },
+        database_url=database_url,
     )
-    enqueue_s = enqueue(config, a.writes, a.keys, a.enqueue_procs)
+    say(
+        f"flush {name}: enqueueing {writes:,} writes with Cache.write() from "
+        f"{a.enqueue_procs} processes (not timed)"
+    )
+    enqueue_s = enqueue(config, writes, len(expected), a.enqueue_procs)
     client = env.redis()
     keys = Keyspace(load_settings(config).redis.prefix)
     # Hold the due set back until the worker is ready, so the clock covers flushing only.
     due: list[tuple[str, float]] = client.zrange(keys.due(), 0, -1, withscores=True)  # type: ignore[assignment]
     client.delete(keys.due())
-    worker = env.worker(config, "worker-tp.log")
-    say(f"flush: worker ready; draining {pending(client, config, a.shards):,} entries")
+    worker = env.worker(config, f"worker-{name}.log")
+    say(f"flush {name}: worker ready; draining {pending(client, config, a.shards):,} entries")
     cpu_before = CpuSample.take(worker.pgid, client)
     start = time.monotonic()
     if due:
         client.zadd(keys.due(), {str(member): float(score) for member, score in due})
-    end = wait_drained(client, config, a.shards, timeout=max(600.0, a.writes / 500))
-    cpu = cpu_before.per_row(CpuSample.take(worker.pgid, client), len(expected))
+    end = wait_drained(client, config, a.shards, timeout=max(600.0, writes / 500))
+    cpu = CpuSample.take(worker.pgid, client) - cpu_before
     worker.stop()
     problems = [
         f"worker logged {e['event']}: {e.get('error')}" for e in worker.events(*FLUSH_PROBLEMS)
     ]
     batches = sum(1 for _ in worker.events("flush_batch"))
-    mismatch = check_table(env, "wb_rows", expected)
-    if mismatch:
-        problems.append(mismatch)
     client.close()
-    return FlushRun(a.writes, len(expected), end - start, enqueue_s, batches, problems, cpu)
+    seconds = end - start
+    return FlushRun(
+        writes,
+        len(expected),
+        seconds,
+        enqueue_s,
+        batches,
+        problems,
+        cpu,
+        round_rates=[len(expected) / seconds],
+    )
 
 
 # -- phase 5: hot keys (Zipf), row writes per distinct key per flush batch ---------------
@@ -553,6 +625,141 @@ def phase_zipf(env: WriteEnv) -> ZipfRun:
     )
 
 
+# -- phase 6: MariaDB and SQLite, each against its own plain batched upsert -------------
+
+
+MARIADB_UPSERT = (
+    "INSERT INTO {table} (id, name, score, version) VALUES (%s, %s, %s, %s) "
+    "ON DUPLICATE KEY UPDATE name = IF(version <= VALUES(version), VALUES(name), name), "
+    "score = IF(version <= VALUES(version), VALUES(score), score), "
+    "version = IF(version <= VALUES(version), VALUES(version), version)"
+)
+SQLITE_UPSERT = "INSERT INTO {table} (id, name, score, version) VALUES (?, ?, ?, ?)" + UPSERT_TAIL
+
+
+@dataclass
+class DialectRun:
+    """One database's flush against its plain batched upsert, pooled over the rounds."""
+
+    database: str
+    rows: int = 0
+    baseline_seconds: float = 0.0
+    flush: FlushRun | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> float:
+        return self.rows / self.baseline_seconds
+
+    @property
+    def ratio(self) -> float:
+        return self.flush.rows_per_s / self.baseline if self.flush else 0.0
+
+
+class Dialect:
+    """One non-PostgreSQL database of the run: its tables, DB-API connection and URL."""
+
+    def __init__(self, env: WriteEnv, name: str) -> None:
+        self.env, self.name = env, name
+        self.tables: list[str] = []
+        if name == "sqlite":
+            self.path = env.tmp / "bench.db"
+            self.url = f"sqlite:///{self.path}"
+        else:
+            self.url = env.args.mariadb_url
+
+    def connect(self) -> Any:
+        if self.name == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(self.path)
+            conn.execute("PRAGMA journal_mode=WAL")  # as cachewarden's engine sets it
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
+        import pymysql
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.url)
+        return pymysql.connect(
+            host=url.host or "127.0.0.1",
+            port=url.port or 3306,
+            user=url.username or "root",
+            password=url.password or "",
+            database=url.database,
+        )
+
+    def table(self, name: str) -> str:
+        table = f"{self.env.base}_{name}"
+        conn = self.connect()
+        conn.cursor().execute(TABLE_DDL.format(name=table))
+        conn.commit()
+        conn.close()
+        self.tables.append(table)
+        return table
+
+    def drop(self) -> None:
+        if self.name == "sqlite" or not self.tables:
+            return
+        conn = self.connect()
+        for table in self.tables:
+            conn.cursor().execute(f"DROP TABLE IF EXISTS {table}")
+        conn.commit()
+        conn.close()
+
+    def upsert(self, table: str, rows: list[Row]) -> float:
+        """The plain batched upsert: the driver's executemany of a one-row upsert (PyMySQL
+        sends it as multi-row INSERTs), 1,000 rows per transaction; the seconds it took."""
+        sql = (MARIADB_UPSERT if self.name == "mariadb" else SQLITE_UPSERT).format(table=table)
+        size = self.env.args.batch_size
+        conn = self.connect()
+        cur = conn.cursor()
+        start = time.perf_counter()
+        for i in range(0, len(rows), size):
+            cur.executemany(sql, rows[i : i + size])
+            conn.commit()
+        seconds = time.perf_counter() - start
+        conn.close()
+        return seconds
+
+    def check(self, table: str, expected: dict[int, Row]) -> str:
+        conn = self.connect()
+        cur = conn.cursor()
+        cur.execute(f"SELECT id, name, version FROM {table}")
+        found = {int(i): (n, int(v)) for i, n, v in cur.fetchall()}
+        conn.close()
+        if len(found) != len(expected):
+            return f"{self.name} {table}: {len(found)} rows (expected {len(expected)})"
+        bad = sum(1 for k, r in expected.items() if found.get(k) != (r[1], r[3]))
+        return f"{self.name} {table}: {bad} rows do not hold their key's last write" if bad else ""
+
+
+def phase_dialect(env: WriteEnv, name: str) -> DialectRun:
+    """Per round: the plain batched upsert of the final rows, then the same rows flushed
+    from the write buffer by a worker on that database."""
+    a = env.args
+    db = Dialect(env, name)
+    run = DialectRun(name)
+    n = a.dialect_writes
+    expected = final_rows(n, lambda i: sequential_key(i, n))
+    final = list(expected.values())
+    try:
+        for r in range(a.rounds):
+            seconds = db.upsert(db.table(f"plain{r}"), final)
+            run.rows += len(final)
+            run.baseline_seconds += seconds
+            say(f"{name} round {r + 1}: plain batched upsert {len(final) / seconds:,.0f} rows/s")
+            table = db.table(f"wb{r}")
+            flushed = flush_round(env, f"{name}{r}", table, n, expected, db.url)
+            mismatch = db.check(table, expected)
+            if mismatch:
+                flushed.problems.append(mismatch)
+            say(f"{name} round {r + 1}: flush {flushed.rows_per_s:,.0f} rows/s")
+            run.flush = flushed if run.flush is None else run.flush + flushed
+    finally:
+        db.drop()
+    return run
+
+
 # -- the report --------------------------------------------------------------------------
 
 
@@ -571,8 +778,11 @@ class Results:
     through: float | None = None
     raw: float | None = None
     many: float | None = None
+    raw_rates: list[float] = field(default_factory=list)
+    many_rates: list[float] = field(default_factory=list)
     flush: FlushRun | None = None
     zipf: ZipfRun | None = None
+    dialects: list[DialectRun] = field(default_factory=list)
 
 
 def latency_rows(lat: LatencyResult) -> tuple[list[list[str]], list[tuple[str, bool | None]]]:
@@ -661,40 +871,74 @@ def report(env: WriteEnv, res: Results) -> bool:
         targets.append((name, ok))
     else:
         targets.append((name, None))
-    # The issue's target compares the flush with "the plain batched upsert of the
-    # same rows" (about 70,000 rows/s here): psycopg executemany in batches of 1,000.
-    # COPY into a temp table and one INSERT ... SELECT ... ON CONFLICT is the raw
-    # ceiling of the database, shown for context.
+    # The target compares the flush with "the plain batched upsert of the same rows":
+    # psycopg executemany in batches of 1,000. COPY into a temp table and one
+    # INSERT ... SELECT ... ON CONFLICT is the database's ceiling, shown as a share.
+    # Each figure is pooled: all rounds' rows over all rounds' seconds.
+    flush_name = "flush >= 100% of the plain batched upsert (pooled)"
     if res.flush and res.many:
         f = res.flush
-        ok = not f.problems and f.rows_per_s >= 0.6 * res.many
+        ok = not f.problems and f.rows_per_s >= res.many
         rows.append(
             [
-                f"flush rows/s ({f.rows:,} rows, {a.concurrency} procs)",
+                f"flush rows/s ({f.rows:,} rows, {f.rounds} rounds, {a.concurrency} procs)",
                 fmt_rate(f.rows_per_s),
                 "plain batched upsert, same rows (executemany, 1,000/batch)",
                 fmt_rate(res.many),
                 f"{f.rows_per_s / res.many:.0%}",
-                ">= 60% of plain",
+                ">= 100% of plain",
                 verdict(ok),
             ]
         )
-        targets.append(("flush >= 60% of the plain batched upsert", ok))
+        targets.append((flush_name, ok))
     else:
-        targets.append(("flush >= 60% of the plain batched upsert", None))
+        targets.append((flush_name, None))
     if res.flush and res.raw:
         f = res.flush
         rows.append(
             [
-                "flush rows/s (context)",
+                "flush rows/s (share of the ceiling)",
                 fmt_rate(f.rows_per_s),
-                "raw limit, same rows (COPY + INSERT ... SELECT, 1,000/batch)",
+                "COPY + INSERT ... SELECT ... ON CONFLICT, same rows, 1,000/batch",
                 fmt_rate(res.raw),
                 f"{f.rows_per_s / res.raw:.0%}",
                 "(context only)",
                 "",
             ]
         )
+    for label, limit, value in (
+        ("worker CPU per row <= 6 us", 6.0, res.flush.worker_us if res.flush else None),
+        ("Redis CPU per row <= 4 us", 4.0, res.flush.redis_us if res.flush else None),
+    ):
+        if value is None:
+            targets.append((label, None))
+            continue
+        rows.append(
+            [
+                label.split(" <=")[0] + " (flush)",
+                f"{value:.1f} us",
+                "",
+                "",
+                "",
+                f"<= {limit:g} us",
+                verdict(value <= limit),
+            ]
+        )
+        targets.append((label, value <= limit))
+    for d in res.dialects:
+        ok = d.flush is not None and not d.flush.problems and d.ratio >= 0.8
+        rows.append(
+            [
+                f"{d.database} flush rows/s ({d.rows:,} rows, {a.rounds} rounds)",
+                fmt_rate(d.flush.rows_per_s) if d.flush else "-",
+                f"{d.database} plain batched upsert (driver executemany, 1,000/batch)",
+                fmt_rate(d.baseline),
+                f"{d.ratio:.0%}",
+                ">= 80% of plain",
+                verdict(ok),
+            ]
+        )
+        targets.append((f"{d.database} flush >= 80% of its plain batched upsert", ok))
     if res.flush and res.through:
         f = res.flush
         rows.append(
@@ -749,15 +993,38 @@ def notes(a: argparse.Namespace, res: Results) -> None:
             print(f"batch PROBLEM: {p}")
     if res.flush:
         f = res.flush
+        rates = ", ".join(f"{r:,.0f}" for r in f.round_rates)
         print(
-            f"flush: {f.writes:,} writes -> {f.rows:,} rows in {f.seconds:.2f} s by "
-            f"{a.concurrency} worker processes ({f.batches:,} batches); enqueue took "
+            f"flush: {f.rounds} rounds of {f.writes // f.rounds:,} writes -> "
+            f"{f.rows // f.rounds:,} rows, {f.seconds:.2f} s in all by {a.concurrency} worker "
+            f"processes ({f.batches:,} batches; per round {rates} rows/s); enqueue took "
             f"{f.enqueue_seconds:.1f} s ({f.writes / f.enqueue_seconds:,.0f} writes/s from "
             f"{a.enqueue_procs} processes, not part of the figure)"
         )
-        print(f"flush {f.cpu}")
+        if res.many_rates:
+            print(
+                "plain batched upsert per round: "
+                + ", ".join(f"{r:,.0f}" for r in res.many_rates)
+                + " rows/s; COPY + merge per round: "
+                + ", ".join(f"{r:,.0f}" for r in res.raw_rates)
+                + " rows/s"
+            )
+        print(
+            f"flush CPU per row: worker processes {f.worker_us:.1f} us, PostgreSQL "
+            f"{f.postgres_us:.1f} us*, Redis {f.redis_us:.1f} us*; machine busy {f.busy:.0%} "
+            "(*server-wide: includes any other clients of the server)"
+        )
         for p in f.problems:
             print(f"flush PROBLEM: {p}")
+    for d in res.dialects:
+        if d.flush:
+            rates = ", ".join(f"{r:,.0f}" for r in d.flush.round_rates)
+            print(
+                f"{d.database}: per round flush {rates} rows/s; worker CPU "
+                f"{d.flush.worker_us:.1f} us/row"
+            )
+            for p in d.flush.problems:
+                print(f"{d.database} PROBLEM: {p}")
     if res.zipf:
         z = res.zipf
         print(
@@ -827,6 +1094,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="processes calling write() to fill the buffer (default 2)",
     )
     p.add_argument("--batch-size", type=int, default=1000, help="default 1000")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the throughput runs and their baselines, pooled (default 3)",
+    )
+    p.add_argument(
+        "--dialect-writes",
+        type=int,
+        default=200_000,
+        help="writes (every one a new row) of the MariaDB and SQLite runs (default 200000)",
+    )
+    p.add_argument(
+        "--mariadb-url",
+        default="mysql+pymysql://root@127.0.0.1:3306/test",
+        help="MariaDB database for its run (tables named after the run, dropped after)",
+    )
     p.add_argument("--shards", type=int, default=4, help="default 4")
     p.add_argument(
         "--no-executemany",
@@ -837,10 +1121,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.keys = args.keys or args.writes
     parse_phases(p, args, PHASES)
-    for name in ("writes", "latency_writes", "batch_rows", "batch_rounds", "zipf_writes"):
+    for name in (
+        "writes",
+        "latency_writes",
+        "batch_rows",
+        "batch_rounds",
+        "zipf_writes",
+        "rounds",
+        "dialect_writes",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def throughput(env: WriteEnv, res: Results, expected: dict[int, Row]) -> None:
+    """The PostgreSQL throughput rounds, interleaved (a drift of the machine hits all
+    alike): COPY + merge, executemany, then the flush; each pooled over the rounds."""
+    args = env.args
+    final = list(expected.values())
+    raw_s = many_s = 0.0
+    for r in range(args.rounds):
+        if "raw" in args.phases:
+            seconds = run_phase(
+                f"COPY + merge, round {r + 1}", partial(phase_raw, env, final, f"raw_rows_{r}")
+            )
+            raw_s += seconds
+            res.raw_rates.append(len(final) / seconds)
+            if not args.no_executemany:
+                seconds = run_phase(
+                    f"executemany upsert (the target's baseline), round {r + 1}",
+                    partial(phase_executemany, env, final, f"many_rows_{r}"),
+                )
+                many_s += seconds
+                res.many_rates.append(len(final) / seconds)
+        if "flush" in args.phases:
+            run = run_phase(
+                f"flush throughput, round {r + 1}", partial(phase_flush, env, expected, r)
+            )
+            res.flush = run if res.flush is None else res.flush + run
+    if raw_s:
+        res.raw = len(final) * args.rounds / raw_s
+    if many_s:
+        res.many = len(final) * args.rounds / many_s
 
 
 def phases(env: Env) -> bool:
@@ -862,17 +1185,12 @@ def phases(env: Env) -> bool:
     expected: dict[int, Row] = {}
     if {"raw", "flush"} & args.phases:
         expected = final_rows(args.writes, lambda i: sequential_key(i, args.keys))
-    if "raw" in args.phases:
-        final = list(expected.values())
-        res.raw = run_phase("plain batched upsert (raw limit)", lambda: phase_raw(env, final))
-        if not args.no_executemany:
-            res.many = run_phase(
-                "executemany upsert (the target's baseline)", lambda: phase_executemany(env, final)
-            )
-    if "flush" in args.phases:
-        res.flush = run_phase("flush throughput", lambda: phase_flush(env, expected))
+    throughput(env, res, expected)
     if "zipf" in args.phases:
         res.zipf = run_phase("hot keys (Zipf)", lambda: phase_zipf(env))
+    for name in ("mariadb", "sqlite"):
+        if name in args.phases:
+            res.dialects.append(run_phase(f"{name} flush", partial(phase_dialect, env, name)))
     print(f"load average at end: {loadavg()}")
     print()
     return report(env, res)
