@@ -10,7 +10,7 @@ needs hash tags, not a rewrite.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -84,14 +84,26 @@ class Registry:
         """Send a command now, on a connection of `call`'s, and read its reply later
         (`InFlight.reply`): the flusher's next stream read travels while the database
         applies the batch before it."""
-        command = hiredis.pack_command(parts)
+        return self._send_later(hiredis.pack_command(parts), lambda: self.command(*parts))
+
+    def send_script(self, name: str, keys: list[str], args: list[Any]) -> InFlight:
+        """`call`, with the reply read later (`InFlight.reply`): the flusher's finish.lua
+        runs while the database applies the next batch."""
+        script = self.script(name)
+        command = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        return self._send_later(command, lambda: self.call(name, keys, args))
+
+    def _send_later(self, command: bytes, again: Callable[[], Any]) -> InFlight:
         conn = self._take()
         try:
             conn.send_packed_command([command])
+        except (RedisConnectionError, OSError):
+            self._drop(conn)
+            return InFlight(self, None, again)  # sent again, at once, when read
         except BaseException:
             self._drop(conn)
             raise
-        return InFlight(self, conn, parts)
+        return InFlight(self, conn, again)
 
     def preload(self, names: Iterable[str]) -> None:
         """Load scripts `names` into Redis through `call`'s connections (opening one)."""
@@ -113,6 +125,11 @@ class Registry:
         """A connection broken, interrupted or holding an unread reply: never reused."""
         conn.disconnect()
         self.client.connection_pool.release(conn)
+
+    def _keep(self, conn: Any) -> None:
+        """A connection whose replies are all read: back to the stack (not across a fork)."""
+        if self._born == _generation:
+            self._idle.append(conn)
 
     def _send(self, script: Script | None, command: bytes) -> Any:
         conn = self._take()
@@ -148,32 +165,41 @@ class Registry:
 
 
 class InFlight:
-    """A command `Registry.send` sent, whose reply is still to be read."""
+    """A command `Registry.send` or `send_script` sent, whose reply is still to be read."""
 
-    def __init__(self, registry: Registry, conn: Any, parts: tuple[Any, ...]) -> None:
+    def __init__(self, registry: Registry, conn: Any, again: Callable[[], Any]) -> None:
         self._registry = registry
         self._conn: Any = conn
-        self._parts = parts
+        self._again = again  # the command run now, as `command` or `call` would run it
+        self._done = False
 
     def reply(self) -> Any:
-        """The command's reply (sent again once, as `command` would, if the connection broke)."""
+        """The reply. A broken connection sends the command once more (as `command` and
+        `call` do); an unknown script is loaded and run (it did not run)."""
+        if self._done:
+            raise RuntimeError("this reply was already read or cancelled")
+        self._done = True
         conn, self._conn = self._conn, None
         if conn is None:
-            raise RuntimeError("this reply was already read or cancelled")
+            return self._again()
+        registry = self._registry
         try:
             reply = conn.read_response()
+        except NoScriptError:
+            registry._keep(conn)
+            return self._again()
         except (RedisConnectionError, OSError):
-            self._registry._drop(conn)
-            return self._registry.command(*self._parts)
+            registry._drop(conn)
+            return self._again()
         except BaseException:
-            self._registry._drop(conn)
+            registry._drop(conn)
             raise
-        if self._registry._born == _generation:
-            self._registry._idle.append(conn)
+        registry._keep(conn)
         return reply
 
     def cancel(self) -> None:
         """Give the reply up: its connection is closed, never reused with it unread."""
+        self._done = True
         conn, self._conn = self._conn, None
         if conn is not None:
             self._registry._drop(conn)

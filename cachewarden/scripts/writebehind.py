@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
-from cachewarden.scripts import Registry
+from cachewarden.scripts import InFlight, Registry
 from cachewarden.settings import EntitySettings, RedisSettings
 
 BACKPRESSURE = "!BACKPRESSURE"
@@ -39,6 +39,18 @@ class Finished(NamedTuple):
     dead: int
     extended: int
     dead_letters: int
+
+
+class Finishing:
+    """A finish.lua call sent and not yet read: the flusher applies its next batch to
+    the database meanwhile, and reads this before it sends the next finish."""
+
+    def __init__(self, call: InFlight) -> None:
+        self._call = call
+
+    def result(self) -> Finished:
+        done, dead, extended, held = self._call.reply()
+        return Finished(int(done), int(dead), int(extended), int(held))
 
 
 class WriteScripts:
@@ -150,9 +162,10 @@ class WriteScripts:
         settled: Sequence[tuple[str, str, str]],
         letters: Sequence[tuple[str, str, str, str, str]] = (),
         owner: str = "",
-    ) -> Finished:
+    ) -> Finishing:
         """Acknowledge and delete `ids`; settle each (key, id, op) whose id is still its
         newest; dead-letter each refused one; extend the shard's lock if `owner` holds it.
+        The script is sent now; `.result()` of what this returns reads what it did.
 
         op: "w" written, "d" deleted, "x" refused (its letter, in order, in `letters`:
         op, value, version, error, stream id), "s:<version>:<column>" outranked by a
@@ -197,8 +210,7 @@ class WriteScripts:
             args += triple
         for letter in letters:
             args += letter
-        done, dead, extended, held = self.lua.call("finish", keys, args)
-        return Finished(int(done), int(dead), int(extended), int(held))
+        return Finishing(self.lua.send_script("finish", keys, args))
 
     # -- replay.lua -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, ConfigError, LockLost
 from cachewarden.keys import STREAM_GROUP
 from cachewarden.scripts import InFlight
-from cachewarden.scripts.writebehind import Finished, WriteScripts
+from cachewarden.scripts.writebehind import Finishing, WriteScripts
 from cachewarden.settings import EntitySettings
 from cachewarden.writebehind.backoff import backoff_ms
 from cachewarden.writebehind.coalesce import Op, coalesce
@@ -45,6 +45,24 @@ class Batch:
 
     ids: list[str]
     ops: list[Op]
+
+
+@dataclass
+class _Applied:
+    """A batch the database took: what finish.lua acknowledges and settles."""
+
+    ids: list[str]
+    ops: list[Op]
+    winners: list[Op]
+    outcome: Outcome
+
+
+@dataclass
+class _Sent:
+    """A batch whose finish.lua was sent and not yet read."""
+
+    applied: _Applied
+    call: Finishing
 
 
 class _DeadLettersFull(Exception):
@@ -90,6 +108,11 @@ class ShardFlusher:
     # Keys whose rows were locked by another transaction during this run: every entry of
     # theirs stays pending (in stream order) for the next run, never applied out of order.
     held: set[str] = field(default_factory=set)
+    # During a drain: the batches whose finish.lua was sent and not yet read, how to
+    # read them, and the dead letters the last one read found (-1: not known yet).
+    _sent: list[_Sent] = field(default_factory=list, init=False, repr=False)
+    _settle_sent: Callable[[], None] = field(default=lambda: None, init=False, repr=False)
+    _dead_letters: int = field(default=-1, init=False, repr=False)
 
     @property
     def _stream(self) -> str:
@@ -204,31 +227,42 @@ class ShardFlusher:
     # -- reading and applying -----------------------------------------------------
 
     def _drain(self, sink: SqlSink, fence: Fence, result: FlushResult, deadline: float) -> None:
-        self._dead_letters = -1  # not known yet: looked up before the first batch
-        for batch in self._batches(deadline):
-            finished = self._apply(batch, sink, fence, result)
-            # finish.lua extended the lock and counted the dead letters (no round trips).
-            if finished.extended == 0:
-                raise LockLost(
-                    f"{self.spec.name}:{self.shard}: the flush lock expired "
-                    "(a newer flusher may hold it)"
-                )
-            self._dead_letters = finished.dead_letters
-            if time.monotonic() >= deadline:
-                break
+        """Apply batch after batch. A batch's finish.lua runs in Redis while the next
+        batch, read ahead, goes to the database; its reply (the lock still ours? the dead
+        letters held?) is read before the next finish is sent, before any read not made
+        ahead and before a dead-letter check it could change, so a flusher that lost its
+        lock reads nothing more, and all are read before it lets the shard go."""
+        self._dead_letters, self._sent = -1, []
 
-    def _batches(self, deadline: float) -> Iterator[Batch]:
+        def settle() -> None:
+            while self._sent:
+                self._settle(self._sent.pop(), fence, result)
+
+        self._settle_sent = settle
+        try:
+            for batch in self._batches(deadline, settle):
+                applied = self._apply(batch, sink, fence)
+                settle()
+                self._sent.append(self._finish(applied))
+                if time.monotonic() >= deadline:
+                    break
+        finally:
+            settle()
+
+    def _batches(self, deadline: float, before_read: Callable[[], None]) -> Iterator[Batch]:
         """Entries others took and never acknowledged first, then new ones, in batches.
 
         Read with the script registry's direct commands: hiredis parses the reply, and
         each entry's fields become an Op in one step (no redis-py response callback).
         While a full batch is applied, the next read is already on its way (sent
-        before the batch is yielded, its reply read after)."""
+        before the batch is yielded, its reply read after); any other read first calls
+        `before_read`."""
         lua, size = self.context.lua, self.spec.write_behind.batch_size
         consumer = self.context.consumer
         _ensure_group(self.context.redis, self._stream)
         cursor = "0-0"
         while True:
+            before_read()
             reply: list[Any] = lua.command(
                 "XAUTOCLAIM", self._stream, STREAM_GROUP, consumer, 0, cursor, "COUNT", size
             )
@@ -243,8 +277,11 @@ class ShardFlusher:
         ahead: InFlight | None = None
         try:
             while True:
-                reply = ahead.reply() if ahead is not None else lua.command(*read)
-                ahead = None
+                if ahead is None:
+                    before_read()
+                    reply = lua.command(*read)
+                else:
+                    reply, ahead = ahead.reply(), None
                 # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries].
                 if isinstance(reply, dict):
                     entries = next(iter(reply.values()))
@@ -263,6 +300,9 @@ class ShardFlusher:
     def _check_dead_letters(self) -> None:
         """Take no new batch while the entity holds max_dead_letters (nothing is dropped)."""
         bound = self.spec.write_behind.max_dead_letters
+        # A finish still running may add a letter per row its batch had refused.
+        if self._dead_letters + sum(len(s.applied.outcome.rejected) for s in self._sent) >= bound:
+            self._settle_sent()
         held = self._dead_letters
         if held < 0:
             held = int(self.context.redis.xlen(self.context.keys.dead(self.spec.name)))
@@ -273,7 +313,8 @@ class ShardFlusher:
                 f"discarded: cachewarden dead-letters list {self.spec.name}"
             )
 
-    def _apply(self, batch: Batch, sink: SqlSink, fence: Fence, result: FlushResult) -> Finished:
+    def _apply(self, batch: Batch, sink: SqlSink, fence: Fence) -> _Applied:
+        """Coalesce the batch and apply it to the database (one fenced transaction)."""
         ids, ops, held = batch.ids, batch.ops, self.held
         winners = coalesce([op for op in ops if op.key not in held] if held else ops)
         outcome = sink.apply(winners, fence) if winners else Outcome()
@@ -283,34 +324,15 @@ class ShardFlusher:
             ids = [sid for sid in ids if sid not in kept]
             ops = [op for op in ops if op.key not in held]
             winners = [op for op in winners if op.key not in held]
-        rejected = outcome.rejected
-        finished = self._finish(ids, ops, winners, outcome)
-        dead = finished.dead
-        metrics.emit("flush_batch_rows", len(ids), entity=self.spec.name)
-        result.entries += len(ids)
-        result.applied += len(winners) - len(rejected)
-        result.rejected += dead
-        result.locked = len(held)
-        result.batches += 1
-        log.info(
-            "flush_batch",
-            batch_size=len(ids),
-            applied=len(winners) - len(rejected),
-            rejected=len(rejected),
-            dead_letters=dead,
-            locked=len(outcome.locked),
-            fence=fence.token,
-        )
-        return finished
+        return _Applied(ids, ops, winners, outcome)
 
-    def _finish(
-        self, ids: list[str], ops: list[Op], winners: list[Op], outcome: Outcome
-    ) -> Finished:
-        """Acknowledge the batch, settle its keys and move its refused rows to the
-        dead-letter stream (one script: a crash leaves all of it or none), and extend the
-        shard's lock."""
+    def _finish(self, applied: _Applied) -> _Sent:
+        """Send the script that acknowledges the batch, settles its keys and moves its
+        refused rows to the dead-letter stream (one script: a crash leaves all of it or
+        none), and extends the shard's lock."""
+        ops, outcome = applied.ops, applied.outcome
         last_id = {op.key: op.id for op in ops}
-        kind = {op.key: op.kind for op in winners}
+        kind = {op.key: op.kind for op in applied.winners}
         refused = {bad.op.key: bad for bad in outcome.rejected}
         # "x": drop the entry. The database refused the row, or holds a newer version.
         kind.update({key: "x" for key in refused})
@@ -321,7 +343,36 @@ class ShardFlusher:
             (bad.op.kind, bad.op.value, _version(bad.op), bad.error, bad.op.id)
             for bad in (refused[key] for key, _, op in settled if op == "x")
         ]
-        return self._scripts.finish(self.shard, ids, settled, letters, self.owner)
+        call = self._scripts.finish(self.shard, applied.ids, settled, letters, self.owner)
+        return _Sent(applied, call)
+
+    def _settle(self, sent: _Sent, fence: Fence, result: FlushResult) -> None:
+        """Read what a batch's finish.lua did, and count the batch."""
+        finished = sent.call.result()
+        applied = sent.applied
+        done = len(applied.winners) - len(applied.outcome.rejected)
+        metrics.emit("flush_batch_rows", len(applied.ids), entity=self.spec.name)
+        result.entries += len(applied.ids)
+        result.applied += done
+        result.rejected += finished.dead
+        result.locked = len(self.held)
+        result.batches += 1
+        log.info(
+            "flush_batch",
+            batch_size=len(applied.ids),
+            applied=done,
+            rejected=len(applied.outcome.rejected),
+            dead_letters=finished.dead,
+            locked=len(applied.outcome.locked),
+            fence=fence.token,
+        )
+        # finish.lua extended the lock and counted the dead letters (no round trips).
+        self._dead_letters = finished.dead_letters
+        if finished.extended == 0:
+            raise LockLost(
+                f"{self.spec.name}:{self.shard}: the flush lock expired "
+                "(a newer flusher may hold it)"
+            )
 
 
 def _batch(raw: list[Any]) -> Batch:

@@ -4,9 +4,10 @@ A batch's rows go in by psycopg's binary COPY (the columns' own types, dumped in
 into a temporary staging table that each connection makes once per table shape
 (`CREATE TEMP TABLE ... ON COMMIT DELETE ROWS AS SELECT ... WITH NO DATA`: the
 columns' types, no constraints), and one `INSERT ... SELECT ... ON CONFLICT ... DO
-UPDATE ... WHERE <version guard> RETURNING key` merges them, in the flush's fenced
-transaction; a versioned write whose key it does not return lost to a newer version,
-so no second query looks the versions up.
+UPDATE ... WHERE <version guard>` merges them, in the flush's fenced transaction. When
+the merge's row count is the batch's, every row was written and nothing more is asked;
+otherwise one query over the staging table names the rows the version guard refused
+(outranked by a newer version), so no lookup reads the versions back.
 
 Only batches whose every value dumps exactly as the generic statement would bind
 it take this path: per column, the Python types the column's type takes as is
@@ -83,8 +84,8 @@ class CopyMerge:
         rows: Sequence[dict[str, Any]],
         reused: bool = False,
     ) -> set[Any] | None:
-        """COPY `rows` and merge them: the keys the merge wrote (inserted, or updated past
-        the version guard), or None (nothing done) where a value would not dump exactly as
+        """COPY `rows` and merge them: the keys the merge did not write (the version guard
+        kept a newer row), or None (nothing done) where a value would not dump exactly as
         the generic statement binds it. `reused`: the staging table was filled before in
         this transaction (it is emptied first). Raises DBAPIError as SQLAlchemy would."""
         raw: Any = conn.connection.driver_connection
@@ -110,14 +111,18 @@ class CopyMerge:
                     for value in values:
                         copy.write_row(value)
                 cur.execute(self._merge(columns))
-                written = {row[0] for row in cur.fetchall()}
+                lost: set[Any] = set()
+                guarded = self.entity.version_column in columns
+                if guarded and cur.rowcount != len(values):
+                    cur.execute(self._refused(columns))
+                    lost = {row[0] for row in cur.fetchall()}
         except Exception as exc:
             import psycopg
 
             if isinstance(exc, psycopg.Error):
                 raise DBAPIError.instance(f"COPY {self.stage}", None, exc, psycopg.Error) from exc
             raise
-        return written
+        return lost
 
     def _types(self, cur: Any) -> dict[str, int]:
         """The staging table's column types (OIDs), for the binary COPY."""
@@ -137,10 +142,19 @@ class CopyMerge:
         names = ", ".join(q[c] for c in columns)
         sql = f"INSERT INTO {self.target} ({names}) SELECT {names} FROM {self.stage}"
         sql += on_conflict(q, columns, key, version, self.target)
-        # The keys written: a versioned write whose key is not among them was outranked.
-        sql += f" RETURNING {q[key]}"
         self._merges[columns] = sql
         return sql
+
+    def _refused(self, columns: tuple[str, ...]) -> str:
+        """The staged keys the merge's version guard refused: after the merge, a written
+        row holds its staged version, a refused one another (the newer one)."""
+        key, version = self.entity.key, self.entity.version_column
+        assert version is not None
+        k, v = _quote(self.engine, key), _quote(self.engine, version)
+        return (
+            f"SELECT s.{k} FROM {self.stage} s JOIN {self.target} t ON t.{k} = s.{k} "
+            f"WHERE t.{v} IS DISTINCT FROM s.{v}"
+        )
 
 
 def _dumpable(types: list[int], rows: list[tuple[Any, ...]]) -> bool:
