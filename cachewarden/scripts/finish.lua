@@ -9,7 +9,7 @@
 -- operation it superseded leaves no dead letter: the newer write replaces it).
 -- While a warm run of the entity is reading (its marker is set), each settled key is
 -- recorded as touched now: a chunk read before this flush must not fill it.
--- Per key: one HMGET field, one HDEL field (batched) and one PEXPIRE; per entry one
+-- Per key: one HMGET field, one HDEL field (batched) and one PEXPIREAT; per entry one
 -- XACK id; the entries themselves go by one XTRIM.
 -- It also extends the shard's flush lock (and queued marker) while the owner holds it,
 -- as lock_extend.lua does, and reports the dead letters held: the flusher's checks
@@ -21,18 +21,20 @@
 -- op: "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
 -- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 the batch's last stream id ("" for none),
---       6 lock owner ("": leave the lock be), 7 lock ttl_ms, 8 E, then E ids to acknowledge besides the settled ones (superseded operations,
---       deleted entries), then W, then W pairs (key, id of its applied write), then M,
---       then M triples (key, id of its applied operation, op), then for each triple
---       with op "x", in order, its letter: o, v, n (version, ""), error, stream_id
+--       6 lock owner ("": leave the lock be), 7 lock ttl_ms, 8 E, then E ids to
+--       acknowledge besides the settled ones (superseded operations, deleted entries),
+--       then W, then W pairs (key, id of its applied write), then M, then M triples
+--       (key, id of its applied operation, op), then for each triple with op "x", in
+--       order, its letter: o, v, n (version, ""), error, stream_id
 -- Returns {keys settled, dead letters added, 1 if the lock was extended (0: the owner
 -- no longer holds it, -1: not asked), dead letters the entity holds}.
 local warming = redis.call('EXISTS', KEYS[5]) == 1
-local now_touched
-if warming then
-  local t = redis.call('TIME')
-  now_touched = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now_touched = now
+-- The TTL given back, as an absolute time: PEXPIREAT is what Redis would rewrite a
+-- PEXPIRE into, so it costs less per key.
+local expire_at = now + tonumber(ARGV[2])
 local e = tonumber(ARGV[8])
 local wat = 9 + e            -- W
 local w = tonumber(ARGV[wat])
@@ -90,11 +92,10 @@ for i = 1, #fields, 1000 do
   for j = 1, #got do newest[i + j - 1] = got[j] end
 end
 local done = {}  -- the keys settled: their dirty fields go
-local ttl = ARGV[2]
 for t = 1, w do
   if newest[t] == ARGV[wat + 2 * t] then
     done[#done + 1] = fields[t]
-    redis.call('PEXPIRE', KEYS[8 + t], ttl)
+    redis.call('PEXPIREAT', KEYS[8 + t], expire_at)
   end
 end
 local letter = mat + 1 + 3 * m  -- the next letter's fields
@@ -134,9 +135,9 @@ for t = 0, m - 1 do
         keep = ok and type(row) == 'table' and tonumber(row[column]) ~= nil
           and tonumber(row[column]) > tonumber(lost)
       end
-      if keep then redis.call('PEXPIRE', entry, ttl) else redis.call('DEL', entry) end
+      if keep then redis.call('PEXPIREAT', entry, expire_at) else redis.call('DEL', entry) end
     else
-      redis.call('PEXPIRE', entry, ttl)
+      redis.call('PEXPIREAT', entry, expire_at)
     end
   end
 end

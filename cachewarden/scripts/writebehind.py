@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any, NamedTuple
 
 from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
@@ -176,9 +177,16 @@ class WriteScripts:
         # operation as a triple; the ids to acknowledge are the settled ones plus the
         # extras (operations a later one superseded, entries deleted under the group).
         written = [(key, sid) for key, sid, op in settled if op == "w"]
-        others = [triple for triple in settled if triple[2] != "w"]
-        applied = {sid for _, sid, _ in settled}
-        extras = [sid for sid in ids if sid not in applied]
+        others = (
+            [triple for triple in settled if triple[2] != "w"]
+            if len(written) < len(settled)
+            else []
+        )
+        if len(settled) == len(ids):  # one entry per key: nothing else to acknowledge
+            extras: list[str] = []
+        else:
+            applied = {sid for _, sid, _ in settled}
+            extras = [sid for sid in ids if sid not in applied]
         keys = [
             self._streams[shard],
             self._dirty[shard],
@@ -203,8 +211,7 @@ class WriteScripts:
             *extras,
             len(written),
         ]
-        for pair in written:
-            args += pair
+        args += chain.from_iterable(written)
         args.append(len(others))
         for triple in others:
             args += triple

@@ -158,18 +158,24 @@ class CopyMerge:
 
 
 def _dumpable(types: list[int], rows: list[tuple[Any, ...]]) -> bool:
-    """True when each value is of a Python type its column's binary dumper takes as is."""
-    for i, oid in enumerate(types):
+    """True when each value is of a Python type its column's binary dumper takes as is.
+
+    Column by column (one transpose), each test a C loop: the types present, then the
+    range of an integer column."""
+    if not rows:
+        return True
+    for oid, column in zip(types, zip(*rows, strict=True), strict=True):
         takes = _TAKES.get(oid)
         if takes is None:
             return False
-        kinds = {type(row[i]) for row in rows}
+        kinds = set(map(type, column))
+        nulls = _NONE in kinds
         kinds.discard(_NONE)
         if not kinds <= takes:
             return False
         bound = _INT_RANGE.get(oid)
-        if bound is not None:
-            present = [row[i] for row in rows if row[i] is not None]
-            if present and (max(present) >= bound or min(present) < -bound):
+        if bound is not None and kinds:
+            present = [v for v in column if v is not None] if nulls else column
+            if max(present) >= bound or min(present) < -bound:
                 return False
     return True
