@@ -21,11 +21,12 @@
 -- op: "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
 -- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 the batch's last stream id ("" for none),
---       6 lock owner ("": leave the lock be), 7 lock ttl_ms, 8 E, then E ids to
---       acknowledge besides the settled ones (superseded operations, deleted entries),
---       then W, then W pairs (key, id of its applied write), then M, then M triples
---       (key, id of its applied operation, op), then for each triple with op "x", in
---       order, its letter: o, v, n (version, ""), error, stream_id
+--       6 lock owner ("": leave the lock be), 7 lock ttl_ms, 8 E, 9 W, 10 M, then the
+--       E + W + M ids to acknowledge: E besides the settled ones (superseded operations,
+--       deleted entries), then the id of each written key's applied write, then the id
+--       of each other key's applied operation; then the W + M keys (written, other);
+--       then the M ops; then for each "x" op, in order, its letter: o, v, n (version,
+--       ""), error, stream_id. The regions go to XACK and HMGET as they are.
 -- Returns {keys settled, dead letters added, 1 if the lock was extended (0: the owner
 -- no longer holds it, -1: not asked), dead letters the entity holds}.
 local warming = redis.call('EXISTS', KEYS[5]) == 1
@@ -34,26 +35,16 @@ local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local now_touched = now
 -- The TTL given back, as an absolute time: PEXPIREAT is what Redis would rewrite a
 -- PEXPIRE into, so it costs less per key.
-local expire_at = now + tonumber(ARGV[2])
-local e = tonumber(ARGV[8])
-local wat = 9 + e            -- W
-local w = tonumber(ARGV[wat])
-local mat = wat + 1 + 2 * w  -- M
-local m = tonumber(ARGV[mat])
-local ids, fields = {}, {}
-for i = 1, e do ids[i] = ARGV[8 + i] end
-for t = 0, w - 1 do
-  fields[#fields + 1] = ARGV[wat + 1 + 2 * t]
-  ids[#ids + 1] = ARGV[wat + 2 + 2 * t]
-end
-for t = 0, m - 1 do
-  fields[#fields + 1] = ARGV[mat + 1 + 3 * t]
-  ids[#ids + 1] = ARGV[mat + 2 + 3 * t]
-end
-local n = #ids
+local expire_at = tostring(now + tonumber(ARGV[2]))  -- a string: no conversion per key
+local e, w, m = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local first_id = 11                  -- ARGV[first_id .. last_id]: the ids to acknowledge
+local last_id = first_id + e + w + m - 1
+local first_key = last_id + 1        -- ARGV[first_key ..]: the W written keys, then M
+local first_op = first_key + w + m   -- ARGV[first_op ..]: the M ops
+local n = last_id - first_id + 1
 if n > 0 then
-  for i = 1, n, 1000 do
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, n)))
+  for i = first_id, last_id, 1000 do
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, math.min(i + 999, last_id)))
   end
   -- Delete the acknowledged entries by trimming the stream below its oldest entry
   -- still unacknowledged (or past the batch's last id): whole nodes go at once, where
@@ -75,10 +66,10 @@ if n > 0 then
     local mms, mseq = string.match(minid, '^(%d+)-(%d+)$')
     mms, mseq = tonumber(mms), tonumber(mseq)
     local later = {}
-    for i = 1, n do
-      local ims, iseq = string.match(ids[i], '^(%d+)-(%d+)$')
+    for i = first_id, last_id do
+      local ims, iseq = string.match(ARGV[i], '^(%d+)-(%d+)$')
       ims, iseq = tonumber(ims), tonumber(iseq)
-      if ims > mms or (ims == mms and iseq >= mseq) then later[#later + 1] = ids[i] end
+      if ims > mms or (ims == mms and iseq >= mseq) then later[#later + 1] = ARGV[i] end
     end
     for i = 1, #later, 1000 do
       redis.call('XDEL', KEYS[1], unpack(later, i, math.min(i + 999, #later)))
@@ -87,22 +78,27 @@ if n > 0 then
 end
 -- Each settled key's newest pending operation, in one read.
 local newest = {}
-for i = 1, #fields, 1000 do
-  local got = redis.call('HMGET', KEYS[2], unpack(fields, i, math.min(i + 999, #fields)))
-  for j = 1, #got do newest[i + j - 1] = got[j] end
+local last_key = first_key + w + m - 1
+for i = first_key, last_key, 1000 do
+  local got = redis.call('HMGET', KEYS[2], unpack(ARGV, i, math.min(i + 999, last_key)))
+  if i == first_key then
+    newest = got
+  else
+    for j = 1, #got do newest[i - first_key + j] = got[j] end
+  end
 end
 local done = {}  -- the keys settled: their dirty fields go
+local written_id = first_id + e - 1  -- ARGV[written_id + t]: the t-th written key's id
 for t = 1, w do
-  if newest[t] == ARGV[wat + 2 * t] then
-    done[#done + 1] = fields[t]
+  if newest[t] == ARGV[written_id + t] then
+    done[#done + 1] = ARGV[first_key + t - 1]
     redis.call('PEXPIREAT', KEYS[8 + t], expire_at)
   end
 end
-local letter = mat + 1 + 3 * m  -- the next letter's fields
+local letter = first_op + m  -- the next letter's fields
 local dead = 0
 for t = 0, m - 1 do
-  local i = mat + 1 + 3 * t
-  local key, id, op = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local key, id, op = ARGV[first_key + w + t], ARGV[written_id + w + 1 + t], ARGV[first_op + t]
   local current = newest[w + t + 1] == id
   if op == 'x' then
     if current then

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from itertools import chain
 from typing import Any, NamedTuple
 
 from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
@@ -208,13 +207,16 @@ class WriteScripts:
             owner,
             self.spec.write_behind.lock_ttl_ms,
             len(extras),
-            *extras,
             len(written),
+            len(others),
+            *extras,
         ]
-        args += chain.from_iterable(written)
-        args.append(len(others))
-        for triple in others:
-            args += triple
+        # Regions the script hands to XACK and HMGET as they are: ids, then keys.
+        args += [sid for _, sid in written]
+        args += [sid for _, sid, _ in others]
+        args += [key for key, _ in written]
+        args += [key for key, _, _ in others]
+        args += [op for _, _, op in others]
         for letter in letters:
             args += letter
         return Finishing(self.lua.send_script("finish", keys, args))

@@ -109,3 +109,22 @@ def test_a_drain_of_many_full_batches_lands_every_write_once(harness: Harness) -
     assert all(0 < int(h.cache.redis.pttl(key)) <= 600_000 for key in keys)
     assert h.buffered() == 0
     assert h.cache.redis.hlen(h.cache.keys.dirty("user", 0)) == 0
+
+
+def test_a_flush_after_redis_forgot_the_scripts_still_settles_every_key(harness: Harness) -> None:
+    """After SCRIPT FLUSH, a flush whose finish.lua is sent ahead meets NOSCRIPT, loads
+    the script and runs it once: every key lands, settles with its TTL and nothing stays
+    pending or dirty."""
+    h = harness
+    h.create_table("users")
+    h.configure({"user": VERSIONED}, {"user": {"shards": 1, "batch_size": 50}})
+    h.cache.write_many("user", {k: {"name": f"n{k}", "version": 1} for k in range(120)})
+    h.cache.redis.script_flush()
+    assert not any(h.cache.redis.script_exists(h.context.lua.script("finish").sha))
+    result = flush_shard(h.context, "user", 0)
+    assert result.status == "done" and result.entries == 120 and result.batches == 3
+    assert sorted(h.rows("users")) == list(range(120))
+    keys = [h.cache.keys.entry("user", str(k)) for k in range(120)]
+    assert all(0 < int(h.cache.redis.pttl(key)) <= 600_000 for key in keys)
+    assert h.buffered() == 0
+    assert h.cache.redis.hlen(h.cache.keys.dirty("user", 0)) == 0
