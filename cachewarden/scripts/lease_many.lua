@@ -6,18 +6,14 @@
 -- Skips a key with a pending write (its entry has no TTL, or its dirty field is set),
 -- one reloaded past the horizon already, and one whose lease another loader holds.
 -- Returns the 1-based positions of the keys leased.
-local now = 0
-if ARGV[3] ~= '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+-- The expiry is the absolute PEXPIRETIME, the same figure sweep_claim.lua judged.
 local leased = {}
 for i = 5, #ARGV do
   local g = (i - 5) * 3
-  local pttl = redis.call('PTTL', KEYS[g + 1])
-  local skip = pttl == -1
-  if not skip and pttl >= 0 and ARGV[3] ~= '' then
-    skip = now + pttl - tonumber(ARGV[4]) > tonumber(ARGV[3])
+  local at = redis.call('PEXPIRETIME', KEYS[g + 1])
+  local skip = at == -1
+  if not skip and at >= 0 and ARGV[3] ~= '' then
+    skip = at - tonumber(ARGV[4]) > tonumber(ARGV[3])
   end
   if not skip and redis.call('HEXISTS', KEYS[g + 3], ARGV[i]) == 0 then
     if redis.call('SET', KEYS[g + 2], ARGV[1], 'NX', 'PX', ARGV[2]) then

@@ -15,6 +15,11 @@
 -- the hot index (a read adds it back) and, when cold, the warm one; a warm key with
 -- its refresh in flight stays just past the horizon, so that its one grace reload is
 -- claimed once that refresh has landed.
+-- An entry's expiry is read as an absolute time (PEXPIRETIME), never as the TIME at the
+-- start plus a PTTL: Redis 7.0's clock runs on while a script does, so a long claim
+-- would see the entries it reaches last expire early, and claim keys that are not due
+-- (which lease_many.lua, judging the same expiry exactly, would then skip, leaving
+-- their markers to block every refresh until the entries had expired).
 -- Returns the claimed keys.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,12 +33,12 @@ for i = 6, #ARGV do
   local index = hot and KEYS[1] or KEYS[2]
   local entry, marker = KEYS[1 + 2 * j], KEYS[2 + 2 * j]
   if redis.call('ZSCORE', index, key) then
-    local pttl = redis.call('PTTL', entry)
-    if pttl == -1 then
+    local at = redis.call('PEXPIRETIME', entry)
+    if at == -1 then
       redis.call('ZREM', index, key)  -- a write is pending: its next read adds it again
-    elseif pttl >= 0 and now + pttl - stale > horizon then
-      redis.call('ZADD', index, now + pttl - stale, key)
-    elseif pttl >= 0 and redis.call('SET', marker, now, 'NX', 'PX', ARGV[3]) then
+    elseif at >= 0 and at - stale > horizon then
+      redis.call('ZADD', index, at - stale, key)
+    elseif at >= 0 and redis.call('SET', marker, now, 'NX', 'PX', ARGV[3]) then
       redis.call('ZREM', index, key)
       if hot then redis.call('ZADD', KEYS[2], now + ttl, key) end
       claimed[#claimed + 1] = key

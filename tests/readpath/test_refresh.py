@@ -19,7 +19,7 @@ from cachewarden.context import Context
 from cachewarden.readpath.refresh import refresh_keys, send_requests
 from cachewarden.readpath.sqlload import loader_for
 from cachewarden.readpath.sweep import claim_expiring, sweep_due, sweep_entity
-from cachewarden.scripts.readpath import ReadScripts, new_token
+from cachewarden.scripts.readpath import Candidates, ReadScripts, new_token
 from tests.conftest import Harness
 from tests.helpers import WorkerProcess, wait_for
 from tests.readpath.test_reader import LOADER, name, set_loader, setup_users
@@ -240,6 +240,38 @@ def test_the_sweep_claims_hot_keys_near_expiry_only(pg_harness: Harness) -> None
     warm = h.cache.redis.zrange(h.cache.keys.warm("user"), 0, -1)
     assert warm == ["1"]  # one grace reload later, unless it is read again
     assert claim_expiring(rt, spec, 100)[2] == []  # claimed once
+
+
+def evalsha_usec(h: Harness) -> int:
+    """The Redis server's total time spent in EVALSHA so far (us)."""
+    stats = h.cache.redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("usec", 0))
+
+
+def test_a_long_claim_claims_only_due_keys_and_the_refresh_leases_each(pg_harness: Harness) -> None:
+    """A sweep claim that runs longer than an entry's 20 ms past the horizon leaves that entry
+    unclaimed, and the refresh leases every key the claim took."""
+    h = pg_harness
+    setup_users(h, ttl="10m")
+    side = ReadScripts(h.context.lua, h.cache.keys, h.cache.entity("user"))
+    redis, keys = h.cache.redis, h.cache.keys
+    seconds, micros = redis.time()
+    horizon = seconds * 1000 + micros // 1000 + 60_000
+    fillers = [str(k) for k in range(100_000, 160_000)]  # expire long after the horizon
+    late, due = "1001", "1002"
+    expiry = {**dict.fromkeys(fillers, horizon + 600_000), late: horizon + 20, due: horizon - 20}
+    pipe = redis.pipeline(transaction=False)
+    for key, at in expiry.items():
+        pipe.set(keys.entry("user", key), '{"id": 0}', pxat=at)
+    pipe.zadd(keys.hot("user"), dict.fromkeys(expiry, horizon - 1))
+    pipe.execute()
+    before = evalsha_usec(h)
+    claimed = side.sweep_claim(Candidates(horizon, [*fillers, late, due], []))
+    assert evalsha_usec(h) - before > 20_000  # the claim ran past the late entry's margin
+    assert claimed == [due]
+    assert redis.zscore(keys.hot("user"), late) == horizon + 20
+    assert not redis.exists(keys.refresh_queued("user", late))
+    assert side.lease_many(claimed, new_token(), horizon) == [due]
 
 
 def test_one_sweep_per_period_across_workers(pg_harness: Harness) -> None:
