@@ -7,14 +7,12 @@
 -- one reloaded past the horizon already, and one whose lease another loader holds.
 -- Returns the 1-based positions of the keys leased.
 -- The expiry is the absolute PEXPIRETIME, the same figure sweep_claim.lua judged.
+local horizon, stale = tonumber(ARGV[3]), tonumber(ARGV[4])
 local leased = {}
 for i = 5, #ARGV do
   local g = (i - 5) * 3
   local at = redis.call('PEXPIRETIME', KEYS[g + 1])
-  local skip = at == -1
-  if not skip and at >= 0 and ARGV[3] ~= '' then
-    skip = at - tonumber(ARGV[4]) > tonumber(ARGV[3])
-  end
+  local skip = at == -1 or (horizon ~= nil and at >= 0 and at - stale > horizon)
   if not skip and redis.call('HEXISTS', KEYS[g + 3], ARGV[i]) == 0 then
     if redis.call('SET', KEYS[g + 2], ARGV[1], 'NX', 'PX', ARGV[2]) then
       leased[#leased + 1] = i - 4
