@@ -8,7 +8,7 @@ the dead-letter replay.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
@@ -159,32 +159,29 @@ class WriteScripts:
         self,
         shard: int,
         ids: Sequence[str],
-        settled: Sequence[tuple[str, str, str]],
+        written: Mapping[str, str],
+        others: Sequence[tuple[str, str, str]] = (),
         letters: Sequence[tuple[str, str, str, str, str]] = (),
         owner: str = "",
     ) -> Finishing:
-        """Acknowledge and delete `ids`; settle each (key, id, op) whose id is still its
-        newest; dead-letter each refused one; extend the shard's lock if `owner` holds it.
-        The script is sent now; `.result()` of what this returns reads what it did.
+        """Acknowledge and delete `ids`; settle each written key (`written`: key -> the id
+        of its newest entry in the batch) and each (key, id, op) of `others` whose id is
+        still its newest; dead-letter each refused one; extend the shard's lock if
+        `owner` holds it. The script is sent now; `.result()` of what this returns reads
+        what it did.
 
-        op: "w" written, "d" deleted, "x" refused (its letter, in order, in `letters`:
-        op, value, version, error, stream id), "s:<version>:<column>" outranked by a
-        newer version in the database.
+        op: "d" deleted, "x" refused (its letter, in order, in `letters`: op, value,
+        version, error, stream id), "s:<version>:<column>" outranked by a newer version
+        in the database.
         """
         name, entry = self.spec.name, self._entry
-        # The common case travels lean: written keys as (key, id) pairs, every other
-        # operation as a triple; the ids to acknowledge are the settled ones plus the
-        # extras (operations a later one superseded, entries deleted under the group).
-        written = [(key, sid) for key, sid, op in settled if op == "w"]
-        others = (
-            [triple for triple in settled if triple[2] != "w"]
-            if len(written) < len(settled)
-            else []
-        )
-        if len(settled) == len(ids):  # one entry per key: nothing else to acknowledge
+        # The ids to acknowledge are the settled ones plus the extras (operations a later
+        # one superseded, entries deleted under the group).
+        if len(written) + len(others) == len(ids):  # one entry per key: no extras
             extras: list[str] = []
         else:
-            applied = {sid for _, sid, _ in settled}
+            applied = set(written.values())
+            applied.update(sid for _, sid, _ in others)
             extras = [sid for sid in ids if sid not in applied]
         keys = [
             self._streams[shard],
@@ -196,7 +193,7 @@ class WriteScripts:
             self.keys.flush_lock(name, shard),
             self.keys.queued(name, shard),
         ]
-        keys += [entry + key for key, _ in written]
+        keys += [entry + key for key in written]
         keys += [entry + key for key, _, _ in others]
         args: list[Any] = [
             STREAM_GROUP,
@@ -210,11 +207,11 @@ class WriteScripts:
             len(written),
             len(others),
             *extras,
+            *written.values(),
         ]
         # Regions the script hands to XACK and HMGET as they are: ids, then keys.
-        args += [sid for _, sid in written]
         args += [sid for _, sid, _ in others]
-        args += [key for key, _ in written]
+        args += written
         args += [key for key, _, _ in others]
         args += [op for _, _, op in others]
         for letter in letters:

@@ -25,7 +25,7 @@ from cachewarden.scripts import InFlight
 from cachewarden.scripts.writebehind import Finishing, WriteScripts
 from cachewarden.settings import EntitySettings
 from cachewarden.writebehind.backoff import backoff_ms
-from cachewarden.writebehind.coalesce import Op, coalesce
+from cachewarden.writebehind.coalesce import WRITE, Op, coalesce
 from cachewarden.writebehind.enqueue import write_scripts
 from cachewarden.writebehind.fence import Fence, committed_token
 from cachewarden.writebehind.sink import Outcome, SqlSink
@@ -331,19 +331,23 @@ class ShardFlusher:
         refused rows to the dead-letter stream (one script: a crash leaves all of it or
         none), and extends the shard's lock."""
         ops, outcome = applied.ops, applied.outcome
-        last_id = {op.key: op.id for op in ops}
-        kind = {op.key: op.kind for op in applied.winners}
+        # Each key's newest entry in the batch: the id its settling is judged by.
+        written = {op.key: op.id for op in ops}
+        # The keys not settled as plain writes (usually none): deletes, refused rows
+        # ("x": drop the entry; the database refused the row) and outranked writes.
+        kind = {op.key: op.kind for op in applied.winners if op.kind != WRITE}
         refused = {bad.op.key: bad for bad in outcome.rejected}
-        # "x": drop the entry. The database refused the row, or holds a newer version.
         kind.update({key: "x" for key in refused})
         for op in outcome.stale:
             kind[op.key] = f"s:{op.version}:{self.spec.version_column}"
-        settled = [(key, sid, kind[key]) for key, sid in last_id.items()]
+        others = [(key, sid, kind[key]) for key, sid in written.items() if key in kind]
+        for key in kind:
+            del written[key]
         letters = [
             (bad.op.kind, bad.op.value, _version(bad.op), bad.error, bad.op.id)
-            for bad in (refused[key] for key, _, op in settled if op == "x")
+            for bad in (refused[key] for key, _, op in others if op == "x")
         ]
-        call = self._scripts.finish(self.shard, applied.ids, settled, letters, self.owner)
+        call = self._scripts.finish(self.shard, applied.ids, written, others, letters, self.owner)
         return _Sent(applied, call)
 
     def _settle(self, sent: _Sent, fence: Fence, result: FlushResult) -> None:

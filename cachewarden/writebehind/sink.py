@@ -98,6 +98,20 @@ class _Locked(Exception):
         self.error = error
 
 
+@dataclass
+class _Plan:
+    """One batch sorted into the statements of its transaction."""
+
+    # Rows to write, by their (sorted) columns: one statement per column set.
+    writes: defaultdict[tuple[str, ...], list[dict[str, Any]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    plain_deletes: list[Any] = field(default_factory=list)
+    versioned_deletes: list[dict[str, Any]] = field(default_factory=list)
+    cleared: list[Any] = field(default_factory=list)  # versioned writes after an unversioned delete
+    versioned: dict[Any, Op] = field(default_factory=dict)  # key -> its versioned write
+
+
 # How many times a batch is tried around the locks it met before it waits whole.
 LOCK_ROUNDS = 3
 
@@ -238,45 +252,72 @@ class SqlSink:
 
     def _transaction(self, ops: Sequence[Op], fence: Fence, fast: bool = False) -> list[Op]:
         """One fenced transaction; returns the keys whose write a newer version outranked."""
-        writes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
-        plain_deletes: list[Any] = []
-        versioned_deletes: list[dict[str, Any]] = []
-        cleared: list[Any] = []  # versioned writes that follow an unversioned delete
-        versioned: dict[Any, Op] = {}
-        key_name, has_version = self.entity.key, self.entity.version_column is not None
-        key_type = self.reflected.key_type  # None: every key converted by key_value
-        int_key = key_type is int
-        for op in ops:
-            if op.kind == DELETE:
-                key = self._key_value(op)
-                if op.version is None or op.replaces or self.entity.version_column is None:
-                    plain_deletes.append(key)
-                else:
-                    versioned_deletes.append({"k": key, "v": op.version})
-            else:
-                columns, row = self._row(op)
-                key = row[key_name]
-                # The row's own key (Cache.write puts it there) where it is the key text's
-                # one conversion already: an int spelled as the text is, or the text.
-                if key.__class__ is not key_type or (str(key) if int_key else key) != op.key:
-                    key = row[key_name] = self._key_value(op)
-                writes[columns].append(row)
-                if op.version is not None and has_version:
-                    versioned[key] = op
-                    if op.replaces:
-                        cleared.append(key)
+        plan = self._plan(ops)
         with self.engine.begin() as conn:
             self._wait_for_locks(conn)
             fence.check(conn)
-            self._deletes(conn, cleared, [])
+            self._deletes(conn, plan.cleared, [])
             staged = [False]  # the COPY path's staging table filled in this transaction
-            merged: dict[Any, bool] = {}  # key -> written, for rows the COPY path merged
-            for columns, rows in writes.items():
-                self._upsert_rows(conn, columns, rows, fast, staged, merged)
-            self._deletes(conn, plain_deletes, versioned_deletes)
-            stale = [op for key, op in versioned.items() if merged.get(key) is False]
-            rest = {key: op for key, op in versioned.items() if key not in merged}
+            lost: set[Any] = set()  # keys whose COPY merge the version guard refused
+            others: list[dict[str, Any]] = []  # rows the other statements wrote
+            for columns, rows in plan.writes.items():
+                if not self._upsert_rows(conn, columns, rows, fast, staged, lost):
+                    others += rows
+            self._deletes(conn, plan.plain_deletes, plan.versioned_deletes)
+            versioned = plan.versioned
+            stale = [op for key, op in versioned.items() if key in lost] if lost else []
+            if not others or not versioned:
+                return stale
+            key_name = self.entity.key
+            rest: dict[Any, Op] = {}
+            for row in others:
+                write = versioned.get(row[key_name])
+                if write is not None:
+                    rest[row[key_name]] = write
             return stale + self._outranked(conn, rest, fast)
+
+    def _plan(self, ops: Sequence[Op]) -> _Plan:
+        """Sort `ops` into the transaction's statements: each write's row decoded (its
+        columns, its key converted once), each delete's key."""
+        plan = _Plan()
+        writes, versioned = plan.writes, plan.versioned
+        key_name, has_version = self.entity.key, self.entity.version_column is not None
+        key_type = self.reflected.key_type  # None: every key converted by key_value
+        int_key = key_type is int
+        scan, checked, exact = _scan, self._checked, self._exact
+        for op in ops:
+            if op.kind == DELETE:
+                key = self._key_value(op)
+                if op.version is None or op.replaces or not has_version:
+                    plan.plain_deletes.append(key)
+                else:
+                    plan.versioned_deletes.append({"k": key, "v": op.version})
+                continue
+            # The common row inline: a JSON object the C scanner takes whole, whose key
+            # order _row checked before. Anything else goes through _row.
+            value = op.value
+            try:
+                row, end = scan(value, 0)
+            except (ValueError, StopIteration):
+                row = end = None
+            columns = (
+                checked.get(tuple(row)) if row.__class__ is dict and end == len(value) else None
+            )
+            if columns is None:
+                columns, row = self._row(op)
+            elif exact:
+                self._revive(row)
+            key = row[key_name]
+            # The row's own key (Cache.write puts it there) where it is the key text's
+            # one conversion already: an int spelled as the text is, or the text.
+            if key.__class__ is not key_type or (str(key) if int_key else key) != op.key:
+                key = row[key_name] = self._key_value(op)
+            writes[columns].append(row)
+            if op.version is not None and has_version:
+                versioned[key] = op
+                if op.replaces:
+                    plan.cleared.append(key)
+        return plan
 
     def _wait_for_locks(self, conn: Connection) -> None:
         """Bound how long this transaction's statements wait for a row lock (lock_wait).
@@ -298,24 +339,26 @@ class SqlSink:
         rows: list[dict[str, Any]],
         fast: bool,
         staged: list[bool],
-        merged: dict[Any, bool],
-    ) -> None:
+        lost: set[Any],
+    ) -> bool:
+        """Write `rows`; True when the COPY path merged them (the keys its version guard
+        refused are added to `lost`), False when another statement wrote them."""
         if fast:
             if self._copy is not None and len(rows) >= COPY_MIN_ROWS:
-                lost = self._copy.apply(conn, columns, rows, reused=staged[0])
-                if lost is not None:
+                refused = self._copy.apply(conn, columns, rows, reused=staged[0])
+                if refused is not None:
                     staged[0] = True
-                    key = self.entity.key
-                    merged.update((row[key], row[key] not in lost) for row in rows)
-                    return
+                    lost |= refused
+                    return True
             if columns not in self._unnests:
                 self._unnests[columns] = build_unnest(self.engine, self.table, columns, self.entity)
             unnest = self._unnests[columns]
             params = unnest.params(rows) if unnest is not None else None
             if unnest is not None and params is not None:
                 conn.exec_driver_sql(unnest.sql, params)
-                return
+                return False
         conn.execute(self._upsert(columns), rows)
+        return False
 
     def _outranked(
         self, conn: Connection, versioned: dict[Any, Op], fast: bool = False
