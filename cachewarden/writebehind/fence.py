@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     select,
     update,
 )
@@ -35,6 +36,12 @@ _fence = Table(
     Column("token", BigInteger, nullable=False),
 )
 _created: set[str] = set()
+# Built once: a statement built per batch cost ~90 us of SQLAlchemy work on each.
+_check = (
+    update(_fence)
+    .where(_fence.c.name == bindparam("b_name"), _fence.c.token <= bindparam("b_token"))
+    .values(token=bindparam("b_new_token"))
+)
 
 
 def fence_table(engine: Engine) -> Table:
@@ -61,9 +68,7 @@ class Fence:
     def check(self, conn: Connection) -> None:
         """Record our token for the shard, or raise LockLost if a newer one committed."""
         result = conn.execute(
-            update(_fence)
-            .where(_fence.c.name == self.name, _fence.c.token <= self.token)
-            .values(token=self.token)
+            _check, {"b_name": self.name, "b_token": self.token, "b_new_token": self.token}
         )
         if result.rowcount != 1:
             raise LockLost(
