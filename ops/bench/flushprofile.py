@@ -1,0 +1,300 @@
+"""Where a flushed row's CPU goes: an in-process drain, stage by stage.
+
+Not a benchmark against a baseline (writebehind.py is that): a profile for working on
+the flusher. Each run buffers `--writes` writes with Cache.write() (not timed), then
+drains every shard in this process with flush_shard(), the core the Celery task calls,
+and reports per row:
+
+- Python CPU (`time.process_time`) and wall time of the drain;
+- the garbage collector's time (`gc.callbacks`) and its collections by generation, at
+  `--gc-threshold` (the worker's 10,000 by default; 0 for Python's own 700) with the
+  heap inherited before the drain frozen, as worker processes do;
+- Redis's CPU (`INFO cpu`) and each command's time (`INFO commandstats`: a script's
+  inner commands are counted under their own names and inside `evalsha`);
+- with `--stages`, the CPU (`time.thread_time`) spent in each stage of the flush,
+  timed per call around the flusher's functions (per batch, not per row, so the
+  timing itself costs little).
+
+    .venv/bin/python ops/bench/flushprofile.py                 # 3 runs of 100,000 writes
+    .venv/bin/python ops/bench/flushprofile.py --stages --runs 1
+    .venv/bin/python ops/bench/flushprofile.py --read-models --writes 250000
+
+It uses writebehind.py's environment: a fresh PostgreSQL schema and Redis prefix per
+run, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import logging
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, writebehind.py
+
+from common import MISSING, say
+from writebehind import ENTITY, WriteEnv, enqueue
+from writebehind import parse_args as bench_args
+
+if MISSING is None:
+    import psycopg
+    import redis
+    import structlog
+
+    import cachewarden.scripts as scripts
+    import cachewarden.writebehind.fence as fence
+    import cachewarden.writebehind.flush as flush
+    import cachewarden.writebehind.pgcopy as pgcopy
+    import cachewarden.writebehind.sink as sink
+    from cachewarden.context import Context
+    from cachewarden.settings import load_settings
+
+
+class Stages:
+    """CPU seconds per stage, from wrappers put around the flusher's functions."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.labels: list[str] = []  # in the order installed: the report's order
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.thread_time() - start
+
+        setattr(owner, name, timed)
+        if label not in self.labels:
+            self.labels.append(label)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def install(self) -> None:
+        """The stages: each label says what it covers (nested ones are inside others)."""
+        self.wrap(flush.ShardFlusher, "_drain", "drain: everything below")
+        self.wrap(scripts.InFlight, "reply", "stream and script replies: read, parse")
+        self.wrap(flush, "_batch", "operations built from the stream reply")
+        self.wrap(flush.ShardFlusher, "_apply", "apply: coalesce + SQL transaction")
+        self.wrap(sink.SqlSink, "_transaction", "  SQL transaction, all of it")
+        self.wrap(sink.SqlSink, "_plan", "    rows: JSON decode, columns, keys")
+        self.wrap(pgcopy.CopyMerge, "apply", "    COPY + merge")
+        self.wrap(pgcopy, "_dumpable", "      values check")
+        self.wrap(psycopg.Cursor, "execute", "      statements (psycopg execute)")
+        self.wrap(sink.SqlSink, "_wait_for_locks", "    lock_timeout")
+        self.wrap(fence.Fence, "check", "    fence check")
+        self.wrap(psycopg.Connection, "commit", "    commit")
+        self.wrap(flush.ShardFlusher, "_finish", "finish.lua: arguments, send")
+        self.wrap(flush.ShardFlusher, "_settle", "finish.lua: read its reply, count")
+
+    def uninstall(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+class GcClock:
+    """The garbage collector's time and collections, from gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections[info["generation"]] += 1
+
+
+def redis_cpu(client: redis.Redis) -> float:
+    info: dict[str, Any] = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def command_usec(client: redis.Redis) -> dict[str, float]:
+    stats: dict[str, Any] = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): float(v["usec"]) for name, v in stats.items()}
+
+
+def one_run(args: argparse.Namespace, stages: Stages | None) -> dict[str, float]:
+    """Buffer, then drain in this process; the per-row figures of the drain."""
+    bench = bench_args(["--shards", str(args.shards), "--pg-url", args.pg_url])
+    bench.redis_url = args.redis_url
+    env = WriteEnv(bench)
+    env.setup()
+    try:
+        env.table("profiled")
+        config = env.wb_config("profile", "profiled", max_pending=args.writes + 10_000)
+        say(f"buffering {args.writes:,} writes (not timed)")
+        enqueue(config, args.writes, args.writes, 2)
+        client = env.redis()
+        context = Context.build(load_settings(str(config)))
+        client.delete(context.keys.due())  # no worker runs; nothing else flushes
+        flush.sink_for(context, ENTITY)  # reflect the table outside the clock
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(args.gc_threshold or 700)
+        clock = GcClock()
+        gc.callbacks.append(clock)
+        if stages is not None:
+            stages.seconds.clear()
+            stages.install()
+        cpu0, usec0 = redis_cpu(client), command_usec(client)
+        wall0, py0 = time.perf_counter(), time.process_time()
+        rows = 0
+        try:
+            for shard in range(args.shards):
+                while (done := flush.flush_shard(context, ENTITY, shard, 600_000).entries) > 0:
+                    rows += done
+        finally:
+            py1, wall1 = time.process_time(), time.perf_counter()
+            gc.callbacks.remove(clock)
+            if stages is not None:
+                stages.uninstall()
+        cpu1, usec1 = redis_cpu(client), command_usec(client)
+        if rows != args.writes:
+            raise RuntimeError(f"drained {rows:,} entries, expected {args.writes:,}")
+        per_row = 1e6 / rows
+        out = {
+            "Python CPU": (py1 - py0) * per_row,
+            "wall": (wall1 - wall0) * per_row,
+            "GC": clock.seconds * per_row,
+            "GC collections per 1,000,000 rows": sum(clock.collections) * 1e6 / rows,
+            "Redis CPU": (cpu1 - cpu0) * per_row,
+        }
+        for name, usec in usec1.items():
+            spent = (usec - usec0.get(name, 0.0)) / rows
+            if spent >= 0.01:
+                out[f"redis {name}"] = spent
+        if stages is not None:
+            for label in stages.labels:
+                out[f"stage {label}"] = stages.seconds[label] * per_row
+        context.close()
+        client.close()
+        return out
+    finally:
+        env.cleanup()
+
+
+def read_models(args: argparse.Namespace) -> None:
+    """Redis's own time per entry of the two ways to read a shard's stream, on a stream of
+    `--writes` entries shaped as enqueue.lua writes them, in batches of 1,000: through
+    the consumer group (XREADGROUP, then XACK), and by a cursor (XRANGE from the last id
+    read), which a flusher holding the shard's lock could use instead."""
+    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    stream = f"cwprofile-{time.time_ns()}"
+    totals: dict[str, list[float]] = {"group": [], "cursor": []}
+    try:
+        for _ in range(args.runs):
+            for model in totals:
+                client.delete(stream)
+                pipe = client.pipeline(transaction=False)
+                for k in range(args.writes):
+                    value = f'{{"id":{k},"name":"name-{k}","score":{k % 1000},"version":3}}'
+                    pipe.xadd(stream, {"o": "w", "k": str(k), "v": value, "n": "3"})
+                    if k % 5000 == 4999:
+                        pipe.execute()
+                pipe.execute()
+                if model == "group":
+                    client.xgroup_create(stream, "g", id="0")
+                before = command_usec(client)
+                start = "-"
+                entries: Any
+                while True:
+                    if model == "group":
+                        got: Any = client.xreadgroup("g", "c", {stream: ">"}, count=1000)
+                        entries = got[0][1] if got else []
+                        if entries:
+                            client.xack(stream, "g", *(sid for sid, _ in entries))
+                    else:
+                        entries = client.xrange(stream, min=start, count=1000)
+                        if entries:
+                            ms, seq = entries[-1][0].split("-")
+                            start = f"{ms}-{int(seq) + 1}"
+                    if not entries:
+                        break
+                after = command_usec(client)
+                names = ("xreadgroup", "xack") if model == "group" else ("xrange",)
+                spent = sum(after.get(n, 0.0) - before.get(n, 0.0) for n in names)
+                totals[model].append(spent / args.writes)
+    finally:
+        client.delete(stream)
+        client.close()
+    print(f"Redis's own time per stream entry, {args.writes:,} entries, batches of 1,000 (us):")
+    for model, values in totals.items():
+        label = "consumer group (XREADGROUP + XACK)" if model == "group" else "cursor (XRANGE)"
+        cells = " ".join(f"{v:6.2f}" for v in values)
+        print(f"{label:36s} {cells}   mean {statistics.mean(values):.2f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--writes", type=int, default=100_000, help="per run (default 100000)")
+    p.add_argument("--runs", type=int, default=3, help="default 3")
+    p.add_argument("--shards", type=int, default=2, help="default 2")
+    p.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=10_000,
+        help="the youngest generation's threshold during the drain (default 10000, as "
+        "worker processes; 0: Python's 700)",
+    )
+    p.add_argument("--stages", action="store_true", help="time each stage of the flush")
+    p.add_argument(
+        "--read-models",
+        action="store_true",
+        help="instead: Redis's time per entry reading a stream through the consumer "
+        "group vs a cursor (XRANGE)",
+    )
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
+    p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if MISSING is not None:
+        print(f"missing dependency: {MISSING}; run `make .venv/bin/cachewarden` first")
+        return 2
+    # One log line per batch would time the terminal: warnings and errors only.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.read_models:
+        read_models(args)
+        return 0
+    stages = Stages() if args.stages else None
+    runs = []
+    for n in range(args.runs):
+        say(f"run {n + 1} of {args.runs}")
+        runs.append(one_run(args, stages))
+    print(f"in-process drain of {args.writes:,} writes, {args.shards} shards, per row (us):")
+    print(f"{'measure':48s} " + " ".join(f"{f'run {n + 1}':>8s}" for n in range(len(runs))))
+    names = list(dict.fromkeys(name for run in runs for name in run))
+    commands = sorted(
+        (name for name in names if name.startswith("redis ")),
+        key=lambda name: -sum(run.get(name, 0.0) for run in runs),
+    )
+    names = [n for n in names if not n.startswith(("redis ", "stage "))] + commands
+    names += [n for n in runs[0] if n.startswith("stage ")]
+    for name in names:
+        values = [run.get(name, 0.0) for run in runs]
+        cells = " ".join(f"{v:8.2f}" for v in values)
+        print(f"{name:48s} {cells}   mean {statistics.mean(values):.2f}")
+    print("(GC collections: a count; redis <command>: that command's own time in Redis)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
