@@ -16,8 +16,8 @@
 -- before its next batch, without round trips of their own.
 -- KEYS: 1 stream, 2 dirty hash, 3 dead-letter stream, 4 dead-letter keys hash,
 --       5 warming marker, 6 touched keys zset, 7 flush lock, 8 queued marker, then the
---       entry of each written key (in pair order), then the entry of each other key
---       (in triple order)
+--       entry of each written key, then the entry of each other key (both in the order
+--       of their keys in ARGV)
 -- op: "d" deleted, "x" refused by the database (dead-lettered),
 --     "s:<version>:<column>" outranked: the database kept a newer version than <version>
 -- ARGV: 1 group, 2 ttl_ms, 3 shard, 4 now_ms, 5 the batch's last stream id ("" for none),
