@@ -293,19 +293,20 @@ class SqlSink:
                 else:
                     plan.versioned_deletes.append({"k": key, "v": op.version})
                 continue
-            # The common row inline: a JSON object the C scanner takes whole, whose key
-            # order _row checked before. Anything else goes through _row.
+            # The row: the C scanner (without json.loads' regexes) takes a JSON object
+            # whole; anything else is looked at again by _decoded. Its columns are
+            # checked once per key order.
             value = op.value
             try:
                 row, end = scan(value, 0)
             except (ValueError, StopIteration):
                 row = end = None
-            columns = (
-                checked.get(tuple(row)) if row.__class__ is dict and end == len(value) else None
-            )
+            if end != len(value) or row.__class__ is not dict:
+                row = self._decoded(value, row, end)
+            columns = checked.get(tuple(row))
             if columns is None:
-                columns, row = self._row(op)
-            elif exact:
+                columns = self._columns(row)
+            if exact:
                 self._revive(row)
             key = row[key_name]
             # The row's own key (Cache.write puts it there) where it is the key text's
@@ -407,37 +408,41 @@ class SqlSink:
         sql = f"SELECT {k}, {v} FROM {table} WHERE {k} IN ({keys}) AND ({k}, {v}) NOT IN ({pairs})"
         return list(conn.exec_driver_sql(sql).all())
 
-    def _row(self, op: Op) -> tuple[tuple[str, ...], dict[str, Any]]:
-        """The row of a write and its columns, sorted (the upsert statement's cache key)."""
-        try:
-            row, end = _scan(op.value, 0)  # the C scanner, without json.loads' regexes
-            if end != len(op.value):
-                row = json.loads(op.value)  # surrounding whitespace, or trailing junk
-        except (ValueError, StopIteration):
-            raise _RowProblem(f"the buffered value is not JSON: {op.value[:60]!r}") from None
+    def _decoded(self, value: str, row: Any, end: int | None) -> dict[str, Any]:
+        """The row of a buffered value the scanner did not take whole as an object (`row`
+        and `end` are what it returned; `end` None: it raised): surrounding whitespace
+        or trailing junk go to json.loads; what is not a JSON object is refused."""
+        if end is not None and end != len(value):
+            try:
+                row = json.loads(value)
+            except ValueError:
+                end = None
+        if end is None:
+            raise _RowProblem(f"the buffered value is not JSON: {value[:60]!r}")
         if not isinstance(row, dict):
-            raise _RowProblem(f"the buffered value is not a JSON object: {op.value[:60]!r}")
+            raise _RowProblem(f"the buffered value is not a JSON object: {value[:60]!r}")
+        return row
+
+    def _columns(self, row: dict[str, Any]) -> tuple[str, ...]:
+        """A row's columns, sorted (the upsert statement's cache key), after checking that
+        the table has each and the row has the key; remembered per key order."""
+        unknown = [c for c in row if c not in self.table.c]
+        if unknown:
+            raise _UnknownColumn(
+                f"column {unknown[0]!r} is not in table {self.table.name!r} (reflected "
+                "again to be sure); fix the writer or add the column, then replay "
+                "the dead letter"
+            )
+        if self.entity.key not in row:
+            raise _RowProblem(
+                f"the row has no {self.entity.key!r} (the key column); writers must "
+                "include it, as Cache.write does"
+            )
         names = tuple(row)
-        columns = self._checked.get(names)
-        if columns is None:
-            unknown = [c for c in row if c not in self.table.c]
-            if unknown:
-                raise _UnknownColumn(
-                    f"column {unknown[0]!r} is not in table {self.table.name!r} (reflected "
-                    "again to be sure); fix the writer or add the column, then replay "
-                    "the dead letter"
-                )
-            if self.entity.key not in row:
-                raise _RowProblem(
-                    f"the row has no {self.entity.key!r} (the key column); writers must "
-                    "include it, as Cache.write does"
-                )
-            columns = tuple(sorted(names))
-            if len(self._checked) < 1024:
-                self._checked[names] = columns
-        if self._exact:
-            self._revive(row)
-        return columns, row
+        columns = tuple(sorted(names))
+        if len(self._checked) < 1024:
+            self._checked[names] = columns
+        return columns
 
     def _revive(self, row: dict[str, Any]) -> None:
         """Turn the exact text of decimals, dates, times and UUIDs back into the column's type."""
