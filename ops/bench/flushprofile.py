@@ -17,7 +17,7 @@ and reports per row:
 
     .venv/bin/python ops/bench/flushprofile.py                 # 3 runs of 100,000 writes
     .venv/bin/python ops/bench/flushprofile.py --stages --runs 1
-    .venv/bin/python ops/bench/flushprofile.py --read-models --writes 250000
+    .venv/bin/python ops/bench/flushprofile.py --redis-models --writes 250000
 
 It uses writebehind.py's environment: a fresh PostgreSQL schema and Redis prefix per
 run, removed at the end.
@@ -189,55 +189,123 @@ def one_run(args: argparse.Namespace, stages: Stages | None) -> dict[str, float]
         env.cleanup()
 
 
-def read_models(args: argparse.Namespace) -> None:
-    """Redis's own time per entry of the two ways to read a shard's stream, on a stream of
-    `--writes` entries shaped as enqueue.lua writes them, in batches of 1,000: through
-    the consumer group (XREADGROUP, then XACK), and by a cursor (XRANGE from the last id
-    read), which a flusher holding the shard's lock could use instead."""
+# What finish.lua does per key under each model of the buffer, and no more: the
+# acknowledgement (group only), the trim, the dirty hash's HMGET and HDEL, and the TTL
+# given back (not where pending entries keep theirs; none of it for "trim").
+SETTLE = """
+-- KEYS: 1 stream, 2 dirty hash, then the cache entry of each key
+-- ARGV: 1 model, 2 group, 3 the batch's last id, 4 ttl_ms, 5 n, then n ids, then n keys
+local model, n = ARGV[1], tonumber(ARGV[5])
+local first_key = 6 + n
+if model == 'group' then
+  redis.call('XACK', KEYS[1], ARGV[2], unpack(ARGV, 6, 5 + n))
+end
+local ms, seq = string.match(ARGV[3], '^(%d+)-(%d+)$')
+redis.call('XTRIM', KEYS[1], 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+if model == 'trim' then return n end
+local newest = redis.call('HMGET', KEYS[2], unpack(ARGV, first_key, first_key + n - 1))
+local clock = redis.call('TIME')
+local expire_at = tostring(tonumber(clock[1]) * 1000 + tonumber(ARGV[4]))
+local done = {}
+for i = 1, n do
+  if newest[i] == ARGV[5 + i] then
+    done[#done + 1] = ARGV[first_key + i - 1]
+    if model ~= 'kept' then redis.call('PEXPIREAT', KEYS[2 + i], expire_at) end
+  end
+end
+redis.call('HDEL', KEYS[2], unpack(done))
+return #done
+"""
+
+REDIS_MODELS = {
+    "group": "consumer group, no TTL while pending (today)",
+    "cursor": "XRANGE cursor, no TTL while pending",
+    "kept": "XRANGE cursor, pending entries keep their TTL",
+    "trim": "XRANGE cursor and trim only (no dirty hash)",
+}
+
+
+def _buffer(client: redis.Redis, prefix: str, writes: int, model: str) -> None:
+    """`writes` pending writes shaped as enqueue.lua leaves them: a stream entry, the
+    dirty hash's key -> id, and the cache entry (with its TTL only where pending entries
+    keep theirs)."""
+    ttl = None if model in ("group", "cursor") else 600_000
+    for first in range(0, writes, 5000):
+        keys = range(first, min(first + 5000, writes))
+        pipe = client.pipeline(transaction=False)
+        values = {}
+        for k in keys:
+            values[k] = f'{{"id":{k},"name":"name-{k}","score":{k % 1000},"version":3}}'
+            pipe.xadd(f"{prefix}:s", {"o": "w", "k": str(k), "v": values[k], "n": "3"})
+        ids = pipe.execute()
+        for k, sid in zip(keys, ids, strict=True):
+            pipe.hset(f"{prefix}:d", str(k), sid)
+            pipe.set(f"{prefix}:e:{k}", values[k], px=ttl)
+        pipe.execute()
+    if model == "group":
+        client.xgroup_create(f"{prefix}:s", "g", id="0")
+
+
+def redis_models(args: argparse.Namespace) -> None:
+    """Redis's own CPU per flushed entry under four models of the write buffer, each key
+    written once, in batches of 1,000: the read (XREADGROUP, or XRANGE from the last id
+    read) and one script per batch doing what finish.lua does per key in that model."""
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
-    stream = f"cwprofile-{time.time_ns()}"
-    totals: dict[str, list[float]] = {"group": [], "cursor": []}
+    settle = client.register_script(SETTLE)
+    totals: dict[str, dict[str, list[float]]] = {
+        model: {"read": [], "settle": [], "cpu": []} for model in REDIS_MODELS
+    }
+    prefix = f"cwprofile-{time.time_ns()}"
     try:
         for _ in range(args.runs):
-            for model in totals:
-                client.delete(stream)
-                pipe = client.pipeline(transaction=False)
-                for k in range(args.writes):
-                    value = f'{{"id":{k},"name":"name-{k}","score":{k % 1000},"version":3}}'
-                    pipe.xadd(stream, {"o": "w", "k": str(k), "v": value, "n": "3"})
-                    if k % 5000 == 4999:
-                        pipe.execute()
-                pipe.execute()
-                if model == "group":
-                    client.xgroup_create(stream, "g", id="0")
-                before = command_usec(client)
+            for model, figures in totals.items():
+                client.delete(f"{prefix}:s", f"{prefix}:d")
+                _buffer(client, prefix, args.writes, model)
+                before, cpu0 = command_usec(client), redis_cpu(client)
                 start = "-"
-                entries: Any
                 while True:
+                    entries: Any
                     if model == "group":
-                        got: Any = client.xreadgroup("g", "c", {stream: ">"}, count=1000)
+                        got: Any = client.xreadgroup("g", "c", {f"{prefix}:s": ">"}, count=1000)
                         entries = got[0][1] if got else []
-                        if entries:
-                            client.xack(stream, "g", *(sid for sid, _ in entries))
                     else:
-                        entries = client.xrange(stream, min=start, count=1000)
-                        if entries:
-                            ms, seq = entries[-1][0].split("-")
-                            start = f"{ms}-{int(seq) + 1}"
+                        entries = client.xrange(f"{prefix}:s", min=start, count=1000)
                     if not entries:
                         break
-                after = command_usec(client)
-                names = ("xreadgroup", "xack") if model == "group" else ("xrange",)
-                spent = sum(after.get(n, 0.0) - before.get(n, 0.0) for n in names)
-                totals[model].append(spent / args.writes)
+                    last = entries[-1][0]
+                    ms, seq = last.split("-")
+                    start = f"{ms}-{int(seq) + 1}"
+                    ids = [sid for sid, _ in entries]
+                    keys = [fields["k"] for _, fields in entries]
+                    settle(
+                        keys=[f"{prefix}:s", f"{prefix}:d"] + [f"{prefix}:e:{k}" for k in keys],
+                        args=[model, "g", last, 600_000, len(ids), *ids, *keys],
+                    )
+                after, cpu1 = command_usec(client), redis_cpu(client)
+                command = "xreadgroup" if model == "group" else "xrange"
+                spent = after[command] - before.get(command, 0.0)
+                figures["read"].append(spent / args.writes)
+                spent = after["evalsha"] - before.get("evalsha", 0.0)
+                figures["settle"].append(spent / args.writes)
+                figures["cpu"].append((cpu1 - cpu0) * 1e6 / args.writes)
+                client.delete(*client.keys(f"{prefix}:*"))
     finally:
-        client.delete(stream)
+        names = client.keys(f"{prefix}:*")
+        if names:
+            client.delete(*names)
         client.close()
-    print(f"Redis's own time per stream entry, {args.writes:,} entries, batches of 1,000 (us):")
-    for model, values in totals.items():
-        label = "consumer group (XREADGROUP + XACK)" if model == "group" else "cursor (XRANGE)"
-        cells = " ".join(f"{v:6.2f}" for v in values)
-        print(f"{label:36s} {cells}   mean {statistics.mean(values):.2f}")
+    print(
+        f"Redis's CPU per flushed entry, {args.writes:,} entries, batches of 1,000, "
+        f"{args.runs} runs (us):"
+    )
+    print(f"{'model':48s} {'read':>6s} {'settle':>7s} {'CPU':>6s}")
+    for model, figures in totals.items():
+        read, spent, cpu = (statistics.mean(figures[n]) for n in ("read", "settle", "cpu"))
+        runs = "/".join(f"{v:.2f}" for v in figures["cpu"])
+        print(
+            f"{REDIS_MODELS[model]:48s} {read:6.2f} {spent:7.2f} {cpu:6.2f}   (CPU per run {runs})"
+        )
+    print("(read, settle: the commands' own time; CPU: INFO cpu, the parsing and replies included)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -254,10 +322,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--stages", action="store_true", help="time each stage of the flush")
     p.add_argument(
-        "--read-models",
+        "--redis-models",
         action="store_true",
-        help="instead: Redis's time per entry reading a stream through the consumer "
-        "group vs a cursor (XRANGE)",
+        help="instead: Redis's CPU per flushed entry under four models of the buffer "
+        "(consumer group or cursor, TTL restored or kept)",
     )
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -271,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # One log line per batch would time the terminal: warnings and errors only.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    if args.read_models:
-        read_models(args)
+    if args.redis_models:
+        redis_models(args)
         return 0
     stages = Stages() if args.stages else None
     runs = []
