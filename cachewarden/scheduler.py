@@ -3,8 +3,9 @@
 Any number of these may run at once. Each warming job is an APScheduler job on
 its trigger (warming.schedule); when it wakes, the scheduler claims the due time
 in Redis and, if it won, sends a "cachewarden.warm" task to the warming queue.
-At start it fires the latest due time it finds unfired within the job's
-misfire grace (or records it missed). SIGHUP reads the config again and
+Once APScheduler has started (so each job's first run is set, and no due
+time falls between), it fires the latest due time it finds unfired within the
+job's misfire grace (or records it missed). SIGHUP reads the config again and
 rebuilds the warming jobs; a config that does not load is logged and the
 running jobs stay. SIGTERM or SIGINT stops it.
 
@@ -50,6 +51,8 @@ class SchedulerProcess:
         self.context = Context.build(settings)
         self.client = task_client(settings)
         self.warm_jobs: list[str] = []
+        # The warming jobs added and not yet caught up, with the firer of their context.
+        self._to_catch_up: list[tuple[Firer, WarmingJob, BaseTrigger]] = []
         self._add_dispatcher()
         self._add_warming(settings, check_jobs(settings))
 
@@ -77,6 +80,8 @@ class SchedulerProcess:
         )
 
     def _add_warming(self, settings: Settings, triggers: dict[str, BaseTrigger]) -> None:
+        """An APScheduler job per enabled warming job; each one's catch-up waits for
+        `_catch_up`."""
         firer = Firer(self.context, self._send_warm, self.name)
         now = datetime.datetime.now(UTC)
         for name, job in settings.warming.items():
@@ -95,13 +100,26 @@ class SchedulerProcess:
                 misfire_grace_time=max(1, grace_ms(job, trigger, now) // 1000),
             )
             self.warm_jobs.append(f"warm:{name}")
+            self._to_catch_up.append((firer, job, trigger))
+
+    def _catch_up(self) -> None:
+        """Fire each added job's latest due time unless a scheduler did (or record it
+        missed, past its grace).
+
+        Run once APScheduler has set the jobs' first run times (at its start, or when a
+        job is added to it running): each is the first due time from then on, so with
+        `now` read after that no due time falls between the catch-up and the first run
+        (one that does is claimed once: slot_claim.lua)."""
+        now = datetime.datetime.now(UTC)
+        while self._to_catch_up:
+            firer, job, trigger = self._to_catch_up.pop(0)
             try:
                 did = firer.catch_up(job, trigger, now)
             except RedisError as exc:
-                log.error("warm_catch_up_failed", job=name, error=str(exc))
+                log.error("warm_catch_up_failed", job=job.name, error=str(exc))
                 continue
             if did in ("fired", "missed"):
-                log.info("warm_catch_up", job=name, outcome=did)
+                log.info("warm_catch_up", job=job.name, outcome=did)
 
     def reload(self, path: str | None) -> None:
         """Read the config again and rebuild the warming jobs (keep them if it fails)."""
@@ -119,6 +137,7 @@ class SchedulerProcess:
         self.context = Context.build(settings)
         self.client = task_client(settings)
         self._add_warming(settings, triggers)
+        self._catch_up()
         old.close()
         log.info("reloaded", jobs=[j[5:] for j in self.warm_jobs])
 
@@ -137,10 +156,7 @@ class SchedulerProcess:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
-        self.scheduler.start()
-        log.info(
-            "scheduler_started", name=self.name, jobs=[j.id for j in self.scheduler.get_jobs()]
-        )
+        self.start()
         try:
             while True:
                 stop.wait()
@@ -151,9 +167,21 @@ class SchedulerProcess:
                     continue
                 break
         finally:
-            self.scheduler.shutdown(wait=False)
-            self.context.close()
-            log.info("scheduler_stopped", name=self.name)
+            self.close()
+
+    def start(self) -> None:
+        """Start APScheduler's thread, then fire what fell due before it (`_catch_up`)."""
+        self.scheduler.start()
+        self._catch_up()
+        log.info(
+            "scheduler_started", name=self.name, jobs=[j.id for j in self.scheduler.get_jobs()]
+        )
+
+    def close(self) -> None:
+        """Stop APScheduler (a fire under way finishes on its own) and the context."""
+        self.scheduler.shutdown(wait=False)
+        self.context.close()
+        log.info("scheduler_stopped", name=self.name)
 
 
 def _fire(firer: Firer, job: WarmingJob, trigger: BaseTrigger) -> None:

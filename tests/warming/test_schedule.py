@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -10,10 +11,11 @@ import pytest
 
 from cachewarden.context import Context
 from cachewarden.errors import ConfigError
-from cachewarden.settings import load_settings
+from cachewarden.scheduler import SchedulerProcess
+from cachewarden.settings import Settings, load_settings
 from cachewarden.warming.schedule import Firer, check_jobs, latest_slot, next_slot, trigger_for
 from tests.conftest import Harness
-from tests.helpers import render_config
+from tests.helpers import render_config, wait_for
 
 UTC = datetime.UTC
 
@@ -124,3 +126,32 @@ def test_a_slot_within_grace_fires_on_start_and_an_older_one_is_recorded_missed(
     assert len(sent) == 1
     record = context.redis.hgetall(context.keys.job("j"))
     assert record["missed"] == "1" and record["fired"] == "1"
+
+
+class _RecordingScheduler(SchedulerProcess):
+    """A real scheduler (APScheduler, slot claims in Redis) that records each run it
+    sends instead of sending it to the broker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.sent: list[int] = []
+        super().__init__(settings)
+
+    def _send_warm(self, job: str, slot_ms: int) -> None:
+        self.sent.append(slot_ms)
+
+
+def test_a_slot_due_between_building_the_scheduler_and_starting_it_fires(
+    pg_harness: Harness,
+) -> None:
+    """A 2 s slot that falls due after the scheduler was built and before it started fires at the start, and the next one from APScheduler, none skipped."""
+    context = configure(pg_harness, every="2s")
+    scheduler = _RecordingScheduler(context.settings)
+    try:
+        built = time.time()
+        slot = (int(built) // 2 + 1) * 2  # the first slot after the build, in seconds
+        wait_for(lambda: time.time() >= slot + 0.1, 5, what="the next slot to fall due")
+        scheduler.start()
+        wait_for(lambda: len(scheduler.sent) >= 2, 10, what="two runs sent")
+    finally:
+        scheduler.close()
+    assert scheduler.sent[:2] == [slot * 1000, (slot + 2) * 1000]
