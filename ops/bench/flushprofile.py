@@ -246,6 +246,13 @@ def _buffer(client: redis.Redis, prefix: str, writes: int, model: str) -> None:
         client.xgroup_create(f"{prefix}:s", "g", id="0")
 
 
+def _drop(client: redis.Redis, prefix: str) -> None:
+    """Delete every key under `prefix`."""
+    names = list(client.scan_iter(f"{prefix}:*", count=10_000))
+    for first in range(0, len(names), 10_000):
+        client.delete(*names[first : first + 10_000])
+
+
 def redis_models(args: argparse.Namespace) -> None:
     """Redis's own CPU per flushed entry under four models of the write buffer, each key
     written once, in batches of 1,000: the read (XREADGROUP, or XRANGE from the last id
@@ -259,7 +266,6 @@ def redis_models(args: argparse.Namespace) -> None:
     try:
         for _ in range(args.runs):
             for model, figures in totals.items():
-                client.delete(f"{prefix}:s", f"{prefix}:d")
                 _buffer(client, prefix, args.writes, model)
                 before, cpu0 = command_usec(client), redis_cpu(client)
                 start = "-"
@@ -288,11 +294,9 @@ def redis_models(args: argparse.Namespace) -> None:
                 spent = after["evalsha"] - before.get("evalsha", 0.0)
                 figures["settle"].append(spent / args.writes)
                 figures["cpu"].append((cpu1 - cpu0) * 1e6 / args.writes)
-                client.delete(*client.keys(f"{prefix}:*"))
+                _drop(client, prefix)
     finally:
-        names = client.keys(f"{prefix}:*")
-        if names:
-            client.delete(*names)
+        _drop(client, prefix)
         client.close()
     print(
         f"Redis's CPU per flushed entry, {args.writes:,} entries, batches of 1,000, "
