@@ -63,6 +63,11 @@ class FlushFailed(CachewardenError):
     lost). Its entries stay pending and the shard is sent again after its backoff."""
 
 
+class RefreshFailed(CachewardenError):
+    """A refresh or sweep could not reload its keys (database or Redis failing); the
+    entries keep their value and the keys are asked for again later."""
+
+
 class LoadFailed(CachewardenError):
     """Loading a key from the database failed (or waiting for its loader timed out)."""
 

@@ -17,7 +17,7 @@ fill script, whatever its size (up to `refresh_batch_size` keys).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -26,7 +26,7 @@ from cachewarden.codec import encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import InvalidValue, LoadFailed
 from cachewarden.readpath.sqlload import loader_for
-from cachewarden.scripts.readpath import ReadScripts, new_token
+from cachewarden.scripts.readpath import ReadScripts, failure_hold_ms, new_token
 from cachewarden.settings import EntitySettings
 
 log = structlog.get_logger("cachewarden.refresh")
@@ -37,9 +37,14 @@ REFRESH_TASK = "cachewarden.refresh"
 SendRefresh = Callable[[str, list[str], int | None], None]
 
 
+# A refresh task that met a fault is sent again at most this many times (then FAILURE).
+REFRESH_RETRIES = 3
+
+
 @dataclass
 class RefreshResult:
-    """What one refresh did: keys asked for, leased (needing a reload), filled."""
+    """What one refresh did: keys asked for, leased (needing a reload), filled; and after a
+    failed load, its error and the keys it left unreloaded (that batch's and the rest)."""
 
     entity: str
     asked: int = 0
@@ -47,6 +52,13 @@ class RefreshResult:
     filled: int = 0
     batches: int = 0
     error: str | None = None
+    pending: list[str] = field(default_factory=list)
+
+
+def retry_delay_s(spec: EntitySettings, attempt: int) -> float:
+    """How long a refresh that met a fault waits before its `attempt`-th retry (0-based):
+    twice the failure hold, doubling (the keys' failure markers are gone by then)."""
+    return 2 * failure_hold_ms(spec) / 1000 * 2.0**attempt
 
 
 def read_scripts(context: Context, entity: str) -> ReadScripts:
@@ -64,7 +76,9 @@ def refresh_keys(
 
     `horizon_ms` (Redis clock): reload only entries that expire by then, so a key
     that was reloaded since the refresh was asked for is left alone. A failing
-    database is logged and counted (`refresh_errors`); entries keep their value.
+    database is logged and counted (`refresh_errors`); entries keep their value, and
+    the result names the error and the keys left unreloaded (`pending`), for the
+    caller to retry or report. A Redis error propagates.
     """
     spec = context.entity(entity)
     side = read_scripts(context, entity)
@@ -84,6 +98,7 @@ def refresh_keys(
             side.give_up(leased, token, exc.problem, counter="refresh_errors")
             log.error("refresh_failed", entity=entity, keys=len(leased), error=str(exc))
             result.error = str(exc)
+            result.pending = [*leased, *keys[start + size :]]
             return result
         except BaseException:
             side.give_up(leased, token)

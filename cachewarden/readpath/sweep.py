@@ -52,6 +52,11 @@ class SweepResult:
     batches: int = 0
     refreshed: list[RefreshResult] = field(default_factory=list)
 
+    @property
+    def error(self) -> str | None:
+        """The error of the inline reload that failed, if one did."""
+        return next((r.error for r in self.refreshed if r.error is not None), None)
+
 
 def sweep_window_ms(spec: EntitySettings) -> int:
     """How long before expiry the sweep reloads a hot key: the refresh window plus two
@@ -76,7 +81,10 @@ def claim_expiring(
 
 
 def sweep_entity(context: Context, entity: str, send: SendRefresh | None = None) -> SweepResult:
-    """Claim every hot key of `entity` near expiry and reload it (inline, or via `send`)."""
+    """Claim every hot key of `entity` near expiry and reload it (inline, or via `send`).
+
+    Reloading inline, it stops at the first batch whose load fails (`error`); the keys
+    it claimed and could not reload are claimed again once their markers lapse."""
     spec = context.entity(entity)
     result = SweepResult(entity)
     if spec.refresh_window_ms <= 0:
@@ -91,8 +99,11 @@ def sweep_entity(context: Context, entity: str, send: SendRefresh | None = None)
         result.batches += 1
         if send is not None:
             send(entity, keys, horizon)
-        else:
-            result.refreshed.append(refresh_keys(context, entity, keys, horizon))
+            continue
+        refreshed = refresh_keys(context, entity, keys, horizon)
+        result.refreshed.append(refreshed)
+        if refreshed.error is not None:
+            break  # the database fails: claim no more keys that this sweep cannot reload
     return result
 
 

@@ -47,6 +47,11 @@ def preload(lua: Registry) -> None:
     lua.preload(("read", "fill"))
 
 
+def failure_hold_ms(spec: EntitySettings) -> int:
+    """How long a failed load's error is held for the key's readers (see lease_fail.lua)."""
+    return min(FAILURE_HOLD_MS, spec.lock_timeout_ms)
+
+
 def new_token() -> str:
     """A lease token unique across hosts (a random prefix), processes (the pid) and calls."""
     return _prefix + str(next(_tokens))
@@ -99,7 +104,7 @@ class ReadScripts:
         self._want_delay = "1" if spec.early_refresh == "xfetch" else "0"
         self.px_row = spec.ttl_ms + spec.stale_ttl_ms
         self.px_absent = spec.negative_ttl_ms + spec.stale_ttl_ms
-        self.failure_hold_ms = min(FAILURE_HOLD_MS, spec.lock_timeout_ms)
+        self.failure_hold_ms = failure_hold_ms(spec)
 
     def dirty(self, key: str) -> str:
         """The dirty hash of the key's write-behind shard."""
