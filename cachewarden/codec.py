@@ -8,10 +8,21 @@ are written as strings, exactly: a `Decimal` as its digits (`str(d)`, every
 digit kept), a `datetime`, `date` or `time` as ISO 8601 (`isoformat()`), a
 `UUID` in its canonical form. Loads write them the same way, and the flusher
 turns them back into the column's type (`writebehind.sink`).
+
+Binary values (`bytes`, `bytearray`, `memoryview`; a PostgreSQL `bytea`, a MySQL or
+MariaDB `BLOB`/`VARBINARY`/`BINARY`, an SQLite `BLOB`) are written as the text
+`base64:` followed by their standard base64 (RFC 4648 section 4: the alphabet
+`A-Z a-z 0-9 + /`, padded with `=`, no line breaks): b"\x00\xff" is
+"base64:AP8=", b"" is "base64:". Loads write a binary column so, `Cache.write`
+encodes Python bytes so, and the flusher decodes exactly this form for a column
+whose type is binary (anything else there is a refused row, dead-lettered). In
+any other column the text is only text.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import json
 import math
@@ -26,10 +37,31 @@ from cachewarden.errors import InvalidKey, InvalidValue
 MAX_KEY_BYTES = 512
 RESERVED_KEY_CHARS = frozenset("*?[]:")
 ABSENT = "null"
+BINARY_PREFIX = "base64:"
+# What a binary column's text must be (messages name it).
+BINARY_FORM = "'base64:' followed by standard padded base64 (RFC 4648), e.g. 'base64:AP8='"
+
+
+def binary_text(value: bytes | bytearray | memoryview) -> str:
+    """The JSON text of a binary value: "base64:" and its standard, padded base64."""
+    return BINARY_PREFIX + base64.b64encode(value).decode("ascii")
+
+
+def binary_value(text: str) -> bytes:
+    """The bytes of a binary value's text (binary_text); ValueError for any other text."""
+    if not text.startswith(BINARY_PREFIX):
+        raise ValueError(f"{text[:60]!r} does not start with {BINARY_PREFIX!r}")
+    data = text[len(BINARY_PREFIX) :]
+    try:
+        # validate=True: no character outside the alphabet (no whitespace) is skipped.
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{text[:60]!r} is not valid padded base64 after the prefix") from None
 
 
 def exact_text(value: Any) -> str:
-    """The JSON text of a Decimal, date, time, datetime or UUID; TypeError for others."""
+    """The JSON text of a Decimal, date, time, datetime, UUID or binary value (bytes,
+    bytearray, memoryview); TypeError for others."""
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ValueError(f"{value!r} is not a finite number")
@@ -38,6 +70,8 @@ def exact_text(value: Any) -> str:
         return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return binary_text(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -83,7 +117,7 @@ def encode_row(entity: str, key: str, row: Mapping[str, Any], max_bytes: int) ->
         raise InvalidValue(
             f"{entity}:{key}: the row cannot be encoded as JSON ({_explain(row, exc)}); "
             "convert it to str, int, float, bool, None, list, dict, Decimal, datetime, date, "
-            "time or UUID first"
+            "time, UUID or bytes first"
         ) from None
     # A UTF-8 character is at most 4 bytes: only measure rows that could be too big.
     size = len(text) if len(text) * 4 <= max_bytes else len(text.encode("utf-8"))

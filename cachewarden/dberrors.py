@@ -5,7 +5,10 @@ Every path that meets a SQLAlchemy error asks here, and the answer comes from
 what the database itself said, per dialect: PostgreSQL's SQLSTATE, MySQL's and
 MariaDB's error number, SQLite's result code. Only a data or constraint error
 (SQLSTATE class 22 or 23 and the equivalents) is about the rows: those are
-isolated and dead-lettered. A missing column means the table changed under us:
+isolated and dead-lettered. So is a value the driver itself refused before
+the statement reached the database (psycopg's DataError for a NUL in text, a
+parameter psycopg or sqlite3 cannot adapt): the database never saw it, and
+nothing but the value is wrong. A missing column means the table changed under us:
 re-reflect and try again. A lock wait that ran out (another transaction holds a
 row) is about those rows, but not their data: they wait, the others go on.
 Everything else (a lost connection, a read-only
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import DataError, DBAPIError, SQLAlchemyError, StatementError
 
 
 class Kind(Enum):
@@ -69,6 +72,12 @@ _SQLITE_ROW_ERRORS = frozenset({18, 19, 20})  # TOOBIG, CONSTRAINT, MISMATCH
 _SQLITE_ERROR = 1
 _SQLITE_UNKNOWN_COLUMN = ("no such column", "has no column named")
 
+# A driver's own refusal of a parameter it could not bind (no SQLSTATE, error number or
+# result code: the statement never reached the database). psycopg: "cannot adapt type
+# 'dict' using placeholder '%s'"; sqlite3: "Error binding parameter 1: type 'dict' is
+# not supported" (before Python 3.11: "... - probably unsupported type.").
+_BIND_REFUSALS = ("cannot adapt type", "Error binding parameter")
+
 
 def classify(exc: SQLAlchemyError) -> Kind:
     """Whether `exc` is about the rows of its statement, the table's shape, a row lock,
@@ -94,7 +103,18 @@ def classify(exc: SQLAlchemyError) -> Kind:
             return Kind.ROW
         if code == _SQLITE_ERROR and any(s in str(orig) for s in _SQLITE_UNKNOWN_COLUMN):
             return Kind.SCHEMA
-    return Kind.FAULT
+        return Kind.FAULT
+    return Kind.ROW if _driver_refused_value(exc) else Kind.FAULT
+
+
+def _driver_refused_value(exc: DBAPIError) -> bool:
+    """True when the driver, not the database, refused a value of the statement's
+    parameters: a DB-API DataError ("problems with the processed data") that carries
+    no database code, or a parameter the driver could not bind."""
+    if isinstance(exc, DataError):
+        return True
+    text = str(exc.orig)
+    return any(s in text for s in _BIND_REFUSALS)
 
 
 def _mysql_errno(orig: object) -> int | None:

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachewarden.codec import ABSENT, MAX_KEY_BYTES, decode_row, encode_row, key_text
+from cachewarden.codec import (
+    ABSENT,
+    MAX_KEY_BYTES,
+    binary_text,
+    binary_value,
+    decode_row,
+    encode_row,
+    key_text,
+)
 from cachewarden.errors import CachewardenError, InvalidKey, InvalidValue
 
 LIMIT = 512 * 1024
@@ -103,7 +111,7 @@ def test_valid_keys_pass(key: str | int, text: str) -> None:
         (float("inf"), "holds inf"),
         (decimal.Decimal("NaN"), "holds Decimal('NaN')"),
         (decimal.Decimal("-Infinity"), "holds Decimal('-Infinity')"),
-        (b"raw", "holds a bytes"),
+        (complex(1, 2), "holds a complex"),
     ],
 )
 def test_unencodable_column_names_column_and_fix(value: object, says: str) -> None:
@@ -115,6 +123,7 @@ def test_unencodable_column_names_column_and_fix(value: object, says: str) -> No
     assert "column 'born'" in message
     assert says in message
     assert "convert it to str, int, float, bool, None, list, dict, Decimal, datetime" in message
+    assert "UUID or bytes first" in message
 
 
 @pytest.mark.parametrize(
@@ -130,10 +139,14 @@ def test_unencodable_column_names_column_and_fix(value: object, says: str) -> No
         (datetime.date(2024, 1, 2), "2024-01-02"),
         (datetime.time(3, 4, 5), "03:04:05"),
         (uuid.UUID(int=1), "00000000-0000-0000-0000-000000000001"),
+        (b"\x00\xff", "base64:AP8="),
+        (bytearray(b"\x00\xff\x00"), "base64:AP8A"),
+        (memoryview(b"raw"), "base64:cmF3"),
+        (b"", "base64:"),
     ],
 )
 def test_exact_values_are_encoded_as_documented_strings(value: object, text: str) -> None:
-    """A Decimal keeps every digit, and datetimes, dates, times and UUIDs are ISO 8601 or canonical text."""
+    """A Decimal keeps every digit, datetimes, dates, times and UUIDs are ISO 8601 or canonical text, and bytes, bytearrays and memoryviews are "base64:" and their padded standard base64."""
     assert json.loads(encode_row("user", "42", {"v": value}, LIMIT)) == {"v": text}
 
 
@@ -200,3 +213,30 @@ def test_errors_share_the_root() -> None:
     """InvalidKey and InvalidValue are CachewardenErrors, so callers catch one root."""
     assert issubclass(InvalidKey, CachewardenError)
     assert issubclass(InvalidValue, CachewardenError)
+
+
+@given(st.binary(max_size=300))
+def test_binary_values_round_trip(data: bytes) -> None:
+    """Any bytes encoded by binary_text decode to the same bytes with binary_value, through a JSON row."""
+    row = json.loads(encode_row("user", "1", {"b": data}, LIMIT))
+    assert row["b"] == binary_text(data) and binary_value(row["b"]) == data
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "AP8=",  # no prefix
+        "00ff",  # the hex older loads wrote
+        "BASE64:AP8=",  # the prefix is lower case
+        "base64:AP8",  # padding missing
+        "base64:AP8==",  # padding too long
+        "base64:AP*=",  # outside the alphabet
+        "base64:AP_=",  # the URL-safe alphabet
+        "base64: AP8=",  # whitespace
+        "base64:AP8=\n",  # a line break
+    ],
+)
+def test_malformed_binary_text_is_refused(text: str) -> None:
+    """binary_value raises ValueError for text that is not "base64:" and padded standard base64."""
+    with pytest.raises(ValueError, match="base64"):
+        binary_value(text)

@@ -158,3 +158,32 @@ def test_a_lost_connection_is_a_fault(pg_url: str) -> None:
     eng.dispose()
     admin.dispose()
     assert classify(caught.value) is Kind.FAULT
+
+
+def test_a_nul_refused_by_psycopg_is_about_the_row(pg_url: str) -> None:
+    """psycopg's refusal of a NUL in a text parameter, a client-side DataError carrying no SQLSTATE, is a row error."""
+    import psycopg
+
+    eng = sa.create_engine(pg_url)
+    with eng.begin() as conn:
+        conn.execute(sa.text(DDL.replace("VARCHAR(5)", "TEXT")))
+    with pytest.raises(SQLAlchemyError) as caught, eng.begin() as conn:
+        conn.execute(sa.text("INSERT INTO t (id, name) VALUES (2, :n)"), {"n": "a\x00b"})
+    eng.dispose()
+    exc = caught.value
+    assert isinstance(exc, sa.exc.DBAPIError) and type(exc.orig) is psycopg.DataError
+    assert exc.orig.sqlstate is None and "NUL" in str(exc.orig)
+    assert classify(exc) is Kind.ROW
+
+
+def test_a_parameter_the_driver_cannot_bind_is_about_the_row(engine: sa.Engine) -> None:
+    """A parameter psycopg or sqlite3 cannot adapt (a dict for a text column) is a row error; PyMySQL raises a bare TypeError outside SQLAlchemy's errors for it instead."""
+    insert = "INSERT INTO t (id, name) VALUES (2, :n)"
+    with pytest.raises(Exception) as caught, engine.begin() as conn:
+        conn.execute(sa.text(insert), {"n": {"a": 1}})
+    exc = caught.value
+    if engine.dialect.name == "mysql":
+        assert type(exc) is TypeError
+    else:
+        assert isinstance(exc, sa.exc.DBAPIError), repr(exc)
+        assert classify(exc) is Kind.ROW

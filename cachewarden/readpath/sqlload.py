@@ -4,8 +4,9 @@ By default a row is read by primary key from the entity's reflected table;
 a batch is one `SELECT ... WHERE key IN (...)`. An entity's `loader` SQL
 (a query taking `:key`, e.g. `SELECT * FROM load_user(:key)`) replaces the
 single-key read; a batch then runs it once per key on one connection.
-Values are made JSON-friendly here (dates as ISO text, decimals as numbers),
-so a loaded row reads like one the application wrote.
+Values are made JSON-friendly here (`jsonable`: dates, times, decimals and UUIDs
+as exact text, binary values as "base64:" text, the codec's forms), so a loaded
+row reads like one the application wrote and can be written back as it is.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from cachewarden.tables import EntityTable
 Row = dict[str, Any]
 _PLAIN = (str, int, float, bool, type(None))
 _PLAIN_TYPES = frozenset(_PLAIN)
+# Values written as the codec's exact text (binary ones as "base64:" text).
+_EXACT = (datetime.date, datetime.time, uuid.UUID, bytes, bytearray, memoryview)
 
 
 class SqlLoader:
@@ -111,8 +114,8 @@ class SqlLoader:
 
 
 def jsonable(row: Mapping[Any, Any]) -> Row:
-    """The row with values JSON can carry: dates, times, decimals and UUIDs as exact text
-    (codec.exact_text), bytes as hex."""
+    """The row with values JSON can carry: dates, times, decimals and UUIDs as exact text,
+    binary values (bytes, bytearray, memoryview) as "base64:" text (codec.exact_text)."""
     if all(type(v) in _PLAIN_TYPES for v in row.values()):
         return {str(k): v for k, v in row.items()}
     out: Row = {}
@@ -126,10 +129,8 @@ def jsonable(row: Mapping[Any, Any]) -> Row:
 def _convert(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)  # every digit (and PostgreSQL's 'NaN' as the text it is)
-    if isinstance(value, datetime.date | datetime.time | uuid.UUID):
+    if isinstance(value, _EXACT):
         return exact_text(value)
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
     if isinstance(value, list | tuple):
         return [v if isinstance(v, _PLAIN) else _convert(v) for v in value]
     if isinstance(value, dict):

@@ -5,7 +5,8 @@ after it (`keys_after`: a server-side cursor on PostgreSQL, an unbuffered one
 on MariaDB, plain iteration on SQLite) to cut the rest into chunks of
 `chunk_size` keys, each read on its own (`chunk`: `key > lo AND key <= hi`).
 Rows are encoded exactly as a load encodes them (readpath.sqlload.jsonable,
-codec.encode_row).
+codec.encode_row): binary columns as "base64:" text, so a warmed row written back
+lands as it was read.
 """
 
 from __future__ import annotations

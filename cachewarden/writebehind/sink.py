@@ -30,6 +30,7 @@ from sqlalchemy import Connection, Engine, Table, and_, bindparam, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.dml import Insert
 
+from cachewarden.codec import BINARY_FORM, binary_value
 from cachewarden.database import describe, unavailable
 from cachewarden.dberrors import Kind, classify, driver_text, first_line
 from cachewarden.errors import BackendUnavailable, ConfigError
@@ -247,6 +248,17 @@ class SqlSink:
             if kind is not Kind.ROW:
                 raise unavailable(self.engine, exc) from exc
             return _Refusal(first_line(exc), driver_text(exc))
+        except _UNBOUND as exc:
+            # Raised bare, outside SQLAlchemy's errors, by the driver (or SQLAlchemy's
+            # parameter processing) for a value it cannot take: PyMySQL's TypeError for a
+            # dict, psycopg's for a str in a bytea column, a UnicodeEncodeError for a lone
+            # surrogate, sqlite3's OverflowError for an integer past 64 bits. A refusal of
+            # the rows like any other (bisected, dead-lettered alone); raised in
+            # cachewarden's own code it is a bug, and a fault.
+            if _raised_here(exc):
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+            return _Refusal(f"the database driver could not take a value ({reason})", reason)
 
     # -- the transaction ------------------------------------------------------
 
@@ -445,18 +457,32 @@ class SqlSink:
         return columns
 
     def _revive(self, row: dict[str, Any]) -> None:
-        """Turn the exact text of decimals, dates, times and UUIDs back into the column's type."""
+        """Turn the exact text of decimals, dates, times, UUIDs and binary values (codec)
+        back into the column's type."""
         for column, parse in self._exact.items():
             value = row.get(column)
             if isinstance(value, str):
                 try:
                     row[column] = parse(value)
                 except (ValueError, ArithmeticError):
-                    kind = parse.__qualname__.split(".")[0]
-                    raise _RowProblem(
-                        f"column {column!r} of table {self.table.name!r} holds {value[:60]!r}, "
-                        f"which is not a {kind} (see codec: ISO 8601 text, a Decimal's digits)"
-                    ) from None
+                    raise _RowProblem(self._unreadable(column, value, parse)) from None
+            elif parse is binary_value and value is not None:
+                raise _RowProblem(self._unreadable(column, value, parse))
+
+    def _unreadable(self, column: str, value: Any, parse: Callable[[str], Any]) -> str:
+        """Why `value` of `column` cannot be what the column holds, and the form it needs."""
+        shown = repr(value[:60]) if isinstance(value, str) else repr(value)[:60]
+        where = f"column {column!r} of table {self.table.name!r}"
+        if parse is binary_value:
+            return (
+                f"{where} is binary and holds {shown}, which is not {BINARY_FORM} "
+                "(see codec; Cache.write encodes bytes so, and loads give them so)"
+            )
+        kind = parse.__qualname__.split(".")[0]
+        return (
+            f"{where} holds {shown}, which is not a {kind} "
+            "(see codec: ISO 8601 text, a Decimal's digits)"
+        )
 
     def _key_value(self, op: Op) -> Any:
         try:
@@ -489,11 +515,28 @@ _PARSERS: dict[type, Callable[[str], Any]] = {
     datetime.date: datetime.date.fromisoformat,
     datetime.time: datetime.time.fromisoformat,
     uuid.UUID: uuid.UUID,
+    bytes: binary_value,  # bytea, BLOB, VARBINARY, BINARY: "base64:" text
 }
+
+# What a driver raises bare, outside SQLAlchemy's errors, for a value it cannot bind.
+_UNBOUND = (TypeError, ValueError, ArithmeticError)
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """True when `exc` was raised in cachewarden's own code (its innermost frame), not in
+    the driver or SQLAlchemy that it called."""
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return isinstance(module, str) and module.split(".")[0] == "cachewarden"
 
 
 def _exact_columns(table: Table) -> dict[str, Callable[[str], Any]]:
-    """The table's columns whose values travel as exact text (codec), with their parsers."""
+    """The table's columns whose values travel as exact text (codec), with their parsers:
+    decimals, dates, times, UUIDs, and binary columns (a python_type of bytes)."""
     found: dict[str, Callable[[str], Any]] = {}
     for column in table.c:
         try:
