@@ -12,19 +12,45 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import structlog
+from redis.exceptions import RedisError
 
 from cachewarden.codec import encode_entry
 from cachewarden.errors import InvalidValue, LoadFailed
-from cachewarden.readpath.singleflight import Flight, FlightTimeout, LocalFlights, Role, WaitPolicy
+from cachewarden.readpath.singleflight import (
+    Flight,
+    FlightTimeout,
+    LocalFlights,
+    Role,
+    WaitPolicy,
+    renewer,
+)
 from cachewarden.readpath.sqlload import SqlLoader
 from cachewarden.scripts.readpath import ReadScripts, Reply
 from cachewarden.settings import EntitySettings
 
 log = structlog.get_logger("cachewarden.readpath")
+
+
+@contextmanager
+def leases_kept(side: ReadScripts, keys: Sequence[str], token: str) -> Iterator[None]:
+    """Extend our leases of `keys` every third of `lock_timeout` while the block (their
+    load) runs, so that a slow load keeps one loader per key."""
+    held = list(keys)
+
+    def extend() -> bool:
+        try:
+            return side.extend(held, token) > 0
+        except RedisError as exc:  # tried again at the next tick; the fill tells the rest
+            log.warning("lease_extend_failed", entity=side.spec.name, error=str(exc))
+            return True
+
+    with renewer().hold(side.spec.lock_timeout_ms / 3000, extend):
+        yield
 
 
 @dataclass
@@ -121,8 +147,9 @@ class MissLoader:
         """Load one key under our lease and fill it; return the entry's value."""
         started = time.monotonic()
         try:
-            row = self._loader(spec).load(key)
-            value = encode_entry(spec.name, key, row, spec.max_value_bytes)
+            with leases_kept(side, [key], token):
+                row = self._loader(spec).load(key)
+                value = encode_entry(spec.name, key, row, spec.max_value_bytes)
         except LoadFailed as exc:
             side.give_up([key], token, exc.problem, counter="load_errors")
             self.stats.add(load_errors=1)
@@ -197,7 +224,8 @@ class MissLoader:
         """One SELECT ... IN for the keys we hold leases on, then one pipelined fill."""
         started = time.monotonic()
         try:
-            rows = self._loader(spec).load_many(keys)
+            with leases_kept(side, keys, token):
+                rows = self._loader(spec).load_many(keys)
         except LoadFailed as exc:
             side.give_up(keys, token, exc.problem, counter="load_errors")
             self.stats.add(load_errors=1)

@@ -25,6 +25,7 @@ from cachewarden import metrics
 from cachewarden.codec import encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import InvalidValue, LoadFailed
+from cachewarden.readpath.misses import leases_kept
 from cachewarden.readpath.sqlload import loader_for
 from cachewarden.scripts.readpath import ReadScripts, failure_hold_ms, new_token
 from cachewarden.settings import EntitySettings
@@ -93,7 +94,8 @@ def refresh_keys(
         result.leased += len(leased)
         result.batches += 1
         try:
-            values = _load(context, spec, leased)
+            with leases_kept(side, leased, token):
+                values = _load(context, spec, leased)
         except LoadFailed as exc:
             side.give_up(leased, token, exc.problem, counter="refresh_errors")
             log.error("refresh_failed", entity=entity, keys=len(leased), error=str(exc))

@@ -9,6 +9,10 @@ The algorithm, without Redis (the adapter is `readpath.misses`, on `scripts.read
   until the value appears. Each poll is the same read script, so when the
   loader's lease has expired (it crashed) the poll takes the lease over and that
   reader loads. Waiting is bounded by `wait_timeout`.
+- While a load runs, its lease is extended every third of `lock_timeout`
+  (`Renewer`: one background thread per process), so a load slower than
+  `lock_timeout` keeps its one loader; a loader that dies stops extending, and its
+  lease lapses within `lock_timeout`.
 - Inside one process, `LocalFlights` lets one thread per key do the above while
   the process's other threads for that key wait on an event: a stampede of
   N threads in P processes costs P pollers, not N.
@@ -17,8 +21,11 @@ The algorithm, without Redis (the adapter is `readpath.misses`, on `scripts.read
 from __future__ import annotations
 
 import copy
+import os
 import threading
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, TypeVar
@@ -160,3 +167,111 @@ class LocalFlights(Generic[T]):
         with self._lock:
             if self._flights.get(key) is flight:
                 del self._flights[key]
+
+
+class _Held:
+    """One lease being kept: when it is next due, how often, and how to extend it."""
+
+    __slots__ = ("due", "every_s", "extend", "live")
+
+    def __init__(self, every_s: float, extend: Callable[[], bool]) -> None:
+        self.every_s = every_s
+        self.due = time.monotonic() + every_s
+        self.extend = extend
+        self.live = True
+
+
+class Renewer:
+    """Keeps leases alive while their loads run: calls each hold's `extend` every
+    `every_s`, on one background thread (started on first use, again after a fork).
+
+    `extend` does the extending (a Redis script) and returns False once the lease is
+    no longer its holder's (voided by a write, or lapsed), which ends the hold early;
+    it handles its own errors (a failed extension is tried again at the next tick).
+    Leaving the block waits for an extension of its hold already under way, so no
+    extension of it runs after the block.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held: list[_Held] = []
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._until = float("inf")  # when the thread wakes next, if nothing new comes
+        self._running: _Held | None = None  # the hold being extended right now
+
+    @contextmanager
+    def hold(self, every_s: float, extend: Callable[[], bool]) -> Iterator[None]:
+        """Extend a lease every `every_s` while the block runs (the first after `every_s`)."""
+        held = _Held(every_s, extend)
+        with self._cond:
+            self._held.append(held)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._loop, name="cachewarden-lease-renewer", daemon=True
+                )
+                self._thread.start()
+            elif held.due < self._until:
+                self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                held.live = False
+                if held in self._held:
+                    self._held.remove(held)
+                while self._running is held:  # an extension under way: let it finish
+                    self._cond.wait()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [h for h in self._held if h.due <= now]
+                if not due:
+                    self._until = min((h.due for h in self._held), default=float("inf"))
+                    timeout = None if not self._held else self._until - now
+                    self._cond.wait(timeout)
+                    self._until = float("inf")
+                    continue
+                for held in due:
+                    held.due = now + held.every_s
+            for held in due:
+                self._extend(held)
+
+    def _extend(self, held: _Held) -> None:
+        """Extend one hold, unless its block has exited; end it when its lease is lost."""
+        with self._cond:
+            if not held.live:
+                return
+            self._running = held
+        kept = True
+        try:
+            kept = held.extend()
+        except Exception:  # `extend` reports its own errors: try again at the next tick
+            pass
+        finally:
+            with self._cond:
+                self._running = None
+                if not kept:
+                    held.live = False
+                    if held in self._held:
+                        self._held.remove(held)
+                self._cond.notify_all()
+
+
+_renewer = Renewer()
+
+
+def _forked() -> None:
+    global _renewer
+    _renewer = Renewer()  # the parent's thread and holds are not this process's
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def renewer() -> Renewer:
+    """This process's lease renewer."""
+    return _renewer

@@ -256,6 +256,16 @@ class ReadScripts:
             self.lua.run("lease_fail", keys=names, args=[token, (error or "")[:500], hold, counter])
         )
 
+    # -- lease_extend.lua ------------------------------------------------------
+
+    def extend(self, keys: Iterable[str], token: str) -> int:
+        """Extend our leases of `keys` by `lock_timeout` while their load runs: how many
+        were still ours."""
+        names = [self._lease + k for k in keys]
+        return int(
+            self.lua.run("lease_extend", keys=names, args=[token, self.spec.lock_timeout_ms])
+        )
+
     # -- sweep_candidates.lua, sweep_claim.lua ----------------------------------
 
     def sweep_candidates(self, window_ms: int, most: int) -> Candidates:

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from cachewarden.cache import Cache
 from cachewarden.errors import LoadFailed
+from cachewarden.readpath.refresh import refresh_keys
 from cachewarden.readpath.singleflight import Role
 from cachewarden.readpath.sqlload import loader_for
 from cachewarden.scripts.readpath import ReadScripts, new_token
@@ -253,6 +254,51 @@ def test_a_crashed_loaders_lease_is_taken_over(pg_harness: Harness) -> None:
     assert row == {"id": 1, "name": "v1-1", "version": 1}
     assert took <= 1.0 + 0.5, f"took {took:.2f}s"
     assert loader_calls(h) == 2
+
+
+def test_a_load_slower_than_the_lease_keeps_one_loader(pg_harness: Harness) -> None:
+    """A 1 s load under a 300 ms lock_timeout keeps its lease: a reader in another Cache that misses the key meanwhile gets the loader's row, and a refresh of a key being reloaded leases nothing; each key is loaded once."""
+    h = pg_harness
+    setup_users(h, loader=LOADER, lock_timeout="300ms", wait_timeout="5s")
+    assert h.settings is not None
+    side = ReadScripts(h.context.lua, h.cache.keys, h.cache.entity("user"))
+    lease = h.cache.keys.lease("user", "9")
+    # Unkept, a lease lapses after lock_timeout and the next miss takes the key over.
+    assert side.read("9", new_token()).flag == Role.LOAD.value
+    wait_for(lambda: not h.cache.redis.exists(lease), 5, what="an unkept lease to lapse")
+    assert side.read("9", new_token()).flag == Role.LOAD.value
+    h.cache.redis.delete(lease)
+    h.cache.get("user", 2)  # cached, for the refresh below
+    set_loader(h, seconds=1.0)
+    rows: dict[str, Any] = {}
+
+    def past_lease(key: str) -> None:
+        """Wait until the lease of `key` is taken and has lived past its first TTL."""
+        lease = h.cache.keys.lease("user", key)
+        taken = wait_for(lambda: h.cache.redis.exists(lease) and time.monotonic(), 10)
+        wait_for(lambda: time.monotonic() > taken + 0.5, 5, what="the lease's first TTL")
+
+    first = threading.Thread(target=lambda: rows.update(first=h.cache.get("user", 1)))
+    first.start()
+    with Cache(h.settings) as other:
+        past_lease("1")
+        rows["second"] = other.get("user", 1)
+    first.join()
+    row = {"id": 1, "name": "v1-1", "version": 1}
+    assert rows == {"first": row, "second": row}
+    assert loader_calls(h) == 2  # key 2 before, key 1 once
+
+    def refresh() -> None:
+        rows["refresh"] = refresh_keys(h.context, "user", ["2"])
+
+    reloading = threading.Thread(target=refresh)
+    reloading.start()
+    with Cache(h.settings) as other:
+        past_lease("2")
+        assert refresh_keys(other.context, "user", ["2"]).leased == 0
+    reloading.join()
+    assert rows["refresh"].filled == 1
+    assert loader_calls(h) == 3  # and key 2 once by the refresh that leased it
 
 
 # -- hits, misses, negative entries -------------------------------------------

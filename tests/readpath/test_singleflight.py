@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachewarden.errors import LoadFailed
-from cachewarden.readpath.singleflight import FlightTimeout, LocalFlights, Role, WaitPolicy
+from cachewarden.readpath.singleflight import FlightTimeout, LocalFlights, Renewer, Role, WaitPolicy
+from tests.helpers import wait_for
 
 
 @given(
@@ -134,3 +136,29 @@ def test_a_follower_gives_up_after_its_timeout() -> None:
     flight, _ = flights.join("k")
     with pytest.raises(FlightTimeout):
         flight.wait(0.05)
+
+
+def test_a_renewer_extends_while_held_and_stops_when_released_or_lost() -> None:
+    """A hold's extend runs every `every_s` while its block runs, and no more once the block has exited or extend has returned False."""
+    renewer = Renewer()
+    ticks: dict[str, int] = {"clock": 0, "held": 0, "lost": 0}
+
+    def counter(name: str, keep: bool = True) -> Callable[[], bool]:
+        def extend() -> bool:
+            ticks[name] += 1
+            return keep
+
+        return extend
+
+    def after(n: int) -> None:
+        """Wait until the clock hold has ticked `n` more times."""
+        target = ticks["clock"] + n
+        wait_for(lambda: ticks["clock"] >= target, 5, interval=0.005, what="clock ticks")
+
+    with renewer.hold(0.01, counter("clock")):
+        with renewer.hold(0.01, counter("held")), renewer.hold(0.01, counter("lost", False)):
+            wait_for(lambda: ticks["held"] >= 3, 5, interval=0.005, what="three extensions")
+        released = ticks["held"]
+        after(3)
+        assert ticks["held"] == released
+        assert ticks["lost"] == 1
