@@ -3,6 +3,9 @@
 Any number of these may run at once. Each warming job is an APScheduler job on
 its trigger (warming.schedule); when it wakes, the scheduler claims the due time
 in Redis and, if it won, sends a "cachewarden.warm" task to the warming queue.
+A fire that fails (the broker or Redis is down) gives its claim back and is
+tried again after 1 s, 2 s, 4 s... (at most 30 s) as a catch-up: the due time
+fires once the broker is back, within its misfire grace, or is recorded missed.
 Once APScheduler has started (so each job's first run is set, and no due
 time falls between), it fires the latest due time it finds unfired within the
 job's misfire grace (or records it missed). SIGHUP reads the config again and
@@ -39,6 +42,9 @@ from cachewarden.writebehind.dispatch import FLUSH_TASK, dispatch_once
 log = structlog.get_logger("cachewarden.scheduler")
 
 DISPATCH_JOB = "write-behind-dispatch"
+# A fire that failed (Redis or the broker) is tried again after 1 s, doubling up to this.
+RETRY_MAX_S = 30.0
+RETRY_PREFIX = "warm-retry:"
 
 
 class SchedulerProcess:
@@ -90,7 +96,7 @@ class SchedulerProcess:
                 continue
             trigger = triggers[name]
             self.scheduler.add_job(
-                _fire,
+                self._fire,
                 trigger,
                 args=[firer, job, trigger],
                 id=f"warm:{name}",
@@ -115,11 +121,40 @@ class SchedulerProcess:
             firer, job, trigger = self._to_catch_up.pop(0)
             try:
                 did = firer.catch_up(job, trigger, now)
-            except RedisError as exc:
-                log.error("warm_catch_up_failed", job=job.name, error=str(exc))
+            except Exception as exc:  # Redis or the broker: try again shortly
+                log.error("warm_catch_up_failed", job=job.name, error=_described(exc))
+                self._again(firer, job, trigger, 1)
                 continue
             if did in ("fired", "missed"):
                 log.info("warm_catch_up", job=job.name, outcome=did)
+
+    def _fire(self, firer: Firer, job: WarmingJob, trigger: BaseTrigger, attempt: int = 0) -> None:
+        """One wake-up of a warming job: claim its due time and send the run. A retry
+        (`attempt` > 0) catches up instead: it fires the latest due time if no scheduler
+        has, or records it missed once past its grace."""
+        try:
+            if attempt == 0:
+                firer.fire(job, trigger)
+            else:
+                did = firer.catch_up(job, trigger)
+                log.info("warm_fire_retried", job=job.name, attempt=attempt, outcome=did)
+        except Exception as exc:  # Redis or the broker: the due time was not sent
+            log.error("warm_fire_failed", job=job.name, error=_described(exc), attempt=attempt)
+            self._again(firer, job, trigger, attempt + 1)
+
+    def _again(self, firer: Firer, job: WarmingJob, trigger: BaseTrigger, attempt: int) -> None:
+        """Try a failed fire again after a backoff (1 s, doubling, at most RETRY_MAX_S)."""
+        delay = min(2.0 ** (attempt - 1), RETRY_MAX_S)
+        at = datetime.datetime.now(UTC) + datetime.timedelta(seconds=delay)
+        self.scheduler.add_job(
+            self._fire,
+            "date",
+            run_date=at,
+            args=[firer, job, trigger, attempt],
+            id=f"{RETRY_PREFIX}{job.name}",
+            replace_existing=True,
+            misfire_grace_time=None,
+        )
 
     def reload(self, path: str | None) -> None:
         """Read the config again and rebuild the warming jobs (keep them if it fails)."""
@@ -131,6 +166,9 @@ class SchedulerProcess:
             return
         for job_id in self.warm_jobs:
             self.scheduler.remove_job(job_id)
+        for retry in self.scheduler.get_jobs():
+            if retry.id.startswith(RETRY_PREFIX):  # its context closes below
+                retry.remove()
         self.warm_jobs = []
         old = self.context
         self.settings = settings
@@ -184,12 +222,8 @@ class SchedulerProcess:
         log.info("scheduler_stopped", name=self.name)
 
 
-def _fire(firer: Firer, job: WarmingJob, trigger: BaseTrigger) -> None:
-    """One APScheduler wake-up of a warming job: claim the due time, send the run."""
-    try:
-        firer.fire(job, trigger)
-    except Exception as exc:  # Redis or the broker: the next due time tries again
-        log.error("warm_fire_failed", job=job.name, error=f"{type(exc).__name__}: {exc}")
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def build_scheduler(settings: Settings) -> SchedulerProcess:

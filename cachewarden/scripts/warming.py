@@ -43,6 +43,14 @@ class WarmScripts:
         args = [slot_ms, clock_ms, scheduler, "missed" if missed else "fire"]
         return bool(self.lua.run("slot_claim", keys=[self._record], args=args))
 
+    # -- slot_release.lua ---------------------------------------------------------
+
+    def slot_release(self, slot_ms: int, scheduler: str, error: str) -> bool:
+        """Give back due time `slot_ms`, claimed by `scheduler`, whose run could not be
+        sent: False when a later claim holds the record now."""
+        args = [slot_ms, scheduler, error[:500]]
+        return bool(self.lua.run("slot_release", keys=[self._record], args=args))
+
     # -- warm_start.lua -----------------------------------------------------------
 
     def start(

@@ -12,6 +12,11 @@ slot wins, and no slot at or before the last claimed one can be claimed again.
 So any number of schedulers fire each slot once, even with clocks a second or
 two apart; a replica whose clock runs ahead fires a little early, one that runs
 behind finds the slot taken.
+
+A claimed slot whose run cannot be sent (the broker is down) is given back
+(`slot_release.lua`): the record returns to the claim before it, and the
+scheduler tries again (`catch_up`) within the slot's grace; until then any
+scheduler's catch-up may claim it, still once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import structlog
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from redis.exceptions import RedisError
 
 from cachewarden.context import Context
 from cachewarden.errors import ConfigError
@@ -149,6 +155,33 @@ class Firer:
         if missed:
             log.warning("warm_slot_missed", job=job.name, slot=slot.isoformat())
             return True
-        self.send(job.name, slot_ms)
+        try:
+            self.send(job.name, slot_ms)
+        except Exception as exc:  # the broker, whatever its client raises: give it back
+            self._give_back(job, slot, exc)
+            raise
         log.info("warm_slot_fired", job=job.name, slot=slot.isoformat())
         return True
+
+    def _give_back(self, job: WarmingJob, slot: datetime.datetime, exc: Exception) -> None:
+        """Release the claim of a due time whose run was not sent, so that a retry (or any
+        scheduler's catch-up) within its grace can fire it."""
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            released = warm_scripts(self.context, job).slot_release(to_ms(slot), self.name, error)
+        except RedisError as redis_exc:
+            log.error(
+                "warm_slot_lost",
+                job=job.name,
+                slot=slot.isoformat(),
+                error=error,
+                release_error=str(redis_exc),
+            )
+            return
+        log.error(
+            "warm_send_failed",
+            job=job.name,
+            slot=slot.isoformat(),
+            error=error,
+            given_back=released,
+        )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
+import json
 import time
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import redis
 
 from cachewarden.context import Context
 from cachewarden.errors import ConfigError
@@ -16,6 +19,7 @@ from cachewarden.settings import Settings, load_settings
 from cachewarden.warming.schedule import Firer, check_jobs, latest_slot, next_slot, trigger_for
 from tests.conftest import Harness
 from tests.helpers import render_config, wait_for
+from tests.servers import PrivateRedis
 
 UTC = datetime.UTC
 
@@ -155,3 +159,50 @@ def test_a_slot_due_between_building_the_scheduler_and_starting_it_fires(
     finally:
         scheduler.close()
     assert scheduler.sent[:2] == [slot * 1000, (slot + 2) * 1000]
+
+
+def _queued_slots(broker: PrivateRedis, queue: str) -> list[int]:
+    """The due times of the warm tasks waiting in `queue` on the broker."""
+    client = redis.Redis.from_url(broker.url, decode_responses=True)
+    try:
+        messages = client.lrange(queue, 0, -1)
+    finally:
+        client.close()
+    slots = []
+    for raw in messages:
+        args, _, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        slots.append(int(args[1]))
+    return slots
+
+
+def test_a_due_time_fired_while_the_broker_is_down_is_sent_once_it_is_back(
+    pg_harness: Harness,
+) -> None:
+    """A due time whose warm task the broker refused is given back, and a scheduler sends it exactly once when the broker answers again."""
+    harness = pg_harness
+    with PrivateRedis() as broker:
+        configure(harness, every="5s", misfire_grace="30s")
+        text = harness.config_path.read_text()
+        queue = f'queue = "{harness.queue}"'
+        harness.config_path.write_text(text.replace(queue, f'{queue}\nbroker_url = "{broker.url}"'))
+        settings = harness.configure_from_file()
+        keys, client = harness.context.keys, harness.context.redis
+        broker.stop()
+        # Just after a due time, so the next one is seconds away: the catch-up at start
+        # fires this one.
+        wait_for(lambda: 0.1 <= time.time() % 5 <= 1.0, 10, interval=0.01, what="a due time")
+        slot = int(time.time()) // 5 * 5 * 1000
+        scheduler = SchedulerProcess(settings)
+        try:
+            scheduler.start()
+            record = client.hgetall(keys.job("j"))
+            assert record["unsent_slot"] == str(slot) and "slot" not in record, record
+            assert "OperationalError" in record["unsent_error"]
+            broker.start()
+            warming = settings.queue("warming")
+            wait_for(lambda: slot in _queued_slots(broker, warming), 15, what="the run sent")
+        finally:
+            scheduler.close()
+        assert _queued_slots(broker, warming).count(slot) == 1
+        record = client.hgetall(keys.job("j"))
+        assert int(record["slot"]) >= slot and record["unsent"] == "1"
