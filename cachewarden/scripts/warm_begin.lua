@@ -19,8 +19,12 @@ if now - started > tonumber(redis.call('HGET', KEYS[2], 'timeout_ms')) then
 end
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= run then return {0, 'busy'} end
--- The lock lapsed with no newer run: this run is still the only one; take it again.
-redis.call('SET', KEYS[1], run, 'PX', ARGV[2])
+if not holder then
+  -- The lock lapsed with no newer run: this run is still the only one; take it again.
+  redis.call('SET', KEYS[1], run, 'PX', ARGV[2])
+elseif redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])  -- never shorter: a planned run's lasts to its deadline
+end
 local since = redis.call('GET', KEYS[3]) or now
 redis.call('SET', KEYS[3], since, 'PX', ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now - tonumber(ARGV[3])))

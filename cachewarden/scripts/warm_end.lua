@@ -1,6 +1,7 @@
 -- Move a run towards its end: record its plan, fail it, or finish it once every
 -- planned chunk is done. Ending it keeps a copy (the job's last run), a summary in
--- its history (the newest 100) and releases its lock.
+-- its history (the newest 100) and releases its lock. Recording the plan of a run
+-- whose chunks are still to run keeps its lock until the run's deadline.
 -- KEYS: 1 run lock, 2 run hash, 3 last-run hash, 4 history list
 -- ARGV: 1 run number, 2 "planned" (3 chunks, 4 total rows), "failed" (3 error) or
 --       "check"
@@ -33,5 +34,16 @@ local planned = redis.call('HGET', KEYS[2], 'planned') == '1'
 local chunks = tonumber(redis.call('HGET', KEYS[2], 'chunks'))
 if planned and tonumber(redis.call('HGET', KEYS[2], 'chunks_done')) >= chunks then
   return finish('done', '')
+end
+if verb == 'planned' then
+  -- Its chunks wait in the queue, where no process keeps the lock: it lives until the
+  -- run's deadline (its start plus the job's timeout). The last chunk, or a failure,
+  -- releases it; a chunk that begins after the deadline fails the run (warm_begin.lua).
+  local deadline = tonumber(redis.call('HGET', KEYS[2], 'started_ms'))
+    + tonumber(redis.call('HGET', KEYS[2], 'timeout_ms'))
+  local holder = redis.call('GET', KEYS[1])
+  if deadline > now and (not holder or holder == run) then
+    redis.call('SET', KEYS[1], run, 'PX', math.max(deadline - now, redis.call('PTTL', KEYS[1])))
+  end
 end
 return 'running'

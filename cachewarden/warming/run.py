@@ -8,9 +8,12 @@ chunk task (`send`) to be read and filled by any worker, or run here when
 there is no `send`. The last chunk to finish ends the run (`warm_end.lua`).
 
 While a process works on a run, its keeper thread extends the run lock every
-second; a run whose processes all died loses its lock within
+second; a run whose processes all died while planning loses its lock within
 `RUN_LOCK_TTL_MS`, and the next due time starts a new run, whose number
-fences off anything the old one still had in flight.
+fences off anything the old one still had in flight. Once planned, a run whose
+chunks wait in the queue (where no process keeps it) holds its lock until its
+deadline, its start plus the job's `timeout` (warm_end.lua): however long the
+chunks wait, no newer run starts over it, and the last chunk releases it.
 
 A chunk never overwrites an entry whose write is pending, nor one a flush
 settled after the chunk began reading (see warm_fill.lua, finish.lua).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -10,10 +11,11 @@ import sqlalchemy as sa
 
 from cachewarden.errors import WarmFailed
 from cachewarden.warming import run as warm_run
-from cachewarden.warming.run import ChunkResult, start_run, warm_scripts, warm_source
+from cachewarden.warming.run import ChunkResult, run_chunk, start_run, warm_scripts, warm_source
 from cachewarden.warming.status import read_runs
 from cachewarden.writebehind.flush import flush_shard
 from tests.conftest import Harness
+from tests.helpers import wait_for
 
 USER = {"table": "users", "key": "id", "ttl": "10m"}
 TTL_MS = 600_000
@@ -201,3 +203,35 @@ def test_a_run_while_another_lives_is_skipped(harness: Harness) -> None:
     _, _, record = read_runs(h.context.redis, h.context.keys, "all")
     assert record["overlaps"] == "1"
     assert entries(h) == {}
+
+
+def test_a_run_keeps_its_lock_while_its_chunks_wait_in_the_queue(
+    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose chunks wait in the queue past the run lock's TTL keeps its lock until they run: a run asked for meanwhile is skipped, and the queued chunks finish the run done."""
+    h = pg_harness
+    setup(h, 2_500)
+    monkeypatch.setattr(warm_run, "RUN_LOCK_TTL_MS", 300)  # what a process keeps alive
+    redis, lock = h.context.redis, h.context.keys.run_lock("all")
+    queued: list[tuple[Any, ...]] = []
+    kept_while_planning: list[int] = []
+
+    def send(*chunk: Any) -> None:
+        queued.append(chunk)
+        kept_while_planning.append(int(redis.pttl(lock)))
+
+    summary = start_run(h.context, "all", send=send)
+    assert summary["state"] == "running" and len(queued) == 2
+    assert max(kept_while_planning) <= 300  # the keeper's TTL: it lapses once nobody keeps it
+    planned = time.monotonic()
+    wait_for(lambda: time.monotonic() > planned + 0.6, 5, what="twice the keeper's TTL")
+    assert redis.get(lock) == str(summary["run"])
+    assert start_run(h.context, "all")["state"] == "skipped"
+    states = [
+        run_chunk(h.context, job, run, index, lo, hi)["state"]
+        for job, run, index, lo, hi, _ in queued
+    ]
+    assert states == ["running", "done"]
+    assert not redis.exists(lock)
+    _, last, _ = read_runs(redis, h.context.keys, "all")
+    assert last is not None and last["run"] == summary["run"] and last.complete
