@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.exceptions import ResponseError
 
-from cachewarden.keys import STREAM_GROUP
 from cachewarden.writebehind.flush import FlushResult, flush_shard
 from tests.conftest import Harness
 from tests.helpers import REPO, WorkerProcess, wait_for
@@ -39,16 +37,12 @@ def _streams(h: Harness) -> list[str]:
     return [h.cache.keys.stream("user", s) for s in range(shards)]
 
 
-def _pending(h: Harness) -> int:
-    """Entries read by some consumer and not acknowledged, over all shards."""
-    total = 0
-    for stream in _streams(h):
-        try:
-            total += int(h.cache.redis.xpending(stream, STREAM_GROUP)["pending"])
-        except ResponseError as exc:  # no group yet: nothing was ever read
-            if "NOGROUP" not in str(exc):
-                raise
-    return total
+def _locked(h: Harness) -> int:
+    """Shards whose flush lock some flusher holds (it is in the middle of draining them)."""
+    assert h.settings is not None
+    shards = h.settings.entities["user"].write_behind.shards
+    locks = [h.cache.keys.flush_lock("user", s) for s in range(shards)]
+    return int(h.cache.redis.exists(*locks))
 
 
 def _buffered(h: Harness) -> int:
@@ -64,7 +58,7 @@ def _dirty(h: Harness) -> int:
 
 
 def _drained(h: Harness) -> bool:
-    return _buffered(h) == 0 and _pending(h) == 0 and _dirty(h) == 0
+    return _buffered(h) == 0 and _dirty(h) == 0
 
 
 def _wait_drained(h: Harness, timeout: float) -> None:
@@ -72,7 +66,7 @@ def _wait_drained(h: Harness, timeout: float) -> None:
     try:
         wait_for(lambda: _drained(h), timeout, what="the buffer to drain")
     except AssertionError as exc:
-        state = f"buffered={_buffered(h)} pending={_pending(h)} dirty={_dirty(h)}"
+        state = f"buffered={_buffered(h)} locked={_locked(h)} dirty={_dirty(h)}"
         said = "".join(w.output()[-3000:] for w in h.workers)
         raise AssertionError(f"{exc}: {state}\n{said}") from None
 
@@ -96,10 +90,11 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 
 def _freeze_mid_batch(h: Harness, worker: WorkerProcess, timeout: float = 60) -> int:
-    """SIGSTOP the worker and its pool when it holds unacknowledged entries; return how many.
+    """SIGSTOP the worker and its pool while it holds a shard's flush lock with entries
+    in the stream; return how many locks it holds.
 
-    Freezes, looks, and thaws again until the frozen worker is caught between
-    reading a batch and acknowledging it, so the SIGKILL that follows is
+    Freezes, looks, and thaws again until the frozen worker is caught in the middle of
+    a drain (between taking a shard and letting it go), so the SIGKILL that follows is
     certain to land in the middle of one.
     """
     assert worker.proc is not None
@@ -107,12 +102,12 @@ def _freeze_mid_batch(h: Harness, worker: WorkerProcess, timeout: float = 60) ->
     while time.monotonic() < deadline:
         pids = [worker.proc.pid, *worker.children()]
         _signal_all(pids, signal.SIGSTOP)
-        pending = _pending(h)
-        if pending > 0:
-            return pending
+        locked = _locked(h)
+        if locked > 0 and _buffered(h) > 0:
+            return locked
         _signal_all(pids, signal.SIGCONT)
         time.sleep(0.01)
-    raise AssertionError("the worker was never caught holding unacknowledged entries")
+    raise AssertionError("the worker was never caught holding a flush lock")
 
 
 class RegressionWatch:
@@ -168,7 +163,7 @@ def test_worker_sigkilled_mid_batch_then_restarted(harness: Harness) -> None:
         claimed = _freeze_mid_batch(h, first)
         assert _buffered(h) > 0
         first.kill()
-        assert _pending(h) >= claimed  # the dead worker's claims outlive it
+        assert _locked(h) >= 1 and claimed >= 1  # the dead worker's locks outlive it
         h.worker(concurrency=2)
         producer.join(120)
         assert not producer.is_alive()
@@ -185,6 +180,7 @@ def test_worker_sigkilled_mid_batch_then_restarted(harness: Harness) -> None:
 # at the named point, exactly as a GC pause or a descheduled VM would stop it.
 FLUSHER_A = """
 import json, os, signal, sys
+from cachewarden.scripts import Registry
 from cachewarden.writebehind import flush
 from cachewarden.writebehind.fence import Fence
 from cachewarden.logs import configure_logging
@@ -197,7 +193,13 @@ configure_logging(fmt="json")
 def stop():
     os.kill(os.getpid(), signal.SIGSTOP)
 
-read, check = flush.committed_token, Fence.check
+read, check, send = flush.committed_token, Fence.check, Registry.send
+
+def told_send(self, *parts):
+    print("READ-AHEAD " + " ".join(map(str, parts)), flush=True)
+    return send(self, *parts)
+
+Registry.send = told_send
 
 def paused_read(*args):
     stop()
@@ -261,36 +263,43 @@ def _start_paused(
     return proc
 
 
-def _resume(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    """SIGCONT flusher A and return its FlushResult as a dict."""
+def _resume(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
+    """SIGCONT flusher A and return its FlushResult as a dict, and what it printed."""
     proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=60)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"flusher A failed: {out}{err}"
     result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
-    return result
+    return result, out
 
 
 @pytest.mark.parametrize("pause", ["before-fence-read", "before-fence-check", "before-commit"])
 def test_flusher_paused_past_its_lock_cannot_overwrite_a_newer_value(
     harness: Harness, flusher_a: list[subprocess.Popen[str]], pause: str
 ) -> None:
-    """A flusher paused past its lock TTL and resumed after a newer value of its key was
-    flushed ends fenced off, and the newer value stays in the database and the cache."""
+    """A flusher paused past its lock TTL in its first full batch (its next read already
+    sent) and resumed after newer values of its keys were flushed ends fenced off, and
+    the newer values stay in the database and the cache."""
     h = harness
     h.create_table("users", version=False)  # no version guard: only the fence protects v2
     # A's lock lasts 1 s; B's outlasts its wait for A's fence row in "before-commit".
-    write_behind = {"shards": 1, "lock_ttl": "1s", "max_delay": "1h"}
+    # Batches of 2 over 4 keys: A's first batch is full, so its next read goes out ahead.
+    # SQLite locks the whole file: A's second batch and B would only deadlock on it
+    # (SQLITE_BUSY), so there A takes all 4 keys in one batch, as a SQLite deployment's
+    # one writer does.
+    batch = 1000 if h.dialect == "sqlite" else 2
+    write_behind = {"shards": 1, "lock_ttl": "1s", "max_delay": "1h", "batch_size": batch}
     h.configure({"user": USER}, {"user": write_behind})
     a_config = h.tmp_path / "flusher-a.toml"
     a_config.write_text(h.config_path.read_text())
     h.configure({"user": USER}, {"user": {**write_behind, "lock_ttl": "60s"}})
-    for key in (1, 2, 3):
+    for key in (1, 2, 3, 4):
         h.cache.write("user", key, {"name": "v1"})
     a = _start_paused(a_config, flusher_a, pause)
     lock = h.cache.keys.flush_lock("user", 0)
     wait_for(lambda: not h.cache.redis.exists(lock), 30, what="A's lock to expire")
-    h.cache.write("user", 1, {"name": "v2"})
+    h.cache.write("user", 1, {"name": "v2"})  # in A's batch
+    h.cache.write("user", 3, {"name": "v2"})  # in the batch A read ahead
 
     # Flusher B takes the shard over. Paused before commit, A holds the fence row
     # (and its v1 upsert) uncommitted: B must wait for A, then commit v2 after it.
@@ -300,18 +309,22 @@ def test_flusher_paused_past_its_lock_cannot_overwrite_a_newer_value(
     b.join(60 if pause != "before-commit" else 1.5)
     if pause == "before-commit":
         assert b.is_alive(), "B committed while A held the shard's fence"
-    a_result = _resume(a)
+    a_result, a_said = _resume(a)
     b.join(60)
     assert not b.is_alive()
 
+    if batch == 2 and pause != "before-fence-read":  # A was paused inside its first batch
+        assert "READ-AHEAD XRANGE" in a_said  # its next read was on its way
     assert a_result["status"] == "fenced", a_result
-    # Paused before commit, A's v1 committed first (B waited on it); otherwise nothing of A's.
-    assert a_result["applied"] == (3 if pause == "before-commit" else 0), a_result
+    # Paused before commit, A's first batch committed first (B waited on it); otherwise
+    # nothing of A's; its read-ahead batch never lands.
+    assert a_result["applied"] == (min(batch, 4) if pause == "before-commit" else 0), a_result
     assert b_result[0].status == "done", b_result
-    assert _names(h) == {1: "v2", 2: "v1", 3: "v1"}
-    entry = h.cache.keys.entry("user", "1")
-    assert json.loads(h.cache.redis.get(entry) or "null") == {"id": 1, "name": "v2"}
-    assert h.cache.redis.pttl(entry) > 0  # flushed, so it expires again
+    assert _names(h) == {1: "v2", 2: "v1", 3: "v2", 4: "v1"}
+    for key in (1, 3):
+        entry = h.cache.keys.entry("user", str(key))
+        assert json.loads(h.cache.redis.get(entry) or "null") == {"id": key, "name": "v2"}
+        assert h.cache.redis.pttl(entry) > 0  # flushed, so it expires again
     assert _drained(h)
 
 
