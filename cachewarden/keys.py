@@ -3,7 +3,7 @@
 Layout (prefix "cw", entity "user", shard 3):
 
     cw:user:42                 cache entry: the row as a JSON object ("null": known absent)
-    cw:@wb:user:3              write stream of one shard (consumer group "flushers")
+    cw:@wb:user:3              write stream of one shard: its operations not yet settled
     cw:@wb:user:3:dirty        hash: key -> stream id of its newest unflushed write
     cw:@wb:due                 sorted set: "user:3" -> when that shard must be flushed (ms)
     cw:@wb:user:3:queued       a flush of this shard is queued or running
@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-
-STREAM_GROUP = "flushers"
-
 
 def shard_of(key: str, shards: int) -> int:
     """The shard a key's writes go to: CRC-32 (zlib, IEEE) of its UTF-8 bytes mod shards."""

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cachewarden.codec import RESERVED_KEY_CHARS
-from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, parse_due_member, shard_of
+from cachewarden.keys import Keyspace, due_member, parse_due_member, shard_of
 
 VALID_KEYS = st.text(
     alphabet=st.characters(
@@ -59,7 +59,6 @@ def test_layout_matches_the_documented_names() -> None:
     assert ks.lease("user", "42") == "cw:@lease:user:42"
     assert ks.refresh_requests("user") == "cw:@refreshq:user"
     assert ks.stream(*parse_due_member(due_member("user", 3))) == ks.stream("user", 3)
-    assert STREAM_GROUP == "flushers"
 
 
 def test_docstring_lists_the_same_names() -> None:

@@ -52,28 +52,37 @@ class Registry:
         """Run script `name` on this client (or on a pipeline of it)."""
         return self.script(name)(keys=keys, args=args, client=client or self.client)
 
-    def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    def call(self, name: str, keys: list[str], args: list[Any], resend: bool = True) -> Any:
         """Run script `name` on a connection of its own, with nothing in between.
 
         The read path's hit is one `EVALSHA`; redis-py's command layer (retries,
         observability hooks, response callbacks) and its pool's check-out (about
         15 us on redis-py 8) cost more per call than the script itself, so this
         keeps a stack of connections taken from the client's pool once and goes to
-        them directly: pack, send, read. A broken connection is dropped and the call
-        tried once more on a fresh one, as redis-py does; an unknown script is loaded
-        and run again. `close()` hands the connections back.
+        them directly: pack, send, read. An unknown script is loaded and run again.
+        `close()` hands the connections back.
+
+        A broken connection is dropped and the call tried once more on a fresh one
+        when `resend` (the script may run twice: only for scripts that are safe to
+        repeat). Without it, a connection the server closed while idle is found before
+        anything is sent (and replaced), and a connection that breaks after the command
+        went out raises: the script may have run, so it is never sent again (an
+        `XADD` resent would be a second write).
         """
         script = self.script(name)
         command = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        if not resend:
+            return self._send(script, command, fresh=True)
         try:
             return self._send(script, command)
         except (RedisConnectionError, OSError):
             return self._send(script, command)  # once more, on a fresh connection
 
     def command(self, *parts: Any) -> Any:
-        """Any command, on `call`'s connections: packed by hiredis, its reply as hiredis
-        parsed it (nested lists, no redis-py response callback). For the flusher's stream
-        reads, where redis-py's parsing into dicts costs more than the read."""
+        """Any command that is safe to repeat, on `call`'s connections: packed by hiredis,
+        its reply as hiredis parsed it (nested lists, no redis-py response callback). For
+        the flusher's stream reads, where redis-py's parsing into dicts costs more than
+        the read. A broken connection sends it once more, on a fresh one."""
         command = hiredis.pack_command(parts)
         try:
             return self._send(None, command)
@@ -81,29 +90,35 @@ class Registry:
             return self._send(None, command)
 
     def send(self, *parts: Any) -> InFlight:
-        """Send a command now, on a connection of `call`'s, and read its reply later
-        (`InFlight.reply`): the flusher's next stream read travels while the database
-        applies the batch before it."""
+        """Send a command that is safe to repeat now, on a connection of `call`'s, and read
+        its reply later (`InFlight.reply`, which sends it again on a broken connection):
+        the flusher's next stream read travels while the database applies the batch
+        before it."""
         return self._send_later(hiredis.pack_command(parts), lambda: self.command(*parts))
 
     def send_script(self, name: str, keys: list[str], args: list[Any]) -> InFlight:
-        """`call`, with the reply read later (`InFlight.reply`): the flusher's finish.lua
-        runs while the database applies the next batch."""
+        """`call(resend=False)`, with the reply read later (`InFlight.reply`): the
+        flusher's finish.lua runs while the database applies the next batch. A broken
+        connection raises when the reply is read (the script may have run)."""
         script = self.script(name)
         command = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-        return self._send_later(command, lambda: self.call(name, keys, args))
+        return self._send_later(command, lambda: self.call(name, keys, args), resend=False)
 
-    def _send_later(self, command: bytes, again: Callable[[], Any]) -> InFlight:
-        conn = self._take()
+    def _send_later(
+        self, command: bytes, again: Callable[[], Any], resend: bool = True
+    ) -> InFlight:
+        conn = self._take(fresh=not resend)
         try:
             conn.send_packed_command([command])
         except (RedisConnectionError, OSError):
             self._drop(conn)
+            if not resend:
+                raise
             return InFlight(self, None, again)  # sent again, at once, when read
         except BaseException:
             self._drop(conn)
             raise
-        return InFlight(self, conn, again)
+        return InFlight(self, conn, again, resend)
 
     def preload(self, names: Iterable[str]) -> None:
         """Load scripts `names` into Redis through `call`'s connections (opening one)."""
@@ -113,13 +128,22 @@ class Registry:
             command = hiredis.pack_command(parts)
             self._send(script, command)
 
-    def _take(self) -> Any:
+    def _take(self, fresh: bool = False) -> Any:
+        """A connection; `fresh`: one the server has not closed (an idle connection whose
+        socket reads as closed or holds stray bytes is dropped before anything is sent)."""
         if self._born != _generation:
             self._forget()
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self.client.connection_pool.get_connection()
+        while self._idle:
+            conn = self._idle.pop()
+            if not fresh:
+                return conn
+            try:
+                if not conn.can_read(timeout=0):
+                    return conn
+            except (RedisConnectionError, OSError):
+                pass
+            self._drop(conn)
+        return self.client.connection_pool.get_connection()
 
     def _drop(self, conn: Any) -> None:
         """A connection broken, interrupted or holding an unread reply: never reused."""
@@ -131,8 +155,8 @@ class Registry:
         if self._born == _generation:
             self._idle.append(conn)
 
-    def _send(self, script: Script | None, command: bytes) -> Any:
-        conn = self._take()
+    def _send(self, script: Script | None, command: bytes, fresh: bool = False) -> Any:
+        conn = self._take(fresh)
         try:
             conn.send_packed_command([command])
             try:
@@ -167,15 +191,18 @@ class Registry:
 class InFlight:
     """A command `Registry.send` or `send_script` sent, whose reply is still to be read."""
 
-    def __init__(self, registry: Registry, conn: Any, again: Callable[[], Any]) -> None:
+    def __init__(
+        self, registry: Registry, conn: Any, again: Callable[[], Any], resend: bool = True
+    ) -> None:
         self._registry = registry
         self._conn: Any = conn
         self._again = again  # the command run now, as `command` or `call` would run it
+        self._resend = resend  # whether a broken connection may send it again
         self._done = False
 
     def reply(self) -> Any:
-        """The reply. A broken connection sends the command once more (as `command` and
-        `call` do); an unknown script is loaded and run (it did not run)."""
+        """The reply. An unknown script is loaded and run (it did not run). A broken
+        connection sends the command once more if it is safe to repeat, else raises."""
         if self._done:
             raise RuntimeError("this reply was already read or cancelled")
         self._done = True
@@ -190,6 +217,8 @@ class InFlight:
             return self._again()
         except (RedisConnectionError, OSError):
             registry._drop(conn)
+            if not self._resend:
+                raise
             return self._again()
         except BaseException:
             registry._drop(conn)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from cachewarden.keys import STREAM_GROUP, Keyspace, due_member, shard_of
+from cachewarden.keys import Keyspace, due_member, shard_of
 from cachewarden.scripts import InFlight, Registry
 from cachewarden.settings import EntitySettings, RedisSettings
 
@@ -115,7 +115,7 @@ class WriteScripts:
             stream, dirty, member = shards[shard_of(key, count)]
             keys += (entry + key, stream, dirty, lease + key, tomb + key)
             args += (op, key, value, version, member)
-        return self.lua.call("enqueue", keys, args)
+        return self.lua.call("enqueue", keys, args, resend=False)
 
     # -- lock_acquire.lua, lock_extend.lua, release.lua: the flusher's lock --------
 
@@ -161,28 +161,26 @@ class WriteScripts:
         ids: Sequence[str],
         written: Mapping[str, str],
         others: Sequence[tuple[str, str, str]] = (),
-        letters: Sequence[tuple[str, str, str, str, str]] = (),
+        letters: Sequence[tuple[str, str, str, str, str, str]] = (),
         owner: str = "",
+        kept: str = "",
+        values: Sequence[str] = (),
     ) -> Finishing:
-        """Acknowledge and delete `ids`; settle each written key (`written`: key -> the id
-        of its newest entry in the batch) and each (key, id, op) of `others` whose id is
-        still its newest; dead-letter each refused one; extend the shard's lock if
-        `owner` holds it. The script is sent now; `.result()` of what this returns reads
-        what it did.
+        """Delete the batch's entries `ids` (in stream order) from the stream; settle each
+        written key (`written`: key -> the id of its newest entry in the batch) and each
+        (key, id, op) of `others` whose id is still its newest; dead-letter each of
+        `letters` (key, op, value, version, error, stream id); all only while `owner`
+        holds the shard's lock (extended). `kept`: the oldest entry this flush leaves in
+        the stream ("" for none). The script is sent now; `.result()` of what this
+        returns reads what it did.
 
-        op: "d" deleted, "x" refused (its letter, in order, in `letters`: op, value,
-        version, error, stream id), "s:<version>:<column>" outranked by a newer version
-        in the database.
+        op: "d" deleted, "x" refused (drop the entry), "v" a write applied in place of
+        a refused one (its value, in order, in `values`), "s:<version>:<column>"
+        outranked by a newer version in the database.
         """
         name, entry = self.spec.name, self._entry
-        # The ids to acknowledge are the settled ones plus the extras (operations a later
-        # one superseded, entries deleted under the group).
-        if len(written) + len(others) == len(ids):  # one entry per key: no extras
-            extras: list[str] = []
-        else:
-            applied = set(written.values())
-            applied.update(sid for _, sid, _ in others)
-            extras = [sid for sid in ids if sid not in applied]
+        # Without a kept entry one trim below the last id deletes the batch: no ids.
+        extras = list(ids) if kept else []
         keys = [
             self._streams[shard],
             self._dirty[shard],
@@ -196,7 +194,7 @@ class WriteScripts:
         keys += [entry + key for key in written]
         keys += [entry + key for key, _, _ in others]
         args: list[Any] = [
-            STREAM_GROUP,
+            kept,
             self.spec.ttl_ms + self.spec.stale_ttl_ms,
             shard,
             int(time.time() * 1000),
@@ -206,14 +204,16 @@ class WriteScripts:
             len(extras),
             len(written),
             len(others),
+            len(letters),
             *extras,
             *written.values(),
         ]
-        # Regions the script hands to XACK and HMGET as they are: ids, then keys.
+        # Regions the script hands to XDEL and HMGET as they are: ids, then keys.
         args += [sid for _, sid, _ in others]
         args += written
         args += [key for key, _, _ in others]
         args += [op for _, _, op in others]
+        args += values
         for letter in letters:
             args += letter
         return Finishing(self.lua.send_script("finish", keys, args))

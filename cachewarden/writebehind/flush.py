@@ -1,9 +1,13 @@
 """Flushing one shard of the write buffer into the database (the core, no Celery).
 
-One flusher per shard, admitted by a Redis lock that carries a fencing token.
-It reclaims whatever earlier flushers took and never acknowledged, then reads
-new entries, coalesces each batch, applies it in one fenced transaction, sends
-rejected rows to the dead-letter stream, and only then acknowledges.
+One flusher per shard, admitted by a Redis lock that carries a fencing token. The
+shard's stream holds exactly the operations not yet settled: the lock holder reads it
+from its head with a cursor (`XRANGE`, safe to send again: a lost reply strands
+nothing), coalesces each batch, applies it in one fenced transaction, dead-letters
+the rows the database refused (trying each key's next-newest operation in place of a
+refused one), and only then deletes the batch's entries (finish.lua). Entries of keys
+whose rows another transaction holds locked stay, and so does everything after a
+crash: the next holder reads them again from the head.
 """
 
 from __future__ import annotations
@@ -15,33 +19,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from cachewarden import metrics
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, ConfigError, LockLost
-from cachewarden.keys import STREAM_GROUP
 from cachewarden.scripts import InFlight
 from cachewarden.scripts.writebehind import Finishing, WriteScripts
 from cachewarden.settings import EntitySettings
 from cachewarden.writebehind.backoff import backoff_ms
-from cachewarden.writebehind.coalesce import WRITE, Op, coalesce
+from cachewarden.writebehind.coalesce import DELETE, WRITE, Op, coalesce
 from cachewarden.writebehind.enqueue import write_scripts
 from cachewarden.writebehind.fence import Fence, committed_token
-from cachewarden.writebehind.sink import Outcome, SqlSink
+from cachewarden.writebehind.sink import Outcome, Rejected, SqlSink
 
 log = structlog.get_logger("cachewarden.flush")
-
-# A consumer of a shard's group that holds nothing and was idle this long is removed.
-CONSUMER_IDLE_MS = 10 * 60 * 1000
-TIDY_EVERY_S = 60.0
-_tidied: dict[tuple[str, int], float] = {}
 
 
 @dataclass
 class Batch:
-    """What one stream read returned: every entry's id, in stream order, and the Op of
-    each entry that still has fields (an entry deleted under the group has none)."""
+    """What one stream read returned: every entry's id, in stream order, and its Op."""
 
     ids: list[str]
     ops: list[Op]
@@ -49,12 +46,15 @@ class Batch:
 
 @dataclass
 class _Applied:
-    """A batch the database took: what finish.lua acknowledges and settles."""
+    """A batch the database took: what finish.lua deletes and settles."""
 
     ids: list[str]
     ops: list[Op]
     winners: list[Op]
     outcome: Outcome
+    # Keys of which the database refused an operation: the operation applied in its
+    # place (None: none was left, or it was a delete).
+    fallback: dict[str, Op | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -108,6 +108,9 @@ class ShardFlusher:
     # Keys whose rows were locked by another transaction during this run: every entry of
     # theirs stays pending (in stream order) for the next run, never applied out of order.
     held: set[str] = field(default_factory=set)
+    # The oldest entry this run left in the stream for a held key ("" for none): the
+    # trims of later batches stop below it.
+    kept: str = ""
     # During a drain: the batches whose finish.lua was sent and not yet read, how to
     # read them, and the dead letters the last one read found (-1: not known yet).
     _sent: list[_Sent] = field(default_factory=list, init=False, repr=False)
@@ -135,7 +138,6 @@ class ShardFlusher:
             sink = sink_for(self.context, self.spec.name)
             self._drain(sink, fence, result, time.monotonic() + budget_ms / 1000)
             self.context.redis.delete(self.context.keys.retries(self.spec.name, self.shard))
-            self._tidy_consumers()
             if self.held:
                 # Try the locked rows again after one lock wait (not a growing backoff:
                 # a held lock is contention, and they land as soon as it is released).
@@ -166,26 +168,6 @@ class ShardFlusher:
         finally:
             self._release(hold_ms)
         return result
-
-    def _tidy_consumers(self) -> None:
-        """Remove the group's consumers that hold nothing and were idle for CONSUMER_IDLE_MS
-        (processes gone: each names itself host-pid), at most every TIDY_EVERY_S."""
-        now, last = time.monotonic(), _tidied.get((self.spec.name, self.shard), 0.0)
-        if now - last < TIDY_EVERY_S:
-            return
-        _tidied[(self.spec.name, self.shard)] = now
-        redis, stream = self.context.redis, self._stream
-        consumers: Any = redis.xinfo_consumers(stream, STREAM_GROUP)
-        for consumer in consumers:
-            name = consumer["name"]
-            idle = int(consumer.get("inactive", consumer["idle"]))
-            if (
-                name != self.context.consumer
-                and consumer["pending"] == 0
-                and idle > CONSUMER_IDLE_MS
-            ):
-                redis.xgroup_delconsumer(stream, STREAM_GROUP, name)
-                log.info("consumer_removed", consumer=name, idle_ms=idle)
 
     # -- lock, fence, backoff ---------------------------------------------------
 
@@ -250,51 +232,34 @@ class ShardFlusher:
             settle()
 
     def _batches(self, deadline: float, before_read: Callable[[], None]) -> Iterator[Batch]:
-        """Entries others took and never acknowledged first, then new ones, in batches.
+        """The stream from its head, in batches, with a cursor (`XRANGE`): the entries
+        an earlier holder left (a crash, a lost lock, a held row) come first, as they
+        are the oldest. A read is safe to send again: it changes nothing.
 
         Read with the script registry's direct commands: hiredis parses the reply, and
         each entry's fields become an Op in one step (no redis-py response callback).
         While a full batch is applied, the next read is already on its way (sent
         before the batch is yielded, its reply read after); any other read first calls
         `before_read`."""
-        lua, size = self.context.lua, self.spec.write_behind.batch_size
-        consumer = self.context.consumer
-        _ensure_group(self.context.redis, self._stream)
-        cursor = "0-0"
-        while True:
-            before_read()
-            reply: list[Any] = lua.command(
-                "XAUTOCLAIM", self._stream, STREAM_GROUP, consumer, 0, cursor, "COUNT", size
-            )
-            cursor, claimed = reply[0], _batch(reply[1])
-            if claimed.ids:
-                self._check_dead_letters()
-                yield claimed
-            if cursor == "0-0":
-                break
-        read: tuple[Any, ...] = ("XREADGROUP", "GROUP", STREAM_GROUP, consumer, "COUNT", size)
-        read += ("STREAMS", self._stream, ">")
+        lua, size, stream = self.context.lua, self.spec.write_behind.batch_size, self._stream
+        start = "-"
         ahead: InFlight | None = None
         try:
             while True:
                 if ahead is None:
                     before_read()
-                    reply = lua.command(*read)
+                    entries: list[Any] = lua.command("XRANGE", stream, start, "+", "COUNT", size)
                 else:
-                    reply, ahead = ahead.reply(), None
-                # RESP3 answers a map {stream: entries}, RESP2 a list of [stream, entries].
-                if isinstance(reply, dict):
-                    entries = next(iter(reply.values()))
-                else:
-                    entries = reply and reply[0][1]
+                    entries, ahead = ahead.reply(), None
                 if not entries:
                     return
-                self._check_dead_letters()  # what it read stays pending, claimed again later
+                self._check_dead_letters()  # what it read stays in the stream
+                start = "(" + entries[-1][0]
                 if len(entries) == size and time.monotonic() < deadline:
-                    ahead = lua.send(*read)
+                    ahead = lua.send("XRANGE", stream, start, "+", "COUNT", size)
                 yield _batch(entries)
         finally:
-            if ahead is not None:  # stopped early: what it read stays pending, claimed later
+            if ahead is not None:  # stopped early: what it read stays in the stream
                 ahead.cancel()
 
     def _check_dead_letters(self) -> None:
@@ -314,47 +279,105 @@ class ShardFlusher:
             )
 
     def _apply(self, batch: Batch, sink: SqlSink, fence: Fence) -> _Applied:
-        """Coalesce the batch and apply it to the database (one fenced transaction)."""
+        """Coalesce the batch and apply it to the database (one fenced transaction), then
+        each refused key's next-newest operation in its place (`_fall_back`)."""
         ids, ops, held = batch.ids, batch.ops, self.held
-        winners = coalesce([op for op in ops if op.key not in held] if held else ops)
+        live = [op for op in ops if op.key not in held] if held else ops
+        winners = coalesce(live)
         outcome = sink.apply(winners, fence) if winners else Outcome()
+        fallback: dict[str, Op | None] = {}
+        if outcome.rejected:
+            outcome = self._fall_back(live, outcome, fallback, sink, fence)
         held.update(op.key for op in outcome.locked)
-        if held:  # what is held stays pending: not acknowledged, not settled
-            kept = {op.id for op in ops if op.key in held}
-            ids = [sid for sid in ids if sid not in kept]
+        if held:  # what is held stays in the stream: not deleted, not settled
+            kept = [op.id for op in ops if op.key in held]
+            if kept and not self.kept:
+                self.kept = kept[0]
+            keep = set(kept)
+            ids = [sid for sid in ids if sid not in keep]
             ops = [op for op in ops if op.key not in held]
             winners = [op for op in winners if op.key not in held]
-        return _Applied(ids, ops, winners, outcome)
+            outcome.rejected = [bad for bad in outcome.rejected if bad.op.key not in held]
+            for key in list(fallback):
+                if key in held:
+                    del fallback[key]
+        return _Applied(ids, ops, winners, outcome, fallback)
+
+    def _fall_back(
+        self,
+        ops: list[Op],
+        outcome: Outcome,
+        fallback: dict[str, Op | None],
+        sink: SqlSink,
+        fence: Fence,
+    ) -> Outcome:
+        """Where the database refused a key's surviving operation, apply the survivor of
+        the key's other operations in the batch in its place, and so on back: the
+        database ends with the newest operation it accepts (invariant 3a). `fallback`
+        gets, per refused key, what was applied in the end (None: nothing was)."""
+        refused = {bad.op.id for bad in outcome.rejected}
+        keys = {bad.op.key for bad in outcome.rejected}
+        by_key: dict[str, list[Op]] = {}
+        for op in ops:
+            if op.key in keys:
+                by_key.setdefault(op.key, []).append(op)
+        total = outcome
+        while keys:
+            retry: list[Op] = []
+            for key in keys:
+                survivors = coalesce(op for op in by_key[key] if op.id not in refused)
+                fallback[key] = survivors[0] if survivors else None
+                retry += survivors
+            if not retry:
+                break
+            more = sink.apply(retry, fence)
+            total = total + more
+            refused.update(bad.op.id for bad in more.rejected)
+            keys = {bad.op.key for bad in more.rejected}
+        return total
 
     def _finish(self, applied: _Applied) -> _Sent:
-        """Send the script that acknowledges the batch, settles its keys and moves its
-        refused rows to the dead-letter stream (one script: a crash leaves all of it or
-        none), and extends the shard's lock."""
+        """Send the script that deletes the batch's entries, settles its keys and moves
+        its refused operations to the dead-letter stream (one script: a crash leaves all
+        of it or none), and extends the shard's lock."""
         ops, outcome = applied.ops, applied.outcome
         # Each key's newest entry in the batch: the id its settling is judged by.
         written = {op.key: op.id for op in ops}
-        # The keys not settled as plain writes (usually none): deletes, refused rows
-        # ("x": drop the entry; the database refused the row) and outranked writes.
+        # The keys not settled as plain writes (usually none): deletes, outranked writes
+        # and keys of which the database refused an operation.
         kind = {op.key: op.kind for op in applied.winners if op.kind != WRITE}
-        refused = {bad.op.key: bad for bad in outcome.rejected}
-        kind.update({key: "x" for key in refused})
+        stale = {op.id for op in outcome.stale}
         for op in outcome.stale:
             kind[op.key] = f"s:{op.version}:{self.spec.version_column}"
+        values: dict[str, str] = {}
+        for key, used in applied.fallback.items():
+            if used is None or used.kind == DELETE or used.id in stale:
+                kind[key] = "x"
+            else:
+                kind[key] = "v"
+                values[key] = used.value
         others = [(key, sid, kind[key]) for key, sid in written.items() if key in kind]
         for key in kind:
-            del written[key]
-        letters = [
-            (bad.op.kind, bad.op.value, _version(bad.op), bad.error, bad.op.id)
-            for bad in (refused[key] for key, _, op in others if op == "x")
-        ]
-        call = self._scripts.finish(self.shard, applied.ids, written, others, letters, self.owner)
+            written.pop(key, None)
+        letters = [_letter(bad) for bad in outcome.rejected]
+        call = self._scripts.finish(
+            self.shard,
+            applied.ids,
+            written,
+            others,
+            letters,
+            self.owner,
+            kept=self.kept,
+            values=[values[key] for key, _, op in others if op == "v"],
+        )
         return _Sent(applied, call)
 
     def _settle(self, sent: _Sent, fence: Fence, result: FlushResult) -> None:
         """Read what a batch's finish.lua did, and count the batch."""
         finished = sent.call.result()
         applied = sent.applied
-        done = len(applied.winners) - len(applied.outcome.rejected)
+        lost = sum(1 for used in applied.fallback.values() if used is None)
+        done = len(applied.winners) - lost
         metrics.emit("flush_batch_rows", len(applied.ids), entity=self.spec.name)
         result.entries += len(applied.ids)
         result.applied += done
@@ -380,8 +403,8 @@ class ShardFlusher:
 
 
 def _batch(raw: list[Any]) -> Batch:
-    """A stream reply's entries: every id (a deleted entry's too, to acknowledge it) and
-    an Op per entry that still has fields, built straight from the reply's lists."""
+    """A stream reply's entries: every id and an Op per entry that has fields, built
+    straight from the reply's lists."""
     ids: list[str] = []
     ops: list[Op] = []
     for sid, flat in raw:
@@ -398,12 +421,10 @@ def _version(op: Op) -> str:
     return "" if op.version is None else str(op.version)
 
 
-def _ensure_group(redis: Any, stream: str) -> None:
-    try:
-        redis.xgroup_create(stream, STREAM_GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+def _letter(bad: Rejected) -> tuple[str, str, str, str, str, str]:
+    """A refused operation as finish.lua's letter: key, op, value, version, error, id."""
+    op = bad.op
+    return (op.key, op.kind, op.value, _version(op), bad.error, op.id)
 
 
 def flush_shard(context: Context, entity: str, shard: int, budget_ms: int = 5000) -> FlushResult:

@@ -8,13 +8,10 @@ import time
 import pytest
 
 from cachewarden.celeryconf import task_client
-from cachewarden.keys import STREAM_GROUP
 from cachewarden.readpath.refresh import REFRESH_TASK
 from cachewarden.readpath.sweep import SWEEP_TASK
-from cachewarden.writebehind import flush
 from cachewarden.writebehind.dispatch import FLUSH_TASK, dispatch_once
 from tests.conftest import Harness
-from tests.helpers import wait_for
 from tests.test_cli import cachewarden
 
 USER = {"table": "users", "key": "id", "ttl": "10m"}
@@ -55,31 +52,6 @@ def test_each_family_has_its_own_queue(pg_harness: Harness) -> None:
     lengths = {f: h.cache.redis.llen(f"{h.queue}.{f}") for f in ("writebehind", "readpath")}
     assert lengths == {"writebehind": 1, "readpath": 3}
     client.close()
-
-
-def test_idle_consumers_holding_nothing_are_removed(
-    pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A flush removes the group's consumers that hold nothing and were idle past the threshold (gone processes), and keeps its own."""
-    h = pg_harness
-    h.create_table("users", version=False)
-    h.configure({"user": USER}, {"user": {"shards": 1}})
-    monkeypatch.setattr(flush, "CONSUMER_IDLE_MS", 200)
-    monkeypatch.setattr(flush, "TIDY_EVERY_S", 0.0)
-    h.cache.write("user", 1, {"name": "x"})
-    stream = h.context.keys.stream("user", 0)
-    assert flush.flush_shard(h.context, "user", 0).status == "done"  # creates the group
-    for ghost in ("gone-host-1", "gone-host-2"):
-        h.context.redis.xgroup_createconsumer(stream, STREAM_GROUP, ghost)
-
-    def consumers() -> dict[str, int]:
-        return {c["name"]: c["idle"] for c in h.context.redis.xinfo_consumers(stream, STREAM_GROUP)}
-
-    assert {"gone-host-1", "gone-host-2"} <= set(consumers())
-    wait_for(lambda: min(consumers().values()) > 200, 5, what="the ghosts to be idle 200 ms")
-    h.cache.write("user", 2, {"name": "y"})
-    assert flush.flush_shard(h.context, "user", 0).status == "done"
-    assert set(consumers()) == {h.context.consumer}
 
 
 def test_an_entity_removed_from_the_config_is_reported_not_reclaimed(pg_harness: Harness) -> None:
