@@ -6,7 +6,8 @@ and Flower (with credentials made once and kept), then shows, live: writes
 reaching the database, a refresh reloading a row the database changed behind
 the cache, and a warm run. Its state (the embedded Redis's AOF, Flower's
 credentials, the processes' logs) lives in one runtime directory, `.cachewarden`
-(or `$CACHEWARDEN_RUNTIME_DIR`), which a second run reuses. Ctrl-C stops it all.
+(or `$CACHEWARDEN_RUNTIME_DIR`), which a second run reuses: mode 0700 and this
+user's (a run refuses one that is not). Ctrl-C stops it all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from cachewarden import runtime
 from cachewarden.settings import CONFIG_ENV, Settings, config_path
 
 RUNTIME_ENV = "CACHEWARDEN_RUNTIME_DIR"
@@ -30,18 +32,18 @@ FLOWER_USER = "cachewarden"
 
 
 def runtime_dir() -> Path:
-    return Path(os.environ.get(RUNTIME_ENV) or ".cachewarden")
+    """The run's state directory, private to this user (UnsafePath when it is not)."""
+    return runtime.private_dir(os.environ.get(RUNTIME_ENV) or ".cachewarden", f"${RUNTIME_ENV}")
 
 
 def flower_credentials(directory: Path) -> str:
-    """user:password for Flower, made on the first run and kept (mode 0600)."""
+    """user:password for Flower, made on the first run and kept: created 0600 (never
+    through a symbolic link), and refused (UnsafePath) if another user could read it."""
     path = directory / "flower-credentials"
-    if path.is_file():
-        return path.read_text().strip()
     text = f"{FLOWER_USER}:{secrets.token_urlsafe(12)}"
-    path.write_text(text + "\n")
-    path.chmod(0o600)
-    return text
+    if runtime.create_secret(path, text + "\n"):
+        return text
+    return runtime.read_secret(path).strip()
 
 
 def _free_port(preferred: int) -> int:
@@ -111,7 +113,6 @@ def run(settings: Settings, config: str | None, no_embedded: bool, demo: bool, o
     from cachewarden.embedded import redis_answers, start_embedded_redis
 
     directory = runtime_dir()
-    directory.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:

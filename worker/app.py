@@ -55,7 +55,11 @@ def _check_redis(**_: Any) -> None:
     # Prefork metrics: before prometheus-client is imported and before the pool forks.
     from cachewarden import exporter
 
-    exporter.prepare(settings)
+    try:
+        exporter.prepare(settings)  # the runtime directory: private, or refused
+    except CachewardenError as exc:
+        print(f"cachewarden: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     exporter.install()
     client = redis_client(settings.redis)
     context = Context(settings, client)

@@ -127,6 +127,21 @@ def test_compose_runs_every_service_with_aof_and_flower_behind_auth() -> None:
     assert 'CMD ["cachewarden", "worker"]' in dockerfile and "[worker," in dockerfile
 
 
+def test_compose_holds_no_database_password_and_requires_one() -> None:
+    """ops/compose.yaml sets no PostgreSQL password of its own: the server and the workers' database URL take POSTGRES_PASSWORD from the environment (or ops/.env), required, with no default."""
+    text = (OPS / "compose.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    required = re.compile(r"^\$\{POSTGRES_PASSWORD:\?[^}]+\}$")
+    assert required.match(services["postgres"]["environment"]["POSTGRES_PASSWORD"])
+    url = services["worker"]["environment"]["CACHEWARDEN_DATABASE_URL"]
+    secret = url.split("//", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    assert required.match(secret), url
+    for name in ("scheduler", "flower"):
+        assert services[name]["environment"]["CACHEWARDEN_DATABASE_URL"] == url
+    # Every secret compose interpolates is required (`:?`): none falls back to a default.
+    assert not re.search(r"\$\{[A-Z_]*(PASSWORD|AUTH)[A-Z_]*(:?-)", text)
+
+
 def test_the_production_config_loads_and_its_jobs_schedule() -> None:
     """ops/config/production.toml is a valid config: it loads, its warming jobs' schedules build, and it turns the metrics port on."""
     settings = load_settings(OPS / "config/production.toml")
