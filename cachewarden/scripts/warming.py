@@ -13,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cachewarden.keys import Keyspace
+from cachewarden.keys import Keyspace, shard_of
 from cachewarden.scripts import Registry
+
+# warm_fill: how often a fill follows a shard count that moved before it reads again.
+FILL_TRIES = 3
 
 
 class WarmScripts:
@@ -34,6 +37,9 @@ class WarmScripts:
         self._touched = keys.touched(entity)
         self._dirty = [keys.dirty(entity, n) for n in range(shards)]
         self._entry = keys.entry_prefix(entity)
+        # warm_fill checks `shards` against the count Redis records, and follows it.
+        self._keys, self._entity = keys, entity
+        self._shards_record = keys.shard_count(entity)
 
     # -- slot_claim.lua -----------------------------------------------------------
 
@@ -84,14 +90,26 @@ class WarmScripts:
     ) -> tuple[int, int, int]:
         """Fill a chunk: rows are (key, JSON, px, shard). Returns (filled, skipped, chunks
         done); (-1, 0, 0) when the run is no longer current, (-2, 0, 0) when the chunk
-        must be read again (nothing written either way)."""
+        must be read again (nothing written either way).
+
+        Each key's dirty hash is that of the shard count Redis records, whatever count
+        the caller put in `rows` (its shard is taken again from the key): the script
+        refuses a count that is not the record's, and the fill is sent again with it."""
         entry = self._entry
-        keys = [self._run, self._chunks, self._marker, self._touched, *self._dirty]
-        keys += [entry + key for key, _, _, _ in rows]
-        args: list[Any] = [run, begun_ms, horizon_ms, len(self._dirty), index, invalid]
-        for key, value, px, shard in rows:
-            args += (key, value, px, shard + 1)
-        reply = self.lua.run("warm_fill", keys=keys, args=args)
+        head = [self._run, self._chunks, self._marker, self._touched, self._shards_record]
+        entries = [entry + key for key, _, _, _ in rows]
+        for _ in range(FILL_TRIES):
+            dirty, count = self._dirty, len(self._dirty)
+            args: list[Any] = [run, begun_ms, horizon_ms, count, index, invalid]
+            for key, value, px, _ in rows:
+                args += (key, value, px, shard_of(key, count) + 1)
+            reply = self.lua.run("warm_fill", keys=[*head, *dirty, *entries], args=args)
+            if int(reply[0]) != -3:
+                break
+            recorded = int(str(reply[1]).split(">", 1)[0])
+            self._dirty = [self._keys.dirty(self._entity, n) for n in range(recorded)]
+        else:
+            return -2, 0, 0  # the count kept moving: read the chunk again later
         if int(reply[0]) < 0:
             return int(reply[0]), 0, 0
         return int(reply[0]), int(reply[1]), int(reply[2])

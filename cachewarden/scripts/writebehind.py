@@ -221,35 +221,30 @@ class WriteScripts:
     # -- replay.lua -------------------------------------------------------------
 
     def replay(self, letter_id: str, pending: Pending, force: bool) -> str:
-        """Re-enqueue a dead letter unless a newer write superseded it: its new id, or
-        "superseded"; raises redis' ResponseError "BACKPRESSURE" when the shard is full."""
-        keys, name, wb = self.keys, self.spec.name, self.spec.write_behind
-        shard = self.shard(pending.key)
-        result: str = self.lua.run(
-            "replay",
-            keys=[
-                self._entry + pending.key,
-                self._streams[shard],
-                self._dirty[shard],
-                keys.due(),
-                keys.dead_keys(name),
-                keys.dead(name),
-                self._lease + pending.key,
-            ],
-            args=[
-                pending.op,
-                pending.key,
-                pending.value,
-                wb.max_pending,
-                wb.batch_size,
-                wb.max_delay_ms,
-                self._members[shard],
-                letter_id,
-                "1" if force else "0",
-                pending.version,
-            ],
-        )
+        """Re-enqueue a dead letter, with every check `enqueue` makes, unless a newer write
+        superseded it: its new stream id; "superseded" (the letter dropped) when a newer
+        write came (unless `force`) or a newer delete's tombstone outranks it; "!GONE"
+        when the letter is no longer held; or, nothing changed, one of enqueue's refusals:
+        "!MEMORY used max", "!SHARDS record", "!DEADLETTERS n", "!BACKPRESSURE n".
+        Safe to send again: a second run finds its letter gone."""
+        key = pending.key
+        stream, dirty, member = self._per_shard[self.shard(key)]
+        keys = [*self._head, self._entry + key, stream, dirty, self._lease + key, self._tomb + key]
+        args = [*self._limits, pending.op, key, pending.value, pending.version, member]
+        args += [letter_id, "1" if force else "0"]
+        result: str = self.lua.run("replay", keys=keys, args=args)
         return result
+
+
+# -- discard.lua (one entity's dead letters) -----------------------------------------
+
+
+def discard_letter(lua: Registry, keys: Keyspace, entity: str, dead_id: str) -> bool:
+    """Delete one dead letter, and forget it as its key's newest where it still is, in one
+    script (a newer letter of the key made meanwhile stays replayable). False when the
+    letter was not held."""
+    names = [keys.dead(entity), keys.dead_keys(entity)]
+    return bool(lua.run("discard", keys=names, args=[dead_id]))
 
 
 # -- dispatch.lua (all entities) ---------------------------------------------------

@@ -1,31 +1,36 @@
 """The dead-letter stream: rows the database refused, kept with the error.
 
-The flusher moves a refused row here in the same script that acknowledges its
-batch (finish.lua), and only while it is still its key's newest pending
-operation: no crash can leave a letter half made or its batch acknowledged
-without it.
+The flusher moves a refused row here in the same script that settles its
+batch (finish.lua): no crash can leave a letter half made or its batch settled
+without it. The dead-letter keys hash names each key's newest letter while no
+newer write of the key came.
 
 Nothing is dropped: a rejected row waits here until it is replayed (after the
 data or the table is fixed) or discarded by an operator. A newer write of the
-same key supersedes its dead letter, so a replay never overwrites newer data.
+same key supersedes its dead letter, so a replay never overwrites newer data
+(unless forced). A replay is checked as a write is (replay.lua makes every check
+enqueue.lua makes, on the shard count Redis records), and a discard reads and
+deletes in one script.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 from redis import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
-from cachewarden.errors import Backpressure
+from cachewarden.errors import Backpressure, CachewardenError
 from cachewarden.keys import Keyspace
 from cachewarden.scripts import Registry
-from cachewarden.scripts.writebehind import Pending, WriteScripts
-from cachewarden.settings import EntitySettings
+from cachewarden.scripts.writebehind import SHARDS, Pending, WriteScripts, discard_letter
+from cachewarden.settings import EntitySettings, RedisSettings
+from cachewarden.writebehind.enqueue import _outcome, _redis_address
+from cachewarden.writebehind.memory import full_redis
+from cachewarden.writebehind.shardcount import count_of, recorded, shards_refusal
 
-if TYPE_CHECKING:
-    pass
+GONE = "!GONE"
 
 
 @dataclass(frozen=True)
@@ -74,26 +79,61 @@ def count_dead(redis: Redis, keys: Keyspace, entity: str) -> int:
 
 
 def replay(
-    redis: Redis, keys: Keyspace, spec: EntitySettings, letter: DeadLetter, force: bool = False
+    redis: Redis,
+    keys: Keyspace,
+    spec: EntitySettings,
+    letter: DeadLetter,
+    force: bool = False,
+    memory_headroom: float = RedisSettings.memory_headroom,
 ) -> str:
-    """Re-enqueue a dead letter; return the new stream id, or "superseded"."""
-    scripts = WriteScripts(Registry(redis), keys, spec)
-    try:
-        return scripts.replay(
-            letter.id, Pending(letter.op, letter.key, letter.value, letter.version), force
+    """Re-enqueue a dead letter, checked as a write is: return its new stream id, or
+    "superseded" (the letter dropped) when a newer write of its key came after it (unless
+    `force`) or a newer delete outranks it. It goes to the shard of the count Redis
+    records. Raises what a write raises when it is not taken (Backpressure: the shard is
+    full, the entity holds max_dead_letters besides it, Redis is short of memory, a
+    reshard drains), and CachewardenError when the letter is no longer held."""
+    lua = Registry(redis)
+    pending = Pending(letter.op, letter.key, letter.value, letter.version)
+    record = recorded(redis, keys, spec.name)
+    for _ in range(2):  # once more when the count moved between the read and the script
+        count = spec.write_behind.shards if record is None else count_of(record)
+        scripts = WriteScripts(lua, keys, _with_shards(spec, count), memory_headroom)
+        reply = _replayed(scripts, letter, pending, force)
+        if not reply.startswith(SHARDS):
+            break
+        record = reply.split()[1]
+        if ">" in record:
+            break
+    if reply.startswith(SHARDS):
+        raise shards_refusal(spec, reply.split()[1])
+    if reply == GONE:
+        raise CachewardenError(
+            f"{spec.name}: dead letter {letter.id} (key {letter.key!r}) is no longer held: "
+            "it was replayed or discarded already"
         )
+    outcome = _outcome(scripts, pending, reply) if reply.startswith("!") else reply
+    if isinstance(outcome, Backpressure):
+        raise outcome
+    return outcome
+
+
+def _replayed(scripts: WriteScripts, letter: DeadLetter, pending: Pending, force: bool) -> str:
+    try:
+        return scripts.replay(letter.id, pending, force)
     except ResponseError as exc:
-        if "BACKPRESSURE" in str(exc):
-            shard = scripts.shard(letter.key)
-            raise Backpressure(f"{spec.name}: shard {shard} is full; replay later") from None
+        if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):
+            raise full_redis(scripts.spec.name, _redis_address(scripts), str(exc)) from None
         raise
 
 
+def _with_shards(spec: EntitySettings, shards: int) -> EntitySettings:
+    if spec.write_behind.shards == shards:
+        return spec
+    return replace(spec, write_behind=replace(spec.write_behind, shards=shards))
+
+
 def discard(redis: Redis, keys: Keyspace, entity: str, dead_id: str) -> bool:
-    """Delete one dead letter for good (and forget it as its key's newest)."""
-    letters: Any = redis.xrange(keys.dead(entity), dead_id, dead_id)
-    for _, fields in letters:
-        key = fields.get("k", "")
-        if redis.hget(keys.dead_keys(entity), key) == dead_id:
-            redis.hdel(keys.dead_keys(entity), key)
-    return bool(redis.xdel(keys.dead(entity), dead_id))
+    """Delete one dead letter for good (and forget it as its key's newest, where it still
+    is), in one script: a newer letter of its key stays replayable. False when the letter
+    was not held."""
+    return discard_letter(Registry(redis), keys, entity, dead_id)

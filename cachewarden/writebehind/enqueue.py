@@ -9,7 +9,7 @@ its shard took it (`Backpressure` when the shard is full).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
@@ -33,6 +33,7 @@ from cachewarden.scripts.writebehind import (
     WriteScripts,
 )
 from cachewarden.settings import EntitySettings
+from cachewarden.writebehind import shardcount
 from cachewarden.writebehind.memory import full_redis, memory_refusal
 from cachewarden.writebehind.shardcount import shards_refusal
 
@@ -58,15 +59,34 @@ class BatchResult:
         return not self.refused
 
 
+class RecordedScripts(WriteScripts):
+    """WriteScripts for the shard count Redis records (built by `write_scripts`): they
+    know their context, so a call that meets a count moved since can follow it."""
+
+    def __init__(self, context: Context, spec: EntitySettings, shards: int) -> None:
+        if spec.write_behind.shards != shards:
+            spec = replace(spec, write_behind=replace(spec.write_behind, shards=shards))
+        super().__init__(context.lua, context.keys, spec, context.settings.redis.memory_headroom)
+        self.context = context
+
+    def follow(self, record: str) -> bool:
+        """Take `record` as the entity's count, as enqueue.lua answered it ("!SHARDS
+        <record>": nothing of the call was taken). True when the call may be sent again
+        on it; False while a reshard drains ("N>M": writes wait)."""
+        shardcount.learn(self.context, self.spec.name, record)
+        return ">" not in record
+
+
 def write_scripts(context: Context, entity: str) -> WriteScripts:
-    """The context's write-path scripts of `entity`."""
+    """The context's write-path scripts of `entity`, for the shard count Redis records
+    (not the config's: see shardcount.py) as this process last saw it: enqueue.lua
+    checks it on every call, and its answer that the count moved is followed at once
+    (`_send`); flushers refresh it (`shardcount.holds`). While a reshard N>M drains
+    they are for N: the flushers drain N, and writes are refused."""
     spec = context.entity(entity)
+    shards = shardcount.known(context, spec.name)
     return context.shared(
-        "write_scripts",
-        entity,
-        lambda: WriteScripts(
-            context.lua, context.keys, spec, context.settings.redis.memory_headroom
-        ),
+        f"write_scripts:{shards}", spec.name, lambda: RecordedScripts(context, spec, shards)
     )
 
 
@@ -100,9 +120,18 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
 
     Raises BackendUnavailable when Redis cannot be reached or refuses the call.
     """
+    return _send(scripts, ops)
+
+
+def _send(
+    scripts: WriteScripts, ops: Sequence[Pending], follow: bool = True
+) -> list[str | Backpressure]:
+    """enqueue's round trip. A call enqueue.lua refused whole for the shard count
+    ("!SHARDS <record>", nothing taken) is sent once more on the count Redis records
+    (`follow`), or raises Backpressure while a reshard drains."""
     spec = scripts.spec
     try:
-        replies = scripts.enqueue(ops)
+        replies: list[str] = scripts.enqueue(ops)
     except ResponseError as exc:
         if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):
             raise full_redis(spec.name, _redis_address(scripts), str(exc)) from None
@@ -115,7 +144,10 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
     except RedisError as exc:
         raise BackendUnavailable(f"{spec.name}: Redis error: {exc}") from None
     if replies and replies[0].startswith(SHARDS):
-        raise shards_refusal(spec, replies[0].split()[1])
+        record = replies[0].split()[1]
+        if follow and isinstance(scripts, RecordedScripts) and scripts.follow(record):
+            return _send(write_scripts(scripts.context, spec.name), ops, follow=False)
+        raise shards_refusal(spec, record)
     return [_outcome(scripts, op, reply) for op, reply in zip(ops, replies, strict=True)]
 
 

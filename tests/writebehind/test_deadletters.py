@@ -15,8 +15,10 @@ import sqlalchemy as sa
 from cachewarden.errors import Backpressure
 from cachewarden.keys import shard_of
 from cachewarden.scripts.writebehind import WriteScripts
+from cachewarden.writebehind import shardcount
 from cachewarden.writebehind.deadletters import DeadLetter, count_dead, discard, list_dead, replay
 from cachewarden.writebehind.flush import flush_shard
+from cachewarden.writebehind.reshard import reshard
 from cachewarden.writebehind.sink import SqlSink
 from tests.conftest import Harness
 from tests.helpers import wait_for
@@ -304,10 +306,10 @@ def test_a_crash_before_the_batch_is_acknowledged_leaves_one_letter(
     assert h.rows("users")[1]["name"] == "poison"
 
 
-def test_a_write_racing_a_rejection_wins_and_leaves_no_letter(
+def test_a_write_racing_a_rejection_wins_and_its_letter_is_superseded(
     pg_harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A newer write of a key arriving after the database refused its row, before the batch is acknowledged, supersedes the refused row: no dead letter, and the newer write lands."""
+    """A newer write of a key arriving after the database refused its row, before the batch settles, lands; the refused row is still a dead letter (nothing refused goes unrecorded), and replay calls it superseded."""
     h = pg_harness
     _poison_setup(h)
     cache = h.cache
@@ -322,11 +324,14 @@ def test_a_write_racing_a_rejection_wins_and_leaves_no_letter(
 
     monkeypatch.setattr(SqlSink, "apply", racing)
     assert flush_shard(h.context, "user", 0).status == "done"
-    assert count_dead(cache.redis, cache.keys, "user") == 0
+    assert count_dead(cache.redis, cache.keys, "user") == 1
     assert cache.get("user", 1) == {"id": 1, "name": "fixed"}
     monkeypatch.setattr(SqlSink, "apply", real)
     assert flush_shard(h.context, "user", 0).status == "done"
     assert h.rows("users") == {1: {"id": 1, "name": "fixed"}}
+    (letter,) = list_dead(cache.redis, cache.keys, "user")
+    assert json.loads(letter.value) == {"id": 1, "name": "poison"}
+    assert replay(cache.redis, cache.keys, h.context.entity("user"), letter) == "superseded"
 
 
 def test_a_few_rows_bad_alike_in_one_batch_are_dead_lettered(harness: Harness) -> None:
@@ -355,3 +360,145 @@ def test_dlq_shows_one_letter_in_full_and_drops_it(pg_harness: Harness) -> None:
     assert dropped.returncode == 0 and "discarded" in dropped.stdout
     assert _dead(h) == []
     assert _cli(h, "show", "user", "--id", letter.id, verb="dlq").returncode == 1
+
+
+def _letter_of(h: Harness, key: int, name: str = "poison", **row: Any) -> DeadLetter:
+    """Write `key` with a row the table refuses, flush it: its dead letter."""
+    h.cache.write("user", key, {"name": name, **row})
+    for shard in range(shardcount.current(h.context, "user")):
+        assert flush_shard(h.context, "user", shard).status == "done"
+    return next(d for d in reversed(_dead(h)) if d.key == str(key))
+
+
+def _mark_memory_full(h: Harness) -> None:
+    """What enqueue.lua writes after finding Redis past its memory headroom (for 1 s)."""
+    h.cache.redis.set(h.cache.keys.memory_mark(), "950000000 1000000000", px=5000)
+
+
+def _bound_lowered(h: Harness) -> None:
+    """Two more letters (three in all), then max_dead_letters lowered from 3 to 2."""
+    _letter_of(h, 21)
+    _letter_of(h, 22)
+    h.configure({"user": USER}, {"user": {"shards": 1, "max_dead_letters": 2}})
+
+
+REFUSALS = {
+    # condition: (write_behind settings, make it hold, lift it, what both errors say)
+    "the shard is full": (
+        {"max_pending": 2, "batch_size": 1},
+        lambda h: h.cache.write_many("user", {10: {"name": "a"}, 11: {"name": "b"}}),
+        lambda h: _flush_all(h),
+        r"shard 0 holds 2 unflushed writes \(write_behind\.max_pending\)",
+    ),
+    "Redis is past its memory headroom": (
+        {},
+        _mark_memory_full,
+        lambda h: h.cache.redis.delete(h.cache.keys.memory_mark()),
+        r"uses 906\.0 MB of its maxmemory 953\.7 MB, past the write headroom",
+    ),
+    "the entity would still hold max_dead_letters": (
+        {},
+        lambda h: _bound_lowered(h),
+        lambda h: [discard(h.cache.redis, h.cache.keys, "user", d.id) for d in _dead(h)[1:]],
+        r"\d dead letters are waiting \(the bound is write_behind\.max_dead_letters = 2\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("condition", list(REFUSALS))
+def test_replay_is_refused_as_a_write_is(pg_harness: Harness, condition: str) -> None:
+    """While the shard is full, Redis is past its memory headroom, or the entity would still hold max_dead_letters besides the letter, replay raises the Backpressure a write raises, takes nothing and keeps its letter; once that ends the letter replays."""
+    h = pg_harness
+    settings, hold, lift, says = REFUSALS[condition]
+    h.create_table("users", version=False, extra=NO_POISON)
+    h.configure({"user": USER}, {"user": {"shards": 1, "max_dead_letters": 3, **settings}})
+    letter = _letter_of(h, 7)
+    hold(h)
+    with pytest.raises(Backpressure, match=says):
+        h.cache.write("user", 8, {"name": "x"})
+    pending = h.buffered()
+    with pytest.raises(Backpressure, match=says):
+        _replay(h, letter)
+    assert letter.id in {d.id for d in _dead(h)} and h.buffered() == pending
+    lift(h)
+    _fix_table(h)
+    assert _replay(h, letter) not in ("superseded", "")
+    _flush_all(h)
+    assert h.rows("users")[7]["name"] == "poison"
+
+
+def test_a_replay_during_a_reshard_waits_and_then_goes_to_the_recorded_shard(
+    pg_harness: Harness,
+) -> None:
+    """A replay while a reshard from 2 to 3 drains raises the writes' Backpressure and keeps its letter; afterwards the replay, from a config still saying 2, goes to the key's shard of 3 and lands."""
+    h = pg_harness
+    _setup(h)
+    h.configure({"user": USER}, {"user": {"max_delay": "50ms", "shards": 2}})
+    key = next(k for k in range(100) if shard_of(str(k), 3) != shard_of(str(k), 2))
+    letter = _letter_of(h, key)
+    _fix_table(h)
+    refused: list[str] = []
+
+    def during(line: str) -> None:
+        if "draining" in line:
+            with pytest.raises(Backpressure, match="resharded from 2 to 3") as caught:
+                _replay(h, letter)
+            refused.append(str(caught.value))
+
+    reshard(h.context, "user", 3, say=during)
+    assert refused and [d.id for d in _dead(h)] == [letter.id]
+    assert h.context.entity("user").write_behind.shards == 2
+    assert _replay(h, letter) != "superseded"
+    keys = h.context.keys
+    assert h.context.redis.xlen(keys.stream("user", shard_of(str(key), 3))) == 1
+    assert h.context.redis.xlen(keys.stream("user", shard_of(str(key), 2))) == 0
+    assert flush_shard(h.context, "user", shard_of(str(key), 3)).status == "done"
+    assert h.rows("users")[key]["name"] == "poison"
+
+
+def test_a_forced_replay_never_brings_back_a_row_a_newer_delete_removed(
+    pg_harness: Harness,
+) -> None:
+    """A dead letter at version 3 of a key deleted at version 6 is dropped as superseded even by a forced replay (the delete's tombstone outranks it, as it outranks a write): the row stays deleted and the cache holds nothing of it."""
+    h = pg_harness
+    h.create_table("users", extra=NO_POISON)
+    h.configure(
+        {"user": {**USER, "version_column": "version"}},
+        {"user": {"shards": 1, "max_delay": "50ms"}},
+    )
+    letter = _letter_of(h, 7, version=3)
+    h.cache.delete("user", 7, version=6)
+    _flush_all(h)
+    _fix_table(h)
+    assert 7 not in h.rows("users")  # an upsert of version 3 would insert it again
+    assert h.cache.write("user", 7, {"name": "late", "version": 3}) == ""  # a write: outranked
+    assert _replay(h, letter, force=True) == "superseded"
+    assert _dead(h) == [] and h.buffered() == 0
+    _flush_all(h)
+    assert 7 not in h.rows("users") and _cached(h, 7) is None
+
+
+def test_discard_is_one_script_and_keeps_a_newer_letter_of_its_key_replayable(
+    pg_harness: Harness,
+) -> None:
+    """Run apart, a discard's read and delete lose a newer letter of the key made between them (its replay then says superseded); `discard`, one script, deletes only its letter and leaves the newer one replayable."""
+    h = pg_harness
+    _poison_setup(h)
+    redis, keys = h.cache.redis, h.cache.keys
+    # The two steps of a discard run apart, a newer letter of key 1 made between them.
+    old = _letter_of(h, 1)
+    assert redis.hget(keys.dead_keys("user"), old.key) == old.id  # step 1: still its newest
+    newer = _letter_of(h, 1, name="poison")
+    redis.hdel(keys.dead_keys("user"), old.key)  # step 2, as the old discard did
+    redis.xdel(keys.dead("user"), old.id)
+    assert _replay(h, newer) == "superseded"  # the newer letter was lost
+    # The script: a newer letter made before it (it cannot come between its steps).
+    old = _letter_of(h, 2)
+    newer = _letter_of(h, 2, name="poison")
+    assert discard(redis, keys, "user", old.id) is True
+    assert [d.id for d in _dead(h)] == [newer.id]
+    assert discard(redis, keys, "user", old.id) is False
+    _fix_table(h)
+    assert _replay(h, newer) not in ("superseded", "")
+    assert flush_shard(h.context, "user", 0).status == "done"
+    assert h.rows("users")[2]["name"] == "poison"
