@@ -44,6 +44,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+
 def shard_of(key: str, shards: int) -> int:
     """The shard a key's writes go to: CRC-32 (zlib, IEEE) of its UTF-8 bytes mod shards."""
     return zlib.crc32(key.encode("utf-8")) % shards

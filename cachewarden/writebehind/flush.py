@@ -27,6 +27,7 @@ from cachewarden.errors import BackendUnavailable, ConfigError, LockLost
 from cachewarden.scripts import InFlight
 from cachewarden.scripts.writebehind import Finishing, WriteScripts
 from cachewarden.settings import EntitySettings
+from cachewarden.writebehind import shardcount
 from cachewarden.writebehind.backoff import backoff_ms
 from cachewarden.writebehind.coalesce import DELETE, WRITE, Op, coalesce
 from cachewarden.writebehind.enqueue import write_scripts
@@ -116,6 +117,7 @@ class ShardFlusher:
     _sent: list[_Sent] = field(default_factory=list, init=False, repr=False)
     _settle_sent: Callable[[], None] = field(default=lambda: None, init=False, repr=False)
     _dead_letters: int = field(default=-1, init=False, repr=False)
+    _pinned: WriteScripts | None = field(default=None, init=False, repr=False)
 
     @property
     def _stream(self) -> str:
@@ -123,7 +125,11 @@ class ShardFlusher:
 
     @property
     def _scripts(self) -> WriteScripts:
-        return write_scripts(self.context, self.spec.name)
+        """The write scripts of the shard count this run started on (one per run: a
+        reshard recorded meanwhile changes the next run's, never a batch's)."""
+        if self._pinned is None:
+            self._pinned = write_scripts(self.context, self.spec.name)
+        return self._pinned
 
     def run(self, budget_ms: int) -> FlushResult:
         """Drain the shard for up to `budget_ms`, then release it."""
@@ -430,6 +436,11 @@ def _letter(bad: Rejected) -> tuple[str, str, str, str, str, str]:
 def flush_shard(context: Context, entity: str, shard: int, budget_ms: int = 5000) -> FlushResult:
     """Flush one shard of `entity` for up to `budget_ms` (the core of the flush task)."""
     spec = context.entity(entity)
+    if not shardcount.holds(context, entity, shard):
+        # No such shard at the count Redis records (a reshard to fewer shards drained
+        # it): nothing to flush; let its queued marker and due entry go.
+        write_scripts(context, entity).release(shard, "", 0)
+        return FlushResult(entity, shard)
     started = time.monotonic()
     with structlog.contextvars.bound_contextvars(entity=entity, shard=shard):
         result = ShardFlusher(context, spec, shard).run(budget_ms)
