@@ -1,18 +1,22 @@
 """Turning `write`, `delete` and their batch forms into buffered operations.
 
-Validation happens here, before anything is sent: an unknown entity, a bad key
-or an unencodable row is refused with an error naming it. The operations then
-go to Redis in one call of enqueue.lua, which reports per operation whether
-its shard took it (`Backpressure` when the shard is full).
+Validation happens here, before anything is sent: an unknown entity, a bad key,
+an unencodable row or a value the entity's database is known to refuse (a NUL
+character in a string, on PostgreSQL) is refused with an error naming it. The
+operations then go to Redis in one call of enqueue.lua, which reports per
+operation whether its shard took it (`Backpressure` when the shard is full).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from cachewarden.codec import ABSENT, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
@@ -118,8 +122,14 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
     """Send `ops` in one round trip: per op, its stream id, the Backpressure refusing it,
     or "" when a versioned delete's tombstone outranks it (nothing was buffered).
 
-    Raises BackendUnavailable when Redis cannot be reached or refuses the call.
+    Raises InvalidValue, sending nothing, for a write the entity's database is known to
+    refuse (`refusal`), and BackendUnavailable when Redis cannot be reached or refuses
+    the call.
     """
+    for op in ops:
+        refused = refusal(scripts, op)
+        if refused is not None:
+            raise refused
     return _send(scripts, ops)
 
 
@@ -171,11 +181,21 @@ def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> str | Backpressu
 
 
 def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchResult) -> None:
-    """Send a batch's valid ops in one round trip; record each key's outcome in `result`."""
+    """Send a batch's valid ops in one round trip; record each key's outcome in `result`
+    (a write the entity's database is known to refuse is refused here, not sent)."""
+    taken, refused = result.taken, result.refused
+    if _refuses_nul(scripts):
+        valid = []
+        for op in ops:
+            problem = refusal(scripts, op)
+            if problem is None:
+                valid.append(op)
+            else:
+                refused[op.key] = problem
+        ops = valid
     if not ops:
         return
-    taken, refused = result.taken, result.refused
-    for op, outcome in zip(ops, enqueue(scripts, ops), strict=True):
+    for op, outcome in zip(ops, _send(scripts, ops), strict=True):
         if isinstance(outcome, Backpressure):
             refused[op.key] = outcome
         elif outcome:
@@ -198,6 +218,45 @@ def _backpressure(scripts: WriteScripts, key: str) -> Backpressure:
         f"(write_behind.max_pending); the write of {key!r} was not taken. "
         "Retry later; if this persists, check the flushers and the database."
     )
+
+
+def refusal(scripts: WriteScripts, op: Pending) -> InvalidValue | None:
+    """Why the entity's database will refuse the write `op` however it is flushed, or None:
+    on PostgreSQL, a column's string holding a NUL character ('\\x00'). Cheap: JSON
+    writes a NUL as the escape \\u0000, so only a row whose text holds that escape is
+    decoded to be sure. (A NUL nested in a JSON value is left to the database: json
+    keeps it, jsonb refuses it and the row is dead-lettered.)"""
+    if not _refuses_nul(scripts) or _NUL_ESCAPE not in op.value or op.op != "w":
+        return None
+    row = json.loads(op.value)
+    for column, value in row.items() if isinstance(row, dict) else ():
+        if isinstance(value, str) and "\x00" in value:
+            return InvalidValue(
+                f"{scripts.spec.name}:{op.key}: column {column!r} holds a NUL character "
+                "('\\x00'), which PostgreSQL cannot store in text; remove it first "
+                "(value.replace('\\x00', '')), or keep binary data in a bytea column and "
+                "write it as bytes"
+            )
+    return None
+
+
+_NUL_ESCAPE = "\\u0000"  # a NUL character as JSON (codec.encode_row) writes it
+
+
+def _refuses_nul(scripts: WriteScripts) -> bool:
+    """True when the entity's database is PostgreSQL, which stores no NUL in text (and
+    whose driver will not send one). Known for scripts built by `write_scripts`."""
+    if not isinstance(scripts, RecordedScripts):
+        return False
+    context = scripts.context
+    return context.shared("refuses_nul", "", lambda: _is_postgresql(context.settings.database.url))
+
+
+def _is_postgresql(url: str) -> bool:
+    try:
+        return make_url(url).get_backend_name() == "postgresql"
+    except ArgumentError:
+        return False
 
 
 def _with_key(
