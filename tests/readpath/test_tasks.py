@@ -4,12 +4,12 @@ fault ends as RETRY or FAILURE, never SUCCESS."""
 from __future__ import annotations
 
 from cachewarden.readpath.refresh import REFRESH_RETRIES, REFRESH_TASK
-from cachewarden.readpath.sweep import SWEEP_TASK
+from cachewarden.readpath.sweep import SWEEP_TASK, sweep_window_ms
 from tests.celeryevents import task_events
 from tests.conftest import Harness
 from tests.helpers import REDIS_URL, wait_for
 from tests.readpath.test_reader import LOADER, name, set_loader, setup_users
-from tests.readpath.test_refresh import rename_all
+from tests.readpath.test_refresh import longest_pttl, rename_all
 from tests.servers import PrivateRedis
 
 
@@ -63,8 +63,11 @@ def test_refresh_and_sweep_tasks_report_redis_and_database_faults(pg_harness: Ha
         h.worker(concurrency=1)
         guard = h.cache.keys.sweep_guard("user")
         wait_for(lambda: h.cache.redis.exists(guard), 30, what="the worker's own sweep")
-        h.cache.get_many("user", [1, 2])  # loaded (3 s TTL: within the sweep window)
+        h.cache.get_many("user", [1, 2])  # loaded
         h.cache.get_many("user", [1, 2])  # read since: hot
+        window = sweep_window_ms(h.cache.entity("user"))  # 2.85 s of the 3 s TTL
+        entries = [h.cache.keys.entry("user", k) for k in ("1", "2")]
+        wait_for(lambda: longest_pttl(h, entries) < window - 50, 5, what="the sweep window")
         set_loader(h, broken=True)
         with task_events(h.settings) as events:
             swept = events.app.send_task(SWEEP_TASK, args=["user"]).id
