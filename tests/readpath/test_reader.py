@@ -28,7 +28,7 @@ from cachewarden.readpath.sqlload import loader_for
 from cachewarden.scripts.readpath import ReadScripts, new_token
 from cachewarden.settings import load_settings
 from tests.conftest import Harness
-from tests.helpers import REPO, CountingConnection, wait_for
+from tests.helpers import REPO, CountingConnection, percentile_of, wait_for
 
 ROWS = 50
 LOADER = "SELECT * FROM load_user(:key)"
@@ -72,6 +72,12 @@ def name(h: Harness, key: int) -> str | None:
     """The name in the row get() returns for `key` (None: no row)."""
     row = h.cache.get("user", key)
     return None if row is None else str(row["name"])
+
+
+def redis_ms(h: Harness) -> int:
+    """Redis's clock, in ms (the clock entries expire by)."""
+    seconds, micros = h.cache.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def loader_calls(h: Harness) -> int:
@@ -180,12 +186,13 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 
 def test_stampede_runs_the_loader_once(pg_harness: Harness) -> None:
-    """500 threads in 4 processes miss one key at once: one 200 ms load, every reader gets the row, p99 <= load + 50 ms."""
+    """500 threads in 4 processes miss one key at once, in each of 3 rounds: one 200 ms load per round, every reader gets the row, and over the 1,500 readers of all rounds p99 <= load + 50 ms."""
     h = pg_harness
     setup_users(h, loader=LOADER)
     set_loader(h, seconds=0.2)
     procs = [spawn_reader(h, "stampede", 125) for _ in range(4)]
     rounds: list[str] = []
+    waits: list[float] = []  # each reader's time past its round's load, pooled
     try:
         for p in procs:
             assert p.stdout is not None
@@ -198,23 +205,21 @@ def test_stampede_runs_the_loader_once(pg_harness: Harness) -> None:
             row = {"id": key, "name": f"v1-{key}", "version": 1}
             assert all(r == row for _, r in results)
             latencies = sorted(seconds for seconds, _ in results)
-            first, p50 = latencies[0], latencies[250]
-            p99 = latencies[int(len(latencies) * 0.99) - 1]
-            rounds.append(
-                f"first {first * 1000:.0f}, p50 {p50 * 1000:.0f}, p99 {p99 * 1000:.0f} ms"
-            )
-            assert first >= 0.2, rounds[-1]
             # The load is the 200 ms sleep as this shared 2-core machine runs it, and
-            # the first reader back is the load's own. Every other reader waits for
-            # the value: it may cost 50 ms more than the load, in at least one round
-            # (a loaded machine can deschedule a process for longer than that).
-            if p99 <= first + 0.050:
-                break
-        else:
-            pytest.fail("p99 above the load time + 50 ms in every round: " + "; ".join(rounds))
+            # the first reader back is the load's own: the others wait for its value.
+            first = latencies[0]
+            assert first >= 0.2, latencies[:3]
+            waits += [seconds - first for seconds in latencies]
+            rounds.append(
+                f"first {first * 1000:.0f}, p50 {percentile_of(latencies, 0.5) * 1000:.0f}, "
+                f"p99 {percentile_of(latencies, 0.99) * 1000:.0f} ms"
+            )
     finally:
         for p in procs:
             kill(p)
+    assert len(waits) == 1_500
+    pooled = percentile_of(waits, 0.99)
+    assert pooled <= 0.050, f"p99 {pooled * 1000:.0f} ms past the load: " + "; ".join(rounds)
 
 
 def _round(procs: list[subprocess.Popen[str]], key: int) -> list[tuple[float, Any]]:
@@ -419,20 +424,25 @@ def test_a_pending_write_is_never_replaced_by_the_database_value(pg_harness: Har
             row = h.cache.get("user", 7)
             seen.append((started, row and row["name"]))
 
+    def reads_since(moment: float) -> int:
+        return sum(1 for started, _ in list(seen) if started > moment)
+
+    entry = h.cache.keys.entry("user", "7")
+    old_expiry = int(h.cache.redis.pexpiretime(entry))
     readers = [threading.Thread(target=reader) for _ in range(3)]
     for t in readers:
         t.start()
     try:
-        time.sleep(0.2)
+        wait_for(lambda: len(seen) >= 10, 10, interval=0.01, what="the readers to read")
         h.cache.write("user", 7, {"name": "v2-7", "version": 2})
         written = time.monotonic()
-        entry = h.cache.keys.entry("user", "7")
         assert h.cache.redis.pttl(entry) == -1  # no TTL while pending
-        time.sleep(1.2)  # the old entry's TTL has run out; the write is still pending
-        assert h.rows("users")[7]["name"] == "v1-7"
+        wait_for(lambda: redis_ms(h) > old_expiry, 5, what="the old entry's TTL to run out")
+        assert h.rows("users")[7]["name"] == "v1-7"  # the write is still pending
         h.cache.redis.delete(entry)  # and the entry is lost too (as if evicted)
         wait_for(lambda: h.rows("users")[7]["name"] == "v2-7", 20, what="the flush")
-        time.sleep(0.5)
+        flushed = time.monotonic()
+        wait_for(lambda: reads_since(flushed) >= 30, 10, what="reads after the flush")
     finally:
         stop.set()
         for t in readers:
@@ -452,13 +462,17 @@ def test_a_failing_loader_serves_stale_within_stale_ttl(pg_harness: Harness) -> 
     worker = h.worker(concurrency=1)
     assert name(h, 3) == "v1-3"
     set_loader(h, broken=True)
-    loaded_at = time.monotonic()
+    entry = h.cache.keys.entry("user", "3")
     served = []
-    while time.monotonic() - loaded_at < 2.7:
+
+    def serve() -> bool:
+        """Read once; True in the stale grace's last 300 ms (3 s after the load)."""
         served.append(h.cache.get("user", 3))
-        time.sleep(0.02)
+        return int(h.cache.redis.pttl(entry)) < 300
+
+    wait_for(serve, 10, interval=0.02, what="the stale grace's last 300 ms")
+    assert h.cache.reader.stats.stale_hits > 0 and len(served) > 1
     assert served and all(r == {"id": 3, "name": "v1-3", "version": 1} for r in served)
-    assert h.cache.reader.stats.stale_hits > 0
     stats_key = h.cache.keys.read_stats("user")
     wait_for(
         lambda: int(h.cache.redis.hget(stats_key, "refresh_errors") or 0) >= 1,
@@ -467,11 +481,7 @@ def test_a_failing_loader_serves_stale_within_stale_ttl(pg_harness: Harness) -> 
     )
     assert "refresh_failed" in worker.output()
     assert "simulated database outage" in worker.output()
-    wait_for(
-        lambda: not h.cache.redis.exists(h.cache.keys.entry("user", "3")),
-        5,
-        what="the stale grace to end",
-    )
+    wait_for(lambda: not h.cache.redis.exists(entry), 5, what="the stale grace to end")
     with pytest.raises(LoadFailed, match="simulated database outage"):
         h.cache.get("user", 3)
 
@@ -482,7 +492,8 @@ def test_without_stale_ttl_a_failing_loader_is_a_clear_error(pg_harness: Harness
     setup_users(h, loader=LOADER, ttl="300ms", refresh_ahead=0)
     assert name(h, 4) == "v1-4"
     set_loader(h, broken=True)
-    time.sleep(0.4)
+    entry = h.cache.keys.entry("user", "4")
+    wait_for(lambda: not h.cache.redis.exists(entry), 5, interval=0.01, what="the entry to expire")
     with pytest.raises(LoadFailed) as info:
         h.cache.get("user", 4)
     message = str(info.value)

@@ -18,11 +18,11 @@ import sqlalchemy as sa
 from cachewarden.context import Context
 from cachewarden.readpath.refresh import refresh_keys, send_requests
 from cachewarden.readpath.sqlload import loader_for
-from cachewarden.readpath.sweep import claim_expiring, sweep_due, sweep_entity
+from cachewarden.readpath.sweep import claim_expiring, sweep_due, sweep_entity, sweep_window_ms
 from cachewarden.scripts.readpath import Candidates, ReadScripts, new_token
 from tests.conftest import Harness
 from tests.helpers import WorkerProcess, wait_for
-from tests.readpath.test_reader import LOADER, name, set_loader, setup_users
+from tests.readpath.test_reader import LOADER, name, redis_ms, set_loader, setup_users
 
 Sent = list[tuple[str, list[str], int | None]]
 
@@ -40,6 +40,14 @@ def stats(h: Harness) -> dict[str, int]:
     """The entity's read-path counters in Redis."""
     raw = h.cache.redis.hgetall(h.cache.keys.read_stats("user"))
     return {k: int(v) for k, v in raw.items()}
+
+
+def longest_pttl(h: Harness, entries: list[str]) -> int:
+    """The most time (ms) any of `entries` has left."""
+    with h.cache.redis.pipeline(transaction=False) as pipe:
+        for entry in entries:
+            pipe.pttl(entry)
+        return max(int(ms) for ms in pipe.execute())
 
 
 def events(worker: WorkerProcess, name: str) -> list[dict[str, Any]]:
@@ -111,15 +119,15 @@ def test_hot_keys_are_reloaded_without_reads_and_cold_ones_expire(pg_harness: Ha
     setup_users(h, ttl="1s", refresh_ahead=0.5)
     h.worker(concurrency=1)
     keys = list(range(1, 21))
+    entries = [h.cache.keys.entry("user", str(k)) for k in keys]
     h.cache.get_many("user", keys)  # loaded (a fill does not make a key hot)
+    first_expiry = max(int(h.cache.redis.pexpiretime(e)) for e in entries)
     h.cache.get_many("user", keys)  # read since: hot
-    loaded = time.monotonic()
     rename_all(h, "v2-")
     wait_for(lambda: stats(h).get("refreshed", 0) >= 20, 5, what="the sweep to reload")
-    names = [h.cache.redis.get(h.cache.keys.entry("user", str(k))) for k in keys]
+    names = [h.cache.redis.get(e) for e in entries]
     assert all(n is not None and '"v2-' in n for n in names)
-    time.sleep(max(0.0, loaded + 1.2 - time.monotonic()))  # past the first TTL
-    entries = [h.cache.keys.entry("user", str(k)) for k in keys]
+    wait_for(lambda: redis_ms(h) > first_expiry, 5, interval=0.01, what="the first TTL to pass")
     assert h.cache.redis.exists(*entries) == 20
     wait_for(lambda: h.cache.redis.exists(*entries) == 0, 5, what="cold entries to expire")
     assert stats(h)["refreshed"] == 40  # a reload while hot, a grace reload while warm
@@ -137,21 +145,24 @@ def test_a_key_deleted_while_its_refresh_runs_stays_deleted(pg_harness: Harness)
     worker = h.worker(concurrency=2)
     assert name(h, 5) == "v1-5"
     set_loader(h, seconds=1.5)
-    time.sleep(1.1)
+    entry = h.cache.keys.entry("user", "5")
+    wait_for(lambda: h.cache.redis.pttl(entry) < 950, 5, interval=0.01, what="the refresh window")
     assert name(h, 5) == "v1-5"  # due: refresh
     lease = h.cache.keys.lease("user", "5")
     wait_for(lambda: h.cache.redis.exists(lease), 5, what="the refresh to take the lease")
     h.cache.delete("user", 5)
     set_loader(h, seconds=0)  # the refresh in flight keeps its 1.5 s; later loads are quick
     wait_for(lambda: 5 not in h.rows("users"), 10, what="the delete to reach the database")
-    entry = h.cache.keys.entry("user", "5")
-    end = time.monotonic() + 2.0  # the refresh's load ends in there
-    while time.monotonic() < end:
+
+    def refused() -> list[dict[str, Any]]:
+        """Stays deleted meanwhile; the refreshes whose fill found their lease voided."""
         assert h.cache.redis.get(entry) in (None, "null")
         assert h.cache.get("user", 5) is None
-        time.sleep(0.05)
-    refused = [e for e in events(worker, "refresh_done") if e["leased"] == 1 and not e["filled"]]
-    assert refused, "the refresh in flight should have found its lease voided"
+        done = events(worker, "refresh_done")
+        return [e for e in done if e["leased"] == 1 and not e["filled"]]
+
+    wait_for(refused, 10, what="the refresh in flight to end, its lease voided")
+    assert h.cache.get("user", 5) is None
 
 
 # -- the refresh core -----------------------------------------------------------
@@ -227,11 +238,18 @@ def test_the_sweep_claims_hot_keys_near_expiry_only(pg_harness: Harness) -> None
     setup_users(h, ttl="4s", refresh_ahead=0.5, sweep_interval="50ms")
     h.cache.get_many("user", [1, 2])  # 1: read again below (hot); 2: never read again
     h.cache.get("user", 1)
-    time.sleep(2.5)  # 1 and 2 expire within the 2.1 s sweep window
-    h.cache.get_many("user", [3])  # loaded now: far from expiry
-    h.cache.get("user", 3)
     rt = h.context
     spec = rt.entity("user")
+    window = sweep_window_ms(spec)  # 2.1 s
+    entries = [h.cache.keys.entry("user", k) for k in ("1", "2")]
+    wait_for(
+        lambda: longest_pttl(h, entries) < window - 100,
+        5,
+        interval=0.01,
+        what="1 and 2 to expire within the sweep window",
+    )
+    h.cache.get_many("user", [3])  # loaded now: far from expiry
+    h.cache.get("user", 3)
     horizon, more, keys = claim_expiring(rt, spec, 100)
     assert keys == ["1"] and not more
     assert h.cache.redis.exists(h.cache.keys.refresh_queued("user", "1"))
@@ -285,7 +303,8 @@ def test_one_sweep_per_period_across_workers(pg_harness: Harness) -> None:
         assert len(sweep_due(one, recorder(sent))) == 1
         assert sweep_due(two, recorder(sent)) == []
         assert sweep_due(one, recorder(sent)) == []
-        time.sleep(1.05)
+        guard = one.keys.sweep_guard("user")
+        wait_for(lambda: not one.redis.exists(guard), 5, interval=0.01, what="the period to end")
         assert len(sweep_due(two, recorder(sent))) == 1
     finally:
         one.close()
@@ -299,7 +318,14 @@ def test_sweep_sends_batches_and_reloads_inline(pg_harness: Harness) -> None:
     keys = [str(k) for k in range(1, 26)]
     h.cache.get_many("user", keys)
     h.cache.get_many("user", keys)
-    time.sleep(0.6)
+    window = sweep_window_ms(h.context.entity("user"))  # 750 ms
+    entries = [h.cache.keys.entry("user", k) for k in keys]
+    wait_for(
+        lambda: longest_pttl(h, entries) < window - 50,
+        5,
+        interval=0.01,
+        what="every key within the sweep window",
+    )
     sent: Sent = []
     result = sweep_entity(h.context, "user", recorder(sent))
     assert [len(batch) for _, batch, _ in sent] == [10, 10, 5]
@@ -324,7 +350,8 @@ def test_reads_past_the_factor_ask_for_one_refresh(pg_harness: Harness) -> None:
         reader.get("user", 1)
     send_requests(h.context, recorder(sent))
     assert sent == []
-    time.sleep(0.55)
+    entry = h.cache.keys.entry("user", "1")
+    wait_for(lambda: h.cache.redis.pttl(entry) < 450, 5, interval=0.01, what="half the TTL")
     for _ in range(50):
         assert reader.get("user", 1) == {"id": 1, "name": "v1-1", "version": 1}
     send_requests(h.context, recorder(sent))
@@ -339,7 +366,8 @@ def test_a_read_triggered_refresh_runs_on_the_worker(pg_harness: Harness) -> Non
     h.worker(concurrency=1)
     h.cache.get("user", 1)
     rename_all(h, "v2-")
-    time.sleep(1.0)
+    entry = h.cache.keys.entry("user", "1")
+    wait_for(lambda: h.cache.redis.pttl(entry) < 2050, 5, interval=0.01, what="30% of the TTL")
     assert name(h, 1) == "v1-1"
     wait_for(lambda: name(h, 1) == "v2-1", 10, what="the refresh to land")
     assert h.cache.redis.pttl(h.cache.keys.entry("user", "1")) > 2_000
