@@ -25,6 +25,11 @@ from redis.exceptions import NoScriptError
 Client = Redis | Pipeline
 
 
+class ReplyLost(RedisConnectionError):
+    """The connection broke after a command that is not safe to repeat went out: Redis
+    may have run it. It is never sent again by the registry."""
+
+
 @cache
 def source(name: str) -> str:
     """The text of one script, for clients in other languages (`EVAL`)."""
@@ -160,19 +165,32 @@ class Registry:
         try:
             conn.send_packed_command([command])
             try:
-                reply = conn.read_response()
+                reply = self._read(conn, lost=fresh)
             except NoScriptError:
                 if script is None:
                     raise
                 conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", script.script))
                 conn.read_response()
                 conn.send_packed_command([command])
-                reply = conn.read_response()
+                reply = self._read(conn, lost=fresh)
         except BaseException:
             self._drop(conn)
             raise
         self._idle.append(conn)
         return reply
+
+    @staticmethod
+    def _read(conn: Any, lost: bool) -> Any:
+        """The reply on `conn`; `lost`: a broken connection raises ReplyLost (the command
+        went out, so it may have run)."""
+        if not lost:
+            return conn.read_response()
+        try:
+            return conn.read_response()
+        except NoScriptError:
+            raise
+        except (RedisConnectionError, OSError) as exc:
+            raise ReplyLost(f"the connection broke before Redis answered: {exc}") from exc
 
     def _forget(self) -> None:
         """After a fork: the parent's connections are not this process's to use."""
@@ -211,7 +229,7 @@ class InFlight:
             return self._again()
         registry = self._registry
         try:
-            reply = conn.read_response()
+            reply = registry._read(conn, lost=not self._resend)
         except NoScriptError:
             registry._keep(conn)
             return self._again()

@@ -27,6 +27,7 @@ from cachewarden.errors import (
     CachewardenError,
     InvalidValue,
 )
+from cachewarden.scripts import ReplyLost
 from cachewarden.scripts.writebehind import (
     BACKPRESSURE,
     DEAD_LETTERS,
@@ -146,6 +147,13 @@ def _send(
         if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):
             raise full_redis(spec.name, _redis_address(scripts), str(exc)) from None
         raise BackendUnavailable(f"{spec.name}: Redis refused the write: {exc}") from None
+    except ReplyLost as exc:
+        raise BackendUnavailable(
+            f"{spec.name}: the connection to Redis at {_redis_address(scripts)} broke after "
+            f"the write went out ({exc}), so it may or may not be buffered; writing it again "
+            "is safe (the upsert is idempotent: with a version column the retry changes "
+            "nothing, without one the last write still wins)"
+        ) from None
     except REDIS_DOWN as exc:
         raise BackendUnavailable(
             f"{spec.name}: Redis at {_redis_address(scripts)} is unreachable ({exc}); "

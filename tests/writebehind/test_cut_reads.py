@@ -11,7 +11,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
+import pytest
+
 from cachewarden.codec import decode_row
+from cachewarden.errors import BackendUnavailable
 from tests.conftest import Harness
 from tests.helpers import REDIS_URL, wait_for
 from tests.proxy import CuttingProxy
@@ -48,3 +51,25 @@ def test_reads_cut_after_redis_answered_leave_every_key_at_its_last_write(
         f"v2-{k}" for k in range(KEYS)
     ]
     assert redis.hlen(keys.dirty("user", 0)) == 0
+
+
+def test_a_write_whose_reply_is_lost_is_never_sent_twice(pg_harness: Harness) -> None:
+    """When the connection breaks after Redis ran a write's enqueue script and before its reply came back, write() raises BackendUnavailable saying the write may be buffered and a retry is safe, and the stream holds that write once, not twice."""
+    h = pg_harness
+    h.create_table("users", version=False)
+    url = urlparse(REDIS_URL)
+    db = int(url.path.lstrip("/") or 0)
+    with CuttingProxy(url.port or 6379, b"EVALSHA", cuts=0) as proxy:
+        h.configure(
+            {"user": USER}, {"user": {"shards": 1, "max_delay": "1h"}}, redis_url=proxy.url(db)
+        )
+        assert h.cache.write("user", 1, {"name": "first"})
+        proxy.arm(1)
+        with pytest.raises(BackendUnavailable, match="may or may not be buffered") as raised:
+            h.cache.write("user", 2, {"name": "second"})
+        assert proxy.cut == 1
+        assert "writing it again is safe" in str(raised.value)
+        stream = h.context.keys.stream("user", 0)
+        kept = [fields["k"] for _, fields in h.context.redis.xrange(stream)]
+        assert kept == ["1", "2"]
+        assert h.cache.write("user", 3, {"name": "third"})  # the next write goes through

@@ -102,10 +102,10 @@ BAD_WRITES: list[tuple[str, Callable[[Cache], Any], type[Exception], list[str]]]
     ),
     ("unknown-entity-delete", lambda c: c.delete("usr", 5), UnknownEntity, ["'usr'"]),
     (
-        "bytes",
-        lambda c: c.write("user", 5, {"name": "x", "born": b"\x00raw"}),
+        "complex",
+        lambda c: c.write("user", 5, {"name": "x", "born": complex(1, 2)}),
         InvalidValue,
-        ["user:5", "column 'born'", "holds a bytes", "convert it to str"],
+        ["user:5", "column 'born'", "holds a complex", "convert it to str"],
     ),
     (
         "set",
