@@ -65,7 +65,11 @@ class Cache:
         self.settings = context.settings
         self._reader = ReadThrough(context)
         if self._owns_context and reflect:
-            context.reflect_all()
+            try:
+                context.reflect_all()
+            except ConfigError:
+                context.close()
+                raise
             self._reader.warm()
             self._check_shards()
 

@@ -25,7 +25,7 @@ from cachewarden.errors import CachewardenError
 from cachewarden.keys import Keyspace
 from cachewarden.scripts import Registry
 from cachewarden.settings import EntitySettings, Settings, load_settings
-from cachewarden.tables import EntityTable, reflect_table
+from cachewarden.tables import EntityTable, KeyNotUnique, reflect_table
 
 T = TypeVar("T")
 log = structlog.get_logger("cachewarden.context")
@@ -104,10 +104,14 @@ class Context:
 
     def reflect_all(self) -> None:
         """Reflect every entity's table now, where it costs no request; a table that
-        cannot be reflected yet (database down, table missing) is reflected on first use."""
+        cannot be reflected yet (database down, table missing) is reflected on first use.
+        A key column with no primary key or unique constraint raises KeyNotUnique (a
+        ConfigError): no write of it could ever be flushed."""
         for name in self.settings.entities:
             try:
                 self.table(name)
+            except KeyNotUnique:
+                raise
             except CachewardenError as exc:
                 log.warning("reflect_deferred", entity=name, error=str(exc))
 
@@ -135,13 +139,21 @@ class Context:
 
 
 _current: Context | None = None
+_settings: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Build this process's context from `settings` rather than the config file (an
+    application's own Celery app hands its settings to cachewarden.celery.install)."""
+    global _settings
+    _settings = settings
 
 
 def current() -> Context:
     """This process's context, built from the config on first call (and again after fork)."""
     global _current
     if _current is None or _current.consumer != _consumer_name():
-        _current = Context.build(load_settings())
+        _current = Context.build(_settings if _settings is not None else load_settings())
     return _current
 
 

@@ -10,7 +10,10 @@ the statement reached the database (psycopg's DataError for a NUL in text, a
 parameter psycopg or sqlite3 cannot adapt): the database never saw it, and
 nothing but the value is wrong. A missing column means the table changed under us:
 re-reflect and try again. A lock wait that ran out (another transaction holds a
-row) is about those rows, but not their data: they wait, the others go on.
+row) is about those rows, but not their data: they wait, the others go on. A
+table that lacks what the statement needs, and will lack it on every retry (no
+unique constraint for the upsert's ON CONFLICT: SQLSTATE 42P10), is a
+configuration error: the work stays pending, and the error says what to fix.
 Everything else (a lost connection, a read-only
 transaction, a missing privilege or table, a full disk, a lock or serialization
 timeout, an error this module does not know) is a fault: the work stays pending
@@ -30,6 +33,9 @@ class Kind(Enum):
     ROW = "row"  # the database refused these rows on their merits
     SCHEMA = "schema"  # a column the statement names is not in the table: re-reflect
     LOCKED = "locked"  # a row lock held by another transaction outlasted our lock wait
+    # The table lacks what the statement needs and no retry will find it (an upsert whose
+    # key has no primary key or unique constraint): pending, until the operator fixes it.
+    CONFIG = "config"
     FAULT = "fault"  # the database (or the way to it) failed: retry the same work later
 
 
@@ -65,12 +71,18 @@ _MYSQL_ROW_ERRORS = frozenset(
     }
 )
 _MYSQL_KINDS = {1054: Kind.SCHEMA, 1205: Kind.LOCKED}  # unknown column; lock wait timeout
-_SQLSTATE_KINDS = {"42703": Kind.SCHEMA, "55P03": Kind.LOCKED}  # undefined_column; lock_timeout
+# undefined_column; lock_timeout; invalid_column_reference ("there is no unique or
+# exclusion constraint matching the ON CONFLICT specification").
+_SQLSTATE_KINDS = {"42703": Kind.SCHEMA, "55P03": Kind.LOCKED, "42P10": Kind.CONFIG}
 
 # SQLite primary result codes (the extended code's low byte).
 _SQLITE_ROW_ERRORS = frozenset({18, 19, 20})  # TOOBIG, CONSTRAINT, MISMATCH
 _SQLITE_ERROR = 1
 _SQLITE_UNKNOWN_COLUMN = ("no such column", "has no column named")
+# SQLite's 42P10: "ON CONFLICT clause does not match any PRIMARY KEY or UNIQUE constraint".
+# MySQL and MariaDB have no kin: ON DUPLICATE KEY UPDATE without a unique key inserts a
+# second row instead of failing, so only the check at reflection (tables.py) stops it.
+_SQLITE_NO_CONFLICT_TARGET = "does not match any PRIMARY KEY or UNIQUE constraint"
 
 # A driver's own refusal of a parameter it could not bind (no SQLSTATE, error number or
 # result code: the statement never reached the database). psycopg: "cannot adapt type
@@ -81,7 +93,7 @@ _BIND_REFUSALS = ("cannot adapt type", "Error binding parameter")
 
 def classify(exc: SQLAlchemyError) -> Kind:
     """Whether `exc` is about the rows of its statement, the table's shape, a row lock,
-    or a fault."""
+    the table's configuration, or a fault."""
     if not isinstance(exc, DBAPIError):
         # Parameters the driver could not take (a value of the wrong Python type):
         # raised before the statement ran, so about the row.
@@ -103,6 +115,8 @@ def classify(exc: SQLAlchemyError) -> Kind:
             return Kind.ROW
         if code == _SQLITE_ERROR and any(s in str(orig) for s in _SQLITE_UNKNOWN_COLUMN):
             return Kind.SCHEMA
+        if code == _SQLITE_ERROR and _SQLITE_NO_CONFLICT_TARGET in str(orig):
+            return Kind.CONFIG
         return Kind.FAULT
     return Kind.ROW if _driver_refused_value(exc) else Kind.FAULT
 

@@ -21,9 +21,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cachewarden.database import describe, make_engine
 from cachewarden.dberrors import first_line
-from cachewarden.errors import CachewardenError
+from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.keys import Keyspace
-from cachewarden.settings import Settings, masked_url
+from cachewarden.settings import EntitySettings, Settings, masked_url
 
 MIN_REDIS = (7, 0)
 
@@ -165,21 +165,32 @@ def _tables(settings: Settings, engine: Engine) -> list[Finding]:
         try:
             table = reflect_table(engine, spec, settings.source)
         except CachewardenError as exc:
-            found.append(
-                Finding(f"table {spec.table}", False, str(exc), "create it, or fix the entity")
-            )
+            found.append(Finding(f"table {spec.table}", False, str(exc), _table_fix(spec, exc)))
             continue
         columns = f"key {spec.key}" + (
             f", version {spec.version_column}" if spec.version_column else ""
         )
         found.append(Finding(f"table {spec.table}", True, columns))
-        found.append(_writable(engine, spec.table, table.table))
+        found.append(_writable(engine, spec.table, table.table, table.key_column))
     return found
 
 
-def _writable(engine: Engine, name: str, table: Any) -> Finding:
+def _table_fix(spec: EntitySettings, exc: CachewardenError) -> str:
+    """The fix of an entity's table that failed reflection, for what the error names."""
+    if not isinstance(exc, ConfigError):
+        return "start the database or fix [database] url ($CACHEWARDEN_DATABASE_URL)"
+    if exc.field.endswith(".table"):
+        return f"create table {spec.table} in the database, or set {exc.field} to one that exists"
+    if "primary key" in exc.problem:
+        return (
+            f"ALTER TABLE {spec.table} ADD PRIMARY KEY ({spec.key}) (or ADD UNIQUE "
+            f"({spec.key})), or set {exc.field} to a column that has one"
+        )
+    return f"set {exc.field} to one of the table's columns, or add the column to {spec.table}"
+
+
+def _writable(engine: Engine, name: str, table: Any, key: Any) -> Finding:
     """INSERT, UPDATE and DELETE of no row, rolled back: the database checks the grants."""
-    key = table.primary_key.columns.values()[0]
     try:
         with engine.connect() as conn, conn.begin() as tx:
             conn.execute(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Engine, MetaData, Table
+from sqlalchemy import Column, Engine, MetaData, PrimaryKeyConstraint, Table, UniqueConstraint
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 from cachewarden.codec import key_text
@@ -81,8 +81,9 @@ def reflect_table(engine: Engine, entity: EntitySettings, source: str) -> Entity
     """The entity's table as the database describes it.
 
     Raises ConfigError naming the setting when the table, its key column or its
-    version column is missing, and BackendUnavailable when the database cannot
-    be asked.
+    version column is missing, or when the key column is neither the primary key nor
+    under a unique constraint (the upsert's ON CONFLICT needs one), and
+    BackendUnavailable when the database cannot be asked.
     """
     schema, _, name = entity.table.rpartition(".")
     try:
@@ -103,8 +104,43 @@ def reflect_table(engine: Engine, entity: EntitySettings, source: str) -> Entity
                 f"column {column!r} is not in table {entity.table!r} "
                 f"(it has: {', '.join(table.c.keys())})",
             )
+    if not unique_key(table, entity.key):
+        raise key_not_unique(source, entity)
     try:
         key_of: Callable[[str], Any] = table.c[entity.key].type.python_type
     except NotImplementedError:
         key_of = str
     return EntityTable(entity, table, key_of)
+
+
+def unique_key(table: Table, column: str) -> bool:
+    """True when `column` alone is the table's primary key, or alone under a unique
+    constraint or a unique index that is not partial (what an upsert on it needs)."""
+    for constraint in table.constraints:
+        if isinstance(constraint, PrimaryKeyConstraint | UniqueConstraint):
+            if list(constraint.columns.keys()) == [column]:
+                return True
+    for index in table.indexes:
+        partial = any(
+            name.endswith("_where") and value is not None
+            for name, value in index.dialect_kwargs.items()
+        )
+        if index.unique and not partial and [c.name for c in index.columns] == [column]:
+            return True
+    return False
+
+
+class KeyNotUnique(ConfigError):
+    """An entity's key column has no primary key or unique constraint of its own."""
+
+
+def key_not_unique(source: str, entity: EntitySettings) -> KeyNotUnique:
+    """The error for a key column with no primary key or unique constraint on it."""
+    return KeyNotUnique(
+        source,
+        f"entities.{entity.name}.key",
+        f"column {entity.key!r} of table {entity.table!r} is neither its primary key nor "
+        "under a unique constraint, so writes could never be upserted: add one "
+        f"(ALTER TABLE {entity.table} ADD PRIMARY KEY ({entity.key}), or "
+        f"ADD UNIQUE ({entity.key})), or set key to a column that has one",
+    )

@@ -258,3 +258,32 @@ def test_worker_command_becomes_celery_so_sigterm_is_a_warm_shutdown(pg_harness:
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_check_and_doctor_refuse_a_key_without_a_unique_constraint(pg_harness: Harness) -> None:
+    """`check` and `doctor` fail (no traceback) on a key column with no primary key or unique constraint, naming the table, the column and the constraint to add."""
+    h = pg_harness
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER NOT NULL, name TEXT, version BIGINT)"))
+    h.configure({"user": USER})
+    checked = cachewarden("check", config=h.config_path)
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr
+    assert "table users: FAILED" in checked.stdout
+    assert "column 'id' of table 'users'" in checked.stdout
+    assert "ADD PRIMARY KEY (id)" in checked.stdout
+    doctored = cachewarden("doctor", "--json", config=h.config_path)
+    assert "Traceback" not in doctored.stderr, doctored.stderr
+    findings = {f["check"]: f for f in json.loads(doctored.stdout)}
+    table = findings["table users"]
+    assert not table["ok"] and "column 'id' of table 'users'" in table["detail"]
+    assert "ADD PRIMARY KEY (id)" in table["fix"]
+
+
+def test_doctor_checks_the_grants_of_a_table_keyed_by_a_unique_column(pg_harness: Harness) -> None:
+    """`doctor` passes the write check of a table whose key is unique but which has no primary key."""
+    h = pg_harness
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER UNIQUE, name TEXT, version BIGINT)"))
+    h.configure({"user": USER})
+    ok, text = _doctor_lines(h)["write users"]
+    assert ok and "INSERT, UPDATE and DELETE allowed" in text

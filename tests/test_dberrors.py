@@ -187,3 +187,20 @@ def test_a_parameter_the_driver_cannot_bind_is_about_the_row(engine: sa.Engine) 
     else:
         assert isinstance(exc, sa.exc.DBAPIError), repr(exc)
         assert classify(exc) is Kind.ROW
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_an_upsert_on_a_key_with_no_unique_constraint_is_a_config_error(
+    kind: str, tmp_path: Path
+) -> None:
+    """An ON CONFLICT on a column with no unique constraint (PostgreSQL's 42P10, SQLite's kin) is classified CONFIG, not a fault or a row error."""
+    for url in _database(kind, tmp_path):
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE n (id INTEGER NOT NULL, name VARCHAR(5))"))
+        exc = _error(
+            engine,
+            "INSERT INTO n (id, name) VALUES (1, 'a') ON CONFLICT (id) DO UPDATE SET name = 'a'",
+        )
+        engine.dispose()
+        assert classify(exc) is Kind.CONFIG

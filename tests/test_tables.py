@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from cachewarden.cache import Cache
-from cachewarden.errors import InvalidKey
+from cachewarden.errors import ConfigError, InvalidKey
 from cachewarden.writebehind.flush import flush_shard
 from tests.conftest import Harness
 
@@ -60,3 +61,61 @@ def test_a_buffered_other_spelling_is_dead_lettered_not_written_elsewhere(
     assert h.rows("users") == {1000: {"id": 1000, "name": "right"}}
     ((_, letter),) = h.context.redis.xrange(h.context.keys.dead("user"))
     assert letter["k"] == "1_000" and "write '1000'" in letter["error"]
+
+
+NOT_UNIQUE = {
+    "no primary key": "CREATE TABLE users (id INTEGER NOT NULL, name VARCHAR(200) NOT NULL)",
+    "key not the primary key": (
+        "CREATE TABLE users (pk INTEGER PRIMARY KEY, id INTEGER NOT NULL, name VARCHAR(200))"
+    ),
+    "key part of a wider primary key": (
+        "CREATE TABLE users (id INTEGER NOT NULL, name VARCHAR(200) NOT NULL, PRIMARY KEY (id, name))"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_UNIQUE))
+def test_a_key_without_a_unique_constraint_is_refused_at_reflection(
+    harness: Harness, case: str
+) -> None:
+    """Cache() refuses a key column that is neither the primary key nor alone under a unique constraint, with a ConfigError naming the table, the column and the fix."""
+    with harness.engine.begin() as conn:
+        conn.execute(sa.text(NOT_UNIQUE[case]))
+    harness.configure({"user": USER})
+    with pytest.raises(ConfigError) as caught:
+        harness.cache  # noqa: B018 (builds the Cache, which reflects)
+    assert caught.value.field == "entities.user.key"
+    assert "column 'id' of table 'users'" in caught.value.problem
+    assert (
+        "ADD PRIMARY KEY (id)" in caught.value.problem and "ADD UNIQUE (id)" in caught.value.problem
+    )
+
+
+def test_a_unique_key_without_a_primary_key_is_taken(harness: Harness) -> None:
+    """A key column under a unique constraint, in a table with no primary key, is reflected and its writes flush."""
+    with harness.engine.begin() as conn:
+        conn.execute(
+            sa.text("CREATE TABLE users (id INTEGER NOT NULL UNIQUE, name VARCHAR(200) NOT NULL)")
+        )
+    harness.configure({"user": USER}, {"user": {"shards": 1}})
+    harness.cache.write("user", 1, {"name": "one"})
+    harness.cache.write("user", 1, {"name": "uno"})
+    assert flush_shard(harness.context, "user", 0).status == "done"
+    assert harness.rows("users") == {1: {"id": 1, "name": "uno"}}
+
+
+def test_a_key_that_lost_its_constraint_keeps_its_writes_pending(pg_harness: Harness) -> None:
+    """A flush into a table whose key lost its primary key after reflection (SQLSTATE 42P10) backs off with a ConfigError naming the fix, dead-letters nothing and keeps the write pending."""
+    h = pg_harness
+    _setup(h)
+    h.cache.write("user", 1, {"name": "one"})
+    assert flush_shard(h.context, "user", 0).status == "done"  # the sink is built
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE users DROP CONSTRAINT users_pkey"))
+    h.cache.write("user", 2, {"name": "two"})
+    result = flush_shard(h.context, "user", 0)
+    assert result.status == "backoff"
+    (error,) = result.errors
+    assert "entities.user.key" in error and "ADD PRIMARY KEY (id)" in error
+    assert "unavailable" not in error
+    assert h.buffered() == 1 and h.context.redis.xlen(h.context.keys.dead("user")) == 0

@@ -162,9 +162,10 @@ class SqlSink:
     def apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
         """Apply `ops` (one per key); report the rejected and the outranked ones.
 
-        Raises LockLost, or BackendUnavailable for a fault (the database down,
-        read-only or refusing us, or refusing every row alike), committing nothing
-        of the failing transaction."""
+        Raises LockLost, BackendUnavailable for a fault (the database down,
+        read-only or refusing us, or refusing every row alike), or ConfigError when the
+        table has no unique constraint on the key, committing nothing of the failing
+        transaction."""
         self._batch += 1
         outcome = self._around_locks(ops, fence)
         details = {bad.detail for bad in outcome.rejected}
@@ -230,7 +231,8 @@ class SqlSink:
     def _attempt(self, ops: Sequence[Op], fence: Fence, fast: bool) -> Outcome | _Refusal:
         """One try at the batch: its Outcome, or the row error that refused it.
 
-        Raises LockLost, and BackendUnavailable for any fault (dberrors.classify)."""
+        Raises LockLost, BackendUnavailable for any fault, and ConfigError where the table
+        lacks the key's unique constraint (dberrors.classify)."""
         try:
             return Outcome(stale=self._transaction(ops, fence, fast))
         except _UnknownColumn as exc:
@@ -245,6 +247,10 @@ class SqlSink:
                 raise _Locked(exc) from exc
             if kind is Kind.SCHEMA and self._schema_moved():
                 return self._attempt(ops, fence, fast)
+            if kind is Kind.CONFIG:
+                # Not an outage and not the rows': the batch stays pending (flush backs
+                # off on a ConfigError, dead-letters nothing) until the table is fixed.
+                raise ConfigError(f"database {describe(self.engine)}", *self._unfit(exc)) from exc
             if kind is not Kind.ROW:
                 raise unavailable(self.engine, exc) from exc
             return _Refusal(first_line(exc), driver_text(exc))
@@ -259,6 +265,16 @@ class SqlSink:
                 raise
             reason = f"{type(exc).__name__}: {exc}"
             return _Refusal(f"the database driver could not take a value ({reason})", reason)
+
+    def _unfit(self, exc: SQLAlchemyError) -> tuple[str, str]:
+        """The setting and the problem of a statement the table's shape refuses for good."""
+        spec = self.entity
+        return (
+            f"entities.{spec.name}.key",
+            f"table {spec.table!r} has no primary key or unique constraint on column "
+            f"{spec.key!r} ({first_line(exc)}): add one (ALTER TABLE {spec.table} ADD "
+            f"PRIMARY KEY ({spec.key}), or ADD UNIQUE ({spec.key})); the writes stay pending",
+        )
 
     # -- the transaction ------------------------------------------------------
 
