@@ -40,6 +40,7 @@ def _describe_entity(spec: EntitySettings) -> str:
 
 def check(settings: Settings, _args: argparse.Namespace) -> int:
     """Validate the config, connect to Redis and the database, print the definitions."""
+    engine = make_engine(settings.database)  # ConfigError (exit 2): no driver for the URL
     print(f"config: {settings.source} (valid)")
     status = OK
     client = redis_client(settings.redis)
@@ -54,7 +55,6 @@ def check(settings: Settings, _args: argparse.Namespace) -> int:
         status = FAILED
     finally:
         client.close()
-    engine = make_engine(settings.database)
     try:
         sa_inspect(engine).get_table_names()
         print(f"database: {describe(engine)} ok ({engine.dialect.name})")

@@ -106,7 +106,9 @@ class Context:
         """Reflect every entity's table now, where it costs no request; a table that
         cannot be reflected yet (database down, table missing) is reflected on first use.
         A key column with no primary key or unique constraint raises KeyNotUnique (a
-        ConfigError): no write of it could ever be flushed."""
+        ConfigError): no write of it could ever be flushed; so does a database URL whose
+        driver is not installed (database.make_engine)."""
+        self.engine  # noqa: B018 (built here: ConfigError when its driver is missing)
         for name in self.settings.entities:
             try:
                 self.table(name)

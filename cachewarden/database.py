@@ -7,8 +7,11 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 
-from cachewarden.errors import BackendUnavailable
+from cachewarden.errors import BackendUnavailable, ConfigError
 from cachewarden.settings import DatabaseSettings
+
+# The extra that installs each driver SQLAlchemy may ask for (its module's top name).
+_EXTRAS = {"psycopg": "postgresql", "psycopg2": "postgresql", "pymysql": "mysql"}
 
 
 def make_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
@@ -20,7 +23,10 @@ def make_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
     else:
         options.update(pool_size=2, max_overflow=2, pool_recycle=1800)
     options.update(overrides)
-    engine = create_engine(url, **options)
+    try:
+        engine = create_engine(url, **options)
+    except ImportError as exc:
+        raise _missing_driver(url, exc) from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
         database = engine.url.database
@@ -28,6 +34,19 @@ def make_engine(settings: DatabaseSettings, **overrides: Any) -> Engine:
             # A file in a directory not made yet (the default's .cachewarden/demo.db).
             Path(database).parent.mkdir(parents=True, exist_ok=True)
     return engine
+
+
+def _missing_driver(url: str, exc: ImportError) -> ConfigError:
+    """A ConfigError naming the driver the URL needs and the extra that installs it."""
+    module = (exc.name or "").split(".")[0] or "its driver"
+    extra = _EXTRAS.get(module)
+    install = f"pip install 'cachewarden[{extra}]'" if extra else f"install the {module} package"
+    return ConfigError(
+        "database.url",
+        url.split("://", 1)[0],
+        f"the database driver {module!r} is not installed ({exc}): {install}, or pick "
+        "another driver in the URL's scheme",
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -287,3 +287,44 @@ def test_doctor_checks_the_grants_of_a_table_keyed_by_a_unique_column(pg_harness
     h.configure({"user": USER})
     ok, text = _doctor_lines(h)["write users"]
     assert ok and "INSERT, UPDATE and DELETE allowed" in text
+
+
+def _without(module: str, code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter where importing `module` fails (None in sys.modules)."""
+    prelude = f"import sys; sys.modules[{module!r}] = None\n"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+
+
+def test_check_names_the_extra_of_a_missing_database_driver(pg_harness: Harness) -> None:
+    """With psycopg not importable, `check` on a PostgreSQL config exits 2 with one line naming `pip install 'cachewarden[postgresql]'`, before it reports the config valid."""
+    pg_harness.configure({"user": USER})
+    code = (
+        "from cachewarden.cli import main\n"
+        f"sys.exit(main(['--config', {str(pg_harness.config_path)!r}, 'check']))"
+    )
+    result = _without("psycopg", code)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "(valid)" not in result.stdout
+    assert "pip install 'cachewarden[postgresql]'" in result.stderr
+
+
+def test_cache_from_config_names_the_extra_of_a_missing_database_driver(tmp_path: Path) -> None:
+    """With pymysql not importable, Cache.from_config() on a MariaDB config raises a ConfigError naming `pip install 'cachewarden[mysql]'`."""
+    config = tmp_path / "cachewarden.toml"
+    config.write_text(
+        '[database]\nurl = "mysql+pymysql://root@127.0.0.1:3306/test"\n'
+        '[entities.user]\ntable = "users"\nkey = "id"\nttl = "1m"\n'
+    )
+    code = (
+        "from cachewarden.cache import Cache\n"
+        "from cachewarden.errors import ConfigError\n"
+        "try:\n"
+        f"    Cache.from_config({str(config)!r})\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = _without("pymysql", code)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "pip install 'cachewarden[mysql]'" in result.stdout
