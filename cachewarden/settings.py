@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -26,6 +27,7 @@ REDIS_URL_ENV = "CACHEWARDEN_REDIS_URL"
 DATABASE_URL_ENV = "CACHEWARDEN_DATABASE_URL"
 BROKER_URL_ENV = "CACHEWARDEN_BROKER_URL"
 
+_REFERENCE = "see config/reference.toml for the valid ones"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -242,8 +244,28 @@ class _Reader:
         self.seen: set[str] = set()
 
     def fail(self, key: str, problem: str) -> ConfigError:
+        """The error for `key`; a misspelt key of this table comes first, since it is the
+        likely cause ("ttl is required" when the file says `tll`). Only keys asked for and
+        absent are taken as misspelt ones: keys not asked for yet may be valid."""
+        absent = {k for k in self.seen | {key} if k and k not in self.table}
+        typo = self._typo(absent, self.seen | {key})
+        if typo is not None:
+            return typo
+        return self._error(key, problem)
+
+    def _error(self, key: str, problem: str) -> ConfigError:
         where = ".".join(part for part in (self.path, key) if part)
         return ConfigError(self.source, where, problem)
+
+    def _typo(self, valid: set[str], known: set[str]) -> ConfigError | None:
+        """A key of this table not in `known` that is close to one of `valid`, named with it."""
+        for unknown in sorted(set(self.table) - known):
+            close = difflib.get_close_matches(unknown, sorted(valid - {""}), n=1)
+            if close:
+                return self._error(
+                    unknown, f"unknown setting; did you mean {close[0]!r}? ({_REFERENCE})"
+                )
+        return None
 
     def get(self, key: str, kind: type, default: Any) -> Any:
         self.seen.add(key)
@@ -291,11 +313,14 @@ class _Reader:
         return _Reader(self.source, f"{self.path}.{key}" if self.path else key, value)
 
     def reject_unknown(self) -> None:
+        """Raise for a key of this table that no getter asked for (naming the closest
+        valid one where there is one)."""
+        typo = self._typo(self.seen, self.seen)
+        if typo is not None:
+            raise typo
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
-            raise self.fail(
-                unknown[0], "unknown setting; see config/reference.toml for the valid ones"
-            )
+            raise self._error(unknown[0], f"unknown setting; {_REFERENCE}")
 
 
 def _env_or(reader: _Reader, key: str, env: str, default: str) -> str:
@@ -455,12 +480,30 @@ def _schedule(reader: _Reader) -> dict[str, Any]:
         ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
         raise reader.fail("timezone", f"{zone!r} is not an IANA time zone name") from None
+    if cron is not None:
+        _check_cron(reader, cron, zone)
     if cron is None and "timezone" in reader.table:
         raise reader.fail("timezone", "applies to cron only; an `every` interval has none")
     grace = reader.duration("misfire_grace", None)
     if grace is None and every is not None:
         grace = min(every, _HOUR_MS)
     return {"cron": cron, "every_ms": every, "timezone": zone, "misfire_grace_ms": grace}
+
+
+def _check_cron(reader: _Reader, cron: str, zone: str) -> None:
+    """Refuse a cron expression APScheduler's CronTrigger refuses (a field out of range).
+
+    APScheduler comes with the `worker` extra and is imported here, not at import:
+    an application that only reads and writes has none, and the scheduler that runs
+    the job checks the expression again when it starts."""
+    try:
+        from apscheduler.triggers.cron import CronTrigger
+    except ImportError:
+        return
+    try:
+        CronTrigger.from_crontab(cron, timezone=ZoneInfo(zone))
+    except ValueError as exc:
+        raise reader.fail("cron", f"{cron!r}: {exc}") from None
 
 
 def _warming_job(name: str, reader: _Reader, entities: Mapping[str, EntitySettings]) -> WarmingJob:

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
+from cachewarden.errors import ConfigError
 from tests.conftest import Harness
 from tests.helpers import REPO
 
@@ -171,7 +173,7 @@ def test_doctor_fails_an_evicting_or_forgetful_redis_and_passes_a_correct_one(
 
 
 def test_check_names_a_warming_job_whose_query_fails_and_a_bad_cron(pg_harness: Harness) -> None:
-    """`check` runs each warming job's query for no rows and names the job whose SQL fails (exit 1); a cron APScheduler refuses is a config error naming the field (exit 2)."""
+    """`check` runs each warming job's query for no rows and names the job whose SQL fails (exit 1); a cron APScheduler refuses is a config error naming the field (exit 2) before `check` reports the config valid."""
     h = pg_harness
     h.create_table("users")
     jobs = {
@@ -183,9 +185,11 @@ def test_check_names_a_warming_job_whose_query_fails_and_a_bad_cron(pg_harness: 
     assert result.returncode == 1
     assert "good: entity=user every 1m" in result.stdout
     assert "query: FAILED: warming job 'bad'" in result.stdout and "nowhere" in result.stdout
-    h.configure({"user": USER}, warming={"late": {"entity": "user", "cron": "0 25 * * *"}})
+    with pytest.raises(ConfigError, match=r"warming\.late\.cron"):  # the file is written first
+        h.configure({"user": USER}, warming={"late": {"entity": "user", "cron": "0 25 * * *"}})
     result = cachewarden("check", config=h.config_path)
     assert result.returncode == 2 and "warming.late.cron" in result.stderr
+    assert "(valid)" not in result.stdout and "redis:" not in result.stdout
 
 
 def test_warm_inline_needs_no_worker_and_jobs_shows_the_run(pg_harness: Harness) -> None:

@@ -367,3 +367,63 @@ def test_a_warming_job_loads_with_its_defaults(tmp_path: Path) -> None:
     assert nightly.misfire_grace_ms is None and nightly.enabled
     assert (often.every_ms, often.ttl_jitter, often.misfire_grace_ms) == (120_000, 0.25, 120_000)
     assert rarely.misfire_grace_ms == 3_600_000  # one interval, at most 1 h
+
+
+# (table, misspelt key, value, the valid key it stands for): misspelt in place of the
+# valid one (deleted), so a required setting's "is required" would otherwise come first.
+TYPOS: list[tuple[str, str, Any, str]] = [
+    (ENT, "tll", "10m", "ttl"),
+    (ENT, "tabel", "users", "table"),
+    (ENT, "version_colum", "version", "version_column"),
+    (WB, "batch_sise", 100, "batch_size"),
+    ("redis", "prefx", "cw", "prefix"),
+    ("database", "ulr", "sqlite:///app.db", "url"),
+    ("dispatch", "intervall", "50ms", "interval"),
+    ("monitoring", "prot", 9100, "port"),
+    ("warming.nightly", "crn", "0 3 * * *", "cron"),
+]
+
+
+@pytest.mark.parametrize(("table", "typo", "value", "meant"), TYPOS, ids=[t[1] for t in TYPOS])
+def test_a_misspelt_setting_names_itself_and_the_closest_valid_one(
+    tmp_path: Path, table: str, typo: str, value: Any, meant: str
+) -> None:
+    """A misspelt setting raises ConfigError naming the misspelt key and the closest valid one, even where the valid one is required."""
+    tables = _base() | {"warming.nightly": {"entity": "user", "cron": "0 3 * * *"}}
+    tables.setdefault(table, {}).pop(meant, None)
+    tables[table][typo] = value
+    path = tmp_path / "c.toml"
+    path.write_text(render_config(tables))
+    error = _error(path)
+    assert error.field == f"{table}.{typo}"
+    assert f"did you mean {meant!r}" in error.problem
+
+
+def test_a_cron_field_out_of_range_is_a_config_error_at_load(tmp_path: Path) -> None:
+    """A cron expression with a field out of range fails load_settings naming the job's cron field and the value."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        render_config(_base() | {"warming.late": {"entity": "user", "cron": "0 25 * * *"}})
+    )
+    error = _error(path)
+    assert error.field == "warming.late.cron" and "'0 25 * * *'" in error.problem
+
+
+def test_settings_load_without_apscheduler(tmp_path: Path) -> None:
+    """With APScheduler not importable, the library imports and a config with a cron job loads."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.toml"
+    path.write_text(render_config(_base() | {"warming.n": {"entity": "user", "cron": "0 3 * * *"}}))
+    code = (
+        "import sys; sys.modules['apscheduler'] = None\n"
+        "import cachewarden.cache\n"
+        "from cachewarden.settings import load_settings\n"
+        f"print(load_settings({str(path)!r}).job('n').cron)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0 3 * * *"
