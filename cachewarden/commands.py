@@ -310,13 +310,9 @@ PENDING_OVERHEAD_BYTES = 500
 ASSUMED_ROW_BYTES = 1024
 
 
-def memory_fit(settings: Settings, client: Any, keys: Keyspace) -> list[str]:
-    """Warnings where the entities' max_pending bounds cannot fit in Redis's maxmemory
-    (less the write headroom). Row sizes are sampled from cached entries, else assumed."""
-    limit = int(client.info("memory").get("maxmemory", 0))
-    if limit == 0:
-        return ["Redis has no maxmemory: a full buffer grows until the host runs out of memory"]
-    room = limit * (1 - settings.redis.memory_headroom)
+def buffer_need(settings: Settings, client: Any, keys: Keyspace) -> tuple[float, list[str]]:
+    """The bytes the entities' full write buffers need (max_pending x shards x a write's
+    size, sampled from cached entries, else assumed), and each entity's share in words."""
     need, parts = 0.0, []
     for spec in settings.entities.values():
         entries = client.scan_iter(keys.entry_pattern(spec.name), count=100)
@@ -327,6 +323,17 @@ def memory_fit(settings: Settings, client: Any, keys: Keyspace) -> list[str]:
         bound = spec.write_behind.max_pending * spec.write_behind.shards
         need += bound * per_write
         parts.append(f"{spec.name}: {bound:,} writes x ~{per_write / 1024:.1f} KB")
+    return need, parts
+
+
+def memory_fit(settings: Settings, client: Any, keys: Keyspace) -> list[str]:
+    """Warnings where the entities' max_pending bounds cannot fit in Redis's maxmemory
+    (less the write headroom). Row sizes are sampled from cached entries, else assumed."""
+    limit = int(client.info("memory").get("maxmemory", 0))
+    if limit == 0:
+        return ["Redis has no maxmemory: a full buffer grows until the host runs out of memory"]
+    room = limit * (1 - settings.redis.memory_headroom)
+    need, parts = buffer_need(settings, client, keys)
     if need <= room:
         return []
     return [

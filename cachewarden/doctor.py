@@ -102,14 +102,30 @@ def _eviction(client: Redis) -> Finding:
 
 
 def _memory(settings: Settings, client: Redis, keys: Keyspace) -> Finding:
-    from cachewarden.commands import memory_fit
+    from cachewarden.commands import buffer_need, memory_fit
 
     warnings = memory_fit(settings, client, keys)
     limit = int(client.info("memory").get("maxmemory", 0))
     detail = f"maxmemory {limit / 1048576:,.0f} MB" if limit else "no maxmemory"
     if not warnings:
         return Finding("buffer bounds", True, f"{detail}: the write buffers fit")
-    return Finding("buffer bounds", False, warnings[0], "see the figures above")
+    # The maxmemory at which the full buffers fit below the write headroom.
+    need, _ = buffer_need(settings, client, keys)
+    enough = f"{need / (1 - settings.redis.memory_headroom) / 1048576:,.0f} MB"
+    if not limit:
+        fix = (
+            "set maxmemory to what the host can give Redis (CONFIG SET maxmemory, and in "
+            f"redis.conf), at least {enough} for the full write buffers, with "
+            "maxmemory-policy noeviction: a full Redis then refuses writes with "
+            "Backpressure instead of the host running out of memory"
+        )
+    else:
+        fix = (
+            f"raise maxmemory to at least {enough} (CONFIG SET maxmemory, and in "
+            "redis.conf), or lower write_behind.max_pending or write_behind.shards of "
+            f"{', '.join(settings.entities)} until max_pending x shards fits"
+        )
+    return Finding("buffer bounds", False, warnings[0], fix)
 
 
 def _shards(settings: Settings, client: Redis) -> Finding:
@@ -218,7 +234,13 @@ def _workers(settings: Settings) -> Finding:
     try:
         replies = task_client(settings).control.inspect(timeout=1.5).active_queues() or {}
     except Exception as exc:
-        return Finding("workers", False, f"could not ask them: {exc}", "check the broker")
+        return Finding(
+            "workers",
+            False,
+            f"could not ask them: {exc}",
+            f"start the broker at {masked_url(settings.broker_url)}, or fix [celery] "
+            "broker_url ($CACHEWARDEN_BROKER_URL)",
+        )
     consumed: dict[str, list[str]] = {q: [] for q in wanted}
     for worker, queues in replies.items():
         for queue in queues:
@@ -259,7 +281,13 @@ def run_checks(settings: Settings, client: Redis) -> list[Finding]:
             findings.append(check())
         except RedisError as exc:
             findings.append(
-                Finding(name, False, f"Redis at {settings.redis.shown}: {exc}", "is Redis up?")
+                Finding(
+                    name,
+                    False,
+                    f"Redis at {settings.redis.shown}: {exc}",
+                    f"start Redis at {settings.redis.shown}, or fix [redis] url "
+                    "($CACHEWARDEN_REDIS_URL)",
+                )
             )
     findings.append(_broker(settings))
     engine = make_engine(settings.database)

@@ -132,6 +132,7 @@ def test_doctor_warns_when_the_buffer_bounds_cannot_fit_in_maxmemory(pg_harness:
         "user: 400,000 writes" in too_big.stdout
         and "Lower write_behind.max_pending" in too_big.stdout
     )
+    assert "fix: raise maxmemory to at least" in too_big.stdout, too_big.stdout
     assert "PASS  buffer bounds: maxmemory 30 MB: the write buffers fit" in fits.stdout, fits.stdout
 
 
@@ -170,6 +171,25 @@ def test_doctor_fails_an_evicting_or_forgetful_redis_and_passes_a_correct_one(
     for check in ("redis version", "persistence", "maxmemory-policy", "broker", "database"):
         assert f"PASS  {check}" in result.stdout, result.stdout
     assert "PASS  write users" in result.stdout and "PASS  workers: 1 online" in result.stdout
+
+
+def test_every_failed_doctor_finding_names_a_concrete_fix(pg_harness: Harness) -> None:
+    """Against a Redis with no maxmemory and no worker running, each failed doctor finding's fix is concrete: the buffer bounds name the maxmemory to set in MB, and no fix points at figures elsewhere."""
+    from tests.servers import PrivateRedis
+
+    h = pg_harness
+    h.create_table("users")
+    with PrivateRedis() as server:
+        h.configure({"user": USER}, redis_url=server.url)
+        result = cachewarden("doctor", "--json", config=h.config_path)
+    findings = json.loads(result.stdout)
+    failed = [f for f in findings if not f["ok"]]
+    assert failed, result.stdout
+    for finding in failed:
+        assert finding["fix"] and "above" not in finding["fix"], finding
+    (bounds,) = [f for f in findings if f["check"] == "buffer bounds"]
+    assert not bounds["ok"] and "no maxmemory" in bounds["detail"]
+    assert "set maxmemory" in bounds["fix"] and " MB " in bounds["fix"], bounds["fix"]
 
 
 def test_check_names_a_warming_job_whose_query_fails_and_a_bad_cron(pg_harness: Harness) -> None:
