@@ -36,7 +36,7 @@ bench: $(BIN)/cachewarden
 	$(BIN)/python ops/bench/warming.py
 
 flower: $(BIN)/cachewarden
-	$(BIN)/celery -A worker flower --basic-auth=$${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password} --address=127.0.0.1
+	$(BIN)/cachewarden flower --basic-auth=$${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password} --address=127.0.0.1
 
 scheduler: $(BIN)/cachewarden
 	$(BIN)/cachewarden scheduler

@@ -42,7 +42,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "result_backend": None,
         "task_default_queue": settings.queue("writebehind"),
-        "task_queues": [_queue(settings.queue(family)) for family in FAMILIES],
+        "task_queues": [queue_of(settings.queue(family)) for family in FAMILIES],
         "task_routes": {name: {"queue": settings.queue(fam)} for name, fam in ROUTES.items()},
         # A task a dead worker held is redelivered, not acknowledged and lost.
         "task_acks_late": True,
@@ -70,7 +70,7 @@ def _broker_tls(settings: Settings) -> dict[str, Any]:
     return {"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED, **settings.redis.tls}}
 
 
-def _queue(name: str) -> Queue:
+def queue_of(name: str) -> Queue:
     """A queue on an exchange of its own, bound by its own name: what is routed to one
     family's queue reaches only that queue (a bare Queue(name) would take Celery's
     default exchange and routing key, and every family's queue would get every task)."""

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
@@ -46,9 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="pending writes, due shards and dead letters per entity")
     stats.add_argument("--json", action="store_true", help="print JSON")
     worker = sub.add_parser(
-        "worker", help="run a Celery worker (celery -A worker worker); extra args go to celery"
+        "worker",
+        help="run a Celery worker (celery -A cachewarden.worker worker); extra args go to celery",
     )
     worker.add_argument("celery_args", nargs=argparse.REMAINDER)
+    flower = sub.add_parser(
+        "flower",
+        help="run Flower on 127.0.0.1 (needs FLOWER_BASIC_AUTH=user:password); extra args go "
+        "to Flower",
+    )
+    flower.add_argument("celery_args", nargs=argparse.REMAINDER)
     sub.add_parser(
         "scheduler", help="run an APScheduler process firing the warming jobs (any number may run)"
     )
@@ -128,11 +134,12 @@ def _dead_letter_parser(
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = _parser()
-    # `worker`'s options go to Celery (argparse's REMAINDER drops a leading "--option").
+    # `worker`'s and `flower`'s options go to Celery (argparse's REMAINDER drops a
+    # leading "--option").
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "worker":
+    if extra and args.command not in ("worker", "flower"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "worker":
+    if args.command in ("worker", "flower"):
         args.celery_args = [*extra, *args.celery_args]
     try:
         settings = load_settings(args.config)
@@ -148,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": commands.status,
         "probe": commands.probe,
         "worker": lambda s, a: _celery(s, args.config, ["worker", *a.celery_args], replace=True),
+        "flower": lambda s, a: _celery(s, args.config, ["flower", *a.celery_args], replace=True),
         "scheduler": commands.scheduler,
         "warm": commands.warm,
         "jobs": commands.jobs,
@@ -172,16 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _celery(settings: Settings, config: str | None, argv: list[str], replace: bool = False) -> int:
-    """Run `celery -A worker ...` from the repository root with this config; with
-    `replace`, this process becomes Celery (exec), so signals reach the worker itself."""
-    if not Path("worker/__init__.py").is_file():
-        print(
-            "cachewarden: run this from the cachewarden repository root (where worker/ is)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
+    """Run `celery -A cachewarden.worker ...` (the installed deployment, from any
+    directory) with this config; with `replace`, this process becomes Celery (exec), so
+    signals reach the worker itself."""
     env = {**os.environ, CONFIG_ENV: str(config_path(config).resolve())}
-    cmd = [sys.executable, "-m", "celery", "-A", "worker", *argv]
+    cmd = [sys.executable, "-m", "celery", "-A", "cachewarden.worker", *argv]
     if argv[:1] == ["worker"] and "--loglevel" not in argv and "-l" not in argv:
         cmd += ["--loglevel", "INFO"]
     if replace:
@@ -195,12 +198,6 @@ def _run(settings: Settings, config: str | None, no_embedded: bool, demo: bool) 
     """Everything on this machine, with the embedded Redis if none answers, and a demo."""
     from cachewarden.devrun import run
 
-    if not Path("worker/__init__.py").is_file():
-        print(
-            "cachewarden: run this from the cachewarden repository root (where worker/ is)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
     return run(settings, config, no_embedded, demo, sys.stdout)
 
 

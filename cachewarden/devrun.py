@@ -136,12 +136,12 @@ def run(settings: Settings, config: str | None, no_embedded: bool, demo: bool, o
         credentials = flower_credentials(directory)
         port = _free_port(5555)
         worker_log = procs.start(
-            "worker", ["-m", "celery", "-A", "worker", "worker", "--loglevel", "INFO"]
+            "worker", ["-m", "celery", "-A", "cachewarden.worker", "worker", "--loglevel", "INFO"]
         )
         procs.start("scheduler", ["-m", "cachewarden.cli", "scheduler"])
         procs.start(
             "flower",
-            ["-m", "celery", "-A", "worker", "flower", f"--port={port}"],
+            ["-m", "celery", "-A", "cachewarden.worker", "flower", f"--port={port}"],
             {"FLOWER_BASIC_AUTH": credentials},
         )
         _wait(lambda: b" ready." in worker_log.read_bytes(), 90, "the worker", procs)

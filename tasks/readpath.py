@@ -42,6 +42,9 @@ def _retry(
     name=REFRESH_TASK,
     bind=True,
     ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    serializer="json",
     max_retries=REFRESH_RETRIES,
     throws=(RefreshFailed,),
 )
@@ -78,6 +81,9 @@ def refresh(
     name=SWEEP_TASK,
     bind=True,
     ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    serializer="json",
     max_retries=REFRESH_RETRIES,
     throws=(RefreshFailed,),
 )

@@ -15,7 +15,16 @@ log = structlog.get_logger("tasks.warming")
 
 # A run streams the keys of its whole query while it plans: give it the hour a job's
 # default timeout gives (each chunk task keeps the default limits).
-@shared_task(name=WARM_TASK, bind=True, ignore_result=True, soft_time_limit=3600, time_limit=3660)
+@shared_task(
+    name=WARM_TASK,
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    serializer="json",
+    soft_time_limit=3600,
+    time_limit=3660,
+)
 def warm(
     self: Task[Any, Any], job: str, slot_ms: int | None = None, request: str = ""
 ) -> dict[str, Any]:

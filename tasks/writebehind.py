@@ -23,7 +23,15 @@ from cachewarden.writebehind.flush import flush_shard
 log = structlog.get_logger("tasks.writebehind")
 
 
-@shared_task(name=FLUSH_TASK, bind=True, ignore_result=True, throws=(FlushFailed,))
+@shared_task(
+    name=FLUSH_TASK,
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    serializer="json",
+    throws=(FlushFailed,),
+)
 def flush(self: Task[Any, Any], entity: str, shard: int) -> dict[str, Any]:
     """Drain one shard of an entity's write buffer into the database."""
     with structlog.contextvars.bound_contextvars(task_id=self.request.id):

@@ -77,7 +77,8 @@ def render_config(tables: dict[str, dict[str, Any]]) -> str:
 
 
 class WorkerProcess:
-    """A real `celery -A worker worker` process running against a test config."""
+    """A real `celery -A worker worker` process running against a test config (or a
+    worker of another Celery app, `app`, run in `cwd`)."""
 
     def __init__(
         self,
@@ -86,7 +87,11 @@ class WorkerProcess:
         concurrency: int = 2,
         name: str | None = None,
         env: dict[str, str] | None = None,
+        app: str = "worker",
+        cwd: Path = REPO,
     ) -> None:
+        self.app = app
+        self.cwd = cwd
         self.config = config
         self.log_path = log_path
         self.concurrency = concurrency
@@ -109,7 +114,7 @@ class WorkerProcess:
             "-m",
             "celery",
             "-A",
-            "worker",
+            self.app,
             "worker",
             "--concurrency",
             str(self.concurrency),
@@ -122,7 +127,7 @@ class WorkerProcess:
         ]
         self._lines = []
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            cmd, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

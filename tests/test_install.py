@@ -33,7 +33,8 @@ def app_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    shutil.copytree(REPO / "cachewarden", source / "cachewarden")
+    for package in ("cachewarden", "worker", "tasks"):  # the wheel ships all three
+        shutil.copytree(REPO / package, source / package)
     venv.create(root / "venv", with_pip=True)
     python = root / "venv" / "bin" / "python"
     subprocess.run(

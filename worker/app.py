@@ -1,4 +1,5 @@
-"""The Celery app: `celery -A worker worker` and `celery -A worker flower`.
+"""The Celery app: `celery -A cachewarden.worker worker` and `... flower` (or `-A worker`
+from this repository's root: the same files).
 
 Reads the config once at import (no connections); clients are built in each
 process after fork. A config error stops the process with one line, status 2.
@@ -22,7 +23,8 @@ from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
 from cachewarden.settings import Settings, load_settings
 from cachewarden.writebehind.shardcount import check_shards
-from worker.steps import ConsumerHeartbeat, DispatcherStep, MonitorStep, RefreshAheadStep
+
+from .steps import ConsumerHeartbeat, DispatcherStep, MonitorStep, RefreshAheadStep
 
 
 def _settings() -> Settings:
@@ -34,7 +36,14 @@ def _settings() -> Settings:
 
 
 settings = _settings()
-app = Celery("cachewarden", include=["tasks.writebehind", "tasks.readpath", "tasks.warming"])
+# The task modules beside this package: `tasks.*` in a checkout, `cachewarden.tasks.*`
+# when installed (the same files).
+_ROOT = (__package__ or "").rpartition(".")[0]
+TASK_MODULES = [
+    f"{_ROOT}.tasks.{family}" if _ROOT else f"tasks.{family}"
+    for family in ("writebehind", "readpath", "warming")
+]
+app = Celery("cachewarden", include=TASK_MODULES)
 app.conf.update(celery_config(settings))
 app.steps["worker"].add(DispatcherStep)
 app.steps["worker"].add(RefreshAheadStep)

@@ -165,7 +165,7 @@ def test_flower_refuses_to_start_without_authentication(tmp_path: Path) -> None:
 
 
 def test_the_systemd_units_run_commands_that_exist() -> None:
-    """Each unit's ExecStart runs a command of this project (celery -A worker ..., cachewarden ...) and reads the env file the example documents."""
+    """Each unit's ExecStart runs a command of the installed package (cachewarden worker, scheduler, flower: no checkout needed) and reads the env file the example documents."""
     units: dict[str, Any] = {p.name: p.read_text() for p in (OPS / "systemd").glob("*.service")}
     assert set(units) == {
         "cachewarden-worker@.service",
@@ -174,7 +174,7 @@ def test_the_systemd_units_run_commands_that_exist() -> None:
     }
     for name, text in units.items():
         [start] = [line for line in text.splitlines() if line.startswith("ExecStart=")]
-        assert re.search(r"(celery -A worker (worker|flower)|cachewarden scheduler)", start), name
+        assert re.search(r"/bin/cachewarden (worker|scheduler|flower)\b", start), name
         assert "EnvironmentFile=" in text, name
     env = (OPS / "systemd/env.example").read_text()
     assert "CACHEWARDEN_REDIS_URL=" in env and "CACHEWARDEN_DATABASE_URL=" in env
