@@ -14,6 +14,12 @@ import structlog
 
 _configured = False
 
+# Loggers that write a line per routine event at INFO, quieted to WARNING unless the
+# level is DEBUG: APScheduler logs "Running job" and "executed successfully" for every
+# run of the write-behind dispatcher (every 100 ms by default), about 20 lines a second.
+# Its warnings (a missed run, a job that raised) still show.
+_CHATTY = ("apscheduler",)
+
 
 def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     """Configure structlog and route every stdlib logger through it (idempotent)."""
@@ -58,3 +64,6 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if level != "DEBUG":
+        for name in _CHATTY:
+            logging.getLogger(name).setLevel(logging.WARNING)

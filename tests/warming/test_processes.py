@@ -325,3 +325,30 @@ def test_sighup_reloads_the_jobs_and_keeps_them_when_the_new_config_is_broken(
         wait_for(lambda: slot("a") > after and slot("b") > after, 5, what="a and b to fire on")
     finally:
         scheduler.stop()
+
+
+def test_an_idle_scheduler_and_worker_write_a_few_lines_not_a_line_per_dispatch(
+    pg_harness: Harness, tmp_path: Path
+) -> None:
+    """At INFO, a scheduler (dispatching every 100 ms, a warming job every minute) and a worker, idle for 5 s after they started, write at most 2 log lines between them, none of them APScheduler's per-run lines."""
+    h = pg_harness
+    h.create_table("users")
+    h.configure(
+        {"user": USER}, dispatch_interval="100ms", warming={"j": {"entity": "user", "every": "1m"}}
+    )
+    worker = h.worker(concurrency=1)
+    scheduler = SchedulerProcess(h.config_path, tmp_path / "scheduler.log").wait_started()
+    try:
+        wait_for(lambda: "ready." in worker.log_path.read_text(), 30, what="the worker")
+        logs = (scheduler.log_path, worker.log_path)
+        started = [len(log.read_text().splitlines()) for log in logs]
+        time.sleep(5)
+        idle = [
+            line
+            for log, n in zip(logs, started, strict=True)
+            for line in log.read_text().splitlines()[n:]
+        ]
+    finally:
+        scheduler.stop()
+    assert len(idle) <= 2, idle
+    assert not [line for line in idle if "apscheduler" in line], idle
