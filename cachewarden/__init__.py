@@ -18,6 +18,7 @@ from cachewarden.errors import (
     InvalidValue,
     LoadFailed,
     LockLost,
+    Outranked,
     UnknownEntity,
     UnsafeRedis,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidValue",
     "LoadFailed",
     "LockLost",
+    "Outranked",
     "Settings",
     "UnknownEntity",
     "UnsafeRedis",

@@ -18,13 +18,14 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from cachewarden.context import Context
-from cachewarden.errors import Backpressure, ConfigError, InvalidKey, InvalidValue
+from cachewarden.errors import Backpressure, ConfigError, InvalidKey, InvalidValue, Outranked
 from cachewarden.keys import Keyspace
 from cachewarden.readpath.reader import ReadThrough
 from cachewarden.scripts.writebehind import Pending
 from cachewarden.settings import EntitySettings, Settings, load_settings
 from cachewarden.writebehind.enqueue import (
     BatchResult,
+    Outcome,
     delete_op,
     enqueue,
     enqueue_many,
@@ -146,10 +147,10 @@ class Cache:
     def write(self, entity: str, key: str | int, row: Row) -> str:
         """Cache `row` under `key` and buffer its upsert; return the stream id.
 
-        Returns once both are in Redis; returns "" (nothing taken) when the row's
-        version is no higher than a delete of the key within `tombstone_ttl`. Raises
-        UnknownEntity, InvalidKey or InvalidValue before anything is sent,
-        Backpressure when the shard is full.
+        Returns once both are in Redis. Raises UnknownEntity, InvalidKey or
+        InvalidValue before anything is sent, Backpressure when the shard is full,
+        and Outranked (nothing taken) when the row's version is no higher than a
+        delete of the key within `tombstone_ttl`.
         """
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
@@ -159,7 +160,8 @@ class Cache:
         """Mark `key` absent in the cache and buffer its delete; return the stream id.
 
         A versioned delete leaves a tombstone: for `tombstone_ttl`, writes and deletes
-        of the key at that version or lower are ignored (this returns "" for one)."""
+        of the key at that version or lower are not taken (this raises Outranked for one,
+        as `write` does)."""
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
         return _one(enqueue(scripts, [delete_op(scripts.spec, key, version, text)]))
@@ -171,8 +173,9 @@ class Cache:
 
         `rows` maps keys to rows (or is a sequence of (key, row) pairs, applied in
         order). A row that is invalid, or whose shard is full, is refused with its
-        error in `.refused`; every other row is taken (`.taken`: key -> stream id).
-        Raises UnknownEntity before anything is sent.
+        error in `.refused`; a row a newer delete outranks (where `write` raises
+        Outranked) is listed in `.outranked`; every other row is taken (`.taken`:
+        key -> stream id). Raises UnknownEntity before anything is sent.
         """
         scripts = write_scripts(self.context, entity)
         pairs = rows.items() if isinstance(rows, Mapping) else rows
@@ -195,7 +198,8 @@ class Cache:
     ) -> BatchResult:
         """Mark many keys absent and buffer their deletes in one round trip (per-key report).
 
-        `versions` gives the version of each delete where the entity has a version column.
+        `versions` gives the version of each delete where the entity has a version column;
+        a delete a newer one outranks is listed in `.outranked`.
         """
         scripts = write_scripts(self.context, entity)
         result = BatchResult()
@@ -210,8 +214,8 @@ class Cache:
         return result
 
 
-def _one(outcomes: list[str | Backpressure]) -> str:
+def _one(outcomes: list[Outcome]) -> str:
     outcome = outcomes[0]
-    if isinstance(outcome, Backpressure):
+    if isinstance(outcome, Backpressure | Outranked):
         raise outcome
     return outcome

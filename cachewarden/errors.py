@@ -46,6 +46,26 @@ class Backpressure(CachewardenError):
     """A write buffer shard is full; the write was not taken. Retry later or scale flushers."""
 
 
+class Outranked(CachewardenError):
+    """A versioned write or delete was not taken: a newer delete of its key outranks it."""
+
+    def __init__(self, entity: str, key: str, op: str, version: str, newer: str) -> None:
+        self.entity = entity
+        self.key = key
+        self.op = op
+        self.version = version
+        self.newer = newer
+        super().__init__(
+            f"{entity}:{key}: the {op} at version {version} was not taken: the key was "
+            f"deleted at version {newer}, which outranks it (for entities.{entity}."
+            f"tombstone_ttl). Write a version above {newer} to bring the row back, or drop "
+            "this one: it is older than the delete"
+        )
+
+    def __reduce__(self) -> tuple[type[Outranked], tuple[str, str, str, str, str]]:
+        return (Outranked, (self.entity, self.key, self.op, self.version, self.newer))
+
+
 class BackendUnavailable(CachewardenError):
     """Redis or the database cannot be reached or refused the connection."""
 

@@ -21,7 +21,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import OutOfMemoryError, ResponseError
 
-from cachewarden.errors import Backpressure, CachewardenError
+from cachewarden.errors import Backpressure, CachewardenError, Outranked
 from cachewarden.keys import Keyspace
 from cachewarden.scripts import Registry
 from cachewarden.scripts.writebehind import SHARDS, Pending, WriteScripts, discard_letter
@@ -114,7 +114,7 @@ def replay(
     outcome = _outcome(scripts, pending, reply) if reply.startswith("!") else reply
     if isinstance(outcome, Backpressure):
         raise outcome
-    return outcome
+    return "superseded" if isinstance(outcome, Outranked) else outcome
 
 
 def _replayed(scripts: WriteScripts, letter: DeadLetter, pending: Pending, force: bool) -> str:

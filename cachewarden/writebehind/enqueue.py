@@ -26,6 +26,7 @@ from cachewarden.errors import (
     Backpressure,
     CachewardenError,
     InvalidValue,
+    Outranked,
 )
 from cachewarden.scripts import ReplyLost
 from cachewarden.scripts.writebehind import (
@@ -42,13 +43,16 @@ from cachewarden.writebehind import shardcount
 from cachewarden.writebehind.memory import full_redis, memory_refusal
 from cachewarden.writebehind.shardcount import shards_refusal
 
+# What enqueue answers per operation: its stream id (taken), or why it was not taken.
+Outcome = str | Backpressure | Outranked
+
 
 @dataclass
 class BatchResult:
     """What `write_many` or `delete_many` did, per key: the stream id of each operation
     taken, the error of each one refused (nothing of a refused one was sent), and the
-    keys whose versioned operation a newer delete's tombstone outranked (ignored, as
-    the database's version guard ignores an older write).
+    keys whose versioned operation a newer delete's tombstone outranked (not taken;
+    `write` and `delete` raise Outranked for one).
 
     A key given more than once keeps its last outcome of each kind, so it can be
     in both: one of its writes taken, a later one refused.
@@ -119,9 +123,9 @@ def delete_op(
     return Pending("d", text, ABSENT, "" if version is None else str(version))
 
 
-def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpressure]:
+def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[Outcome]:
     """Send `ops` in one round trip: per op, its stream id, the Backpressure refusing it,
-    or "" when a versioned delete's tombstone outranks it (nothing was buffered).
+    or Outranked when a versioned delete's tombstone outranks it (nothing was buffered).
 
     Raises InvalidValue, sending nothing, for a write the entity's database is known to
     refuse (`refusal`), and BackendUnavailable when Redis cannot be reached or refuses
@@ -134,9 +138,7 @@ def enqueue(scripts: WriteScripts, ops: Sequence[Pending]) -> list[str | Backpre
     return _send(scripts, ops)
 
 
-def _send(
-    scripts: WriteScripts, ops: Sequence[Pending], follow: bool = True
-) -> list[str | Backpressure]:
+def _send(scripts: WriteScripts, ops: Sequence[Pending], follow: bool = True) -> list[Outcome]:
     """enqueue's round trip. A call enqueue.lua refused whole for the shard count
     ("!SHARDS <record>", nothing taken) is sent once more on the count Redis records
     (`follow`), or raises Backpressure while a reshard drains."""
@@ -169,7 +171,7 @@ def _send(
     return [_outcome(scripts, op, reply) for op, reply in zip(ops, replies, strict=True)]
 
 
-def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> str | Backpressure:
+def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> Outcome:
     if not reply.startswith("!"):
         return reply  # a stream id: taken
     if reply.startswith(BACKPRESSURE):
@@ -185,7 +187,11 @@ def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> str | Backpressu
             f"write of {op.key!r} was not taken. Replay or discard them first: "
             f"cachewarden dead-letters list {spec.name}"
         )
-    return "" if reply.startswith(TOMBSTONE) else reply
+    if reply.startswith(TOMBSTONE):
+        op_name = "delete" if op.op == "d" else "write"
+        newer = reply.removeprefix(TOMBSTONE).strip()
+        return Outranked(scripts.spec.name, op.key, op_name, op.version, newer)
+    return reply
 
 
 def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchResult) -> None:
@@ -206,10 +212,10 @@ def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchRes
     for op, outcome in zip(ops, _send(scripts, ops), strict=True):
         if isinstance(outcome, Backpressure):
             refused[op.key] = outcome
-        elif outcome:
-            taken[op.key] = outcome
-        else:
+        elif isinstance(outcome, Outranked):
             result.outranked.append(op.key)
+        else:
+            taken[op.key] = outcome
 
 
 def _redis_address(scripts: WriteScripts) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from cachewarden.errors import Backpressure
+from cachewarden.errors import Backpressure, Outranked
 from cachewarden.keys import shard_of
 from cachewarden.scripts.writebehind import WriteScripts
 from cachewarden.writebehind import shardcount
@@ -471,7 +471,8 @@ def test_a_forced_replay_never_brings_back_a_row_a_newer_delete_removed(
     _flush_all(h)
     _fix_table(h)
     assert 7 not in h.rows("users")  # an upsert of version 3 would insert it again
-    assert h.cache.write("user", 7, {"name": "late", "version": 3}) == ""  # a write: outranked
+    with pytest.raises(Outranked):  # a write: outranked
+        h.cache.write("user", 7, {"name": "late", "version": 3})
     assert _replay(h, letter, force=True) == "superseded"
     assert _dead(h) == [] and h.buffered() == 0
     _flush_all(h)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from cachewarden.errors import Outranked
 from cachewarden.writebehind.flush import flush_shard
 from tests.conftest import Harness
 from tests.helpers import wait_for
@@ -19,7 +22,7 @@ def _flush(h: Harness) -> None:
 
 
 def test_an_older_write_after_a_flushed_delete_is_ignored(harness: Harness) -> None:
-    """A delete at version 6 flushed, then a write at 3: the write is ignored, the row stays deleted and get() returns None."""
+    """A delete at version 6 flushed, then a write at 3: write() and delete() at a lower version raise Outranked naming the key, both versions and the fix, write_many lists such a key in .outranked, the row stays deleted and get() returns None."""
     h = harness
     _setup(h)
     cache = h.cache
@@ -28,8 +31,13 @@ def test_an_older_write_after_a_flushed_delete_is_ignored(harness: Harness) -> N
     cache.delete("user", 1, version=6)
     _flush(h)
     assert h.rows("users") == {}
-    assert cache.write("user", 1, {"name": "v3", "version": 3}) == ""
-    assert cache.delete("user", 1, version=4) == ""
+    with pytest.raises(Outranked) as write:
+        cache.write("user", 1, {"name": "v3", "version": 3})
+    assert (write.value.op, write.value.version, write.value.newer) == ("write", "3", "6")
+    assert "user:1: the write at version 3" in str(write.value)
+    assert "Write a version above 6" in str(write.value)
+    with pytest.raises(Outranked, match="the delete at version 4 was not taken"):
+        cache.delete("user", 1, version=4)
     many = cache.write_many(
         "user", {1: {"name": "v2", "version": 2}, 2: {"name": "b", "version": 1}}
     )
@@ -43,13 +51,14 @@ def test_an_older_write_after_a_flushed_delete_is_ignored(harness: Harness) -> N
 
 
 def test_the_tombstone_lasts_tombstone_ttl(pg_harness: Harness) -> None:
-    """Once `tombstone_ttl` has passed, an older write is taken like any other (the documented limit)."""
+    """Once `tombstone_ttl` has passed, an older write is taken like any other (the documented limit); before, it raises Outranked."""
     h = pg_harness
     _setup(h, tombstone_ttl="300ms")
     cache = h.cache
     cache.delete("user", 1, version=6)
     _flush(h)
-    assert cache.write("user", 1, {"name": "early", "version": 3}) == ""
+    with pytest.raises(Outranked):
+        cache.write("user", 1, {"name": "early", "version": 3})
     tomb = h.context.keys.tombstone("user", "1")
     wait_for(lambda: not cache.redis.exists(tomb), 5, what="the tombstone to expire")
     assert cache.write("user", 1, {"name": "late", "version": 3})
