@@ -111,6 +111,18 @@ class Meters:
         self.refreshed = Counter(
             f"{PREFIX}_refreshed_rows", "Entries refresh-ahead reloaded.", ["entity"], registry=on
         )
+        self.database_reads = Counter(
+            f"{PREFIX}_reads_from_database",
+            "Keys read from the database because Redis failed (on_redis_error = database).",
+            ["entity"],
+            registry=on,
+        )
+        self.database_reads_refused = Counter(
+            f"{PREFIX}_reads_from_database_refused",
+            "Keys whose database read found no turn within redis_error_wait.",
+            ["entity"],
+            registry=on,
+        )
         self.warm_rows = Counter(
             f"{PREFIX}_warm_rows", "Rows warm runs read.", ["job"], registry=on
         )
@@ -135,6 +147,10 @@ class Meters:
             self.lock_busy.labels(labels["entity"]).inc(value)
         elif event == "refreshed_rows":
             self.refreshed.labels(labels["entity"]).inc(value)
+        elif event == "reads_from_database":
+            self.database_reads.labels(labels["entity"]).inc(value)
+        elif event == "reads_from_database_refused":
+            self.database_reads_refused.labels(labels["entity"]).inc(value)
         elif event == "warm_rows":
             self.warm_rows.labels(labels["job"]).inc(value)
         elif event == "warm_runs":

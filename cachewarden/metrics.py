@@ -9,6 +9,8 @@ loop. The worker installs its listener (`cachewarden.exporter`) at start. Events
     flush_failures     entity, status  a flush that backed off or was fenced
     flush_lock_busy    entity          a flush that found its shard's lock held
     refreshed_rows     entity          entries a refresh-ahead reload filled
+    reads_from_database entity         keys read from the database as Redis failed
+    reads_from_database_refused entity keys that found no turn for that (raised)
     warm_rows          job             rows a warm chunk put in the cache (or left to a write)
     warm_runs          job, outcome    a warm run that ended (value: its seconds)
 """

@@ -148,6 +148,12 @@ class EntitySettings:
     wait_timeout_ms: int = 10_000
     refresh_batch_size: int = 1000
     sweep_interval_ms: int = 0  # 0: a quarter of the refresh window, 50 ms to 30 s
+    # A read whose Redis call fails: "raise" BackendUnavailable, or load from the
+    # "database" (uncached), at most redis_error_reads at once per process, waiting up
+    # to redis_error_wait_ms for a turn.
+    on_redis_error: str = "raise"
+    redis_error_reads: int = 8
+    redis_error_wait_ms: int = 1_000
 
     @property
     def refresh_window_ms(self) -> int:
@@ -422,7 +428,13 @@ def _read_path(reader: _Reader, ttl_ms: int) -> dict[str, Any]:
     if loader is not None and not re.search(r"(?<!:):key\b", loader):
         raise reader.fail("loader", "the SQL must take the key as the parameter :key")
     stale = reader.duration("stale_ttl", 0)
+    on_redis_error = reader.get("on_redis_error", str, "raise")
+    if on_redis_error not in ("raise", "database"):
+        raise reader.fail("on_redis_error", 'must be "raise" or "database"')
     return {
+        "on_redis_error": on_redis_error,
+        "redis_error_reads": reader.positive("redis_error_reads", 8),
+        "redis_error_wait_ms": reader.required_duration("redis_error_wait", 1_000),
         "refresh_ahead": factor,
         "early_refresh": early,
         "xfetch_beta": beta,

@@ -14,15 +14,17 @@ grace (`stale_ttl`) the old value is served while that refresh runs or fails.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Sequence
 
 import structlog
 from redis.exceptions import RedisError
 
-from cachewarden.codec import decode_row
+from cachewarden.codec import decode_row, encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable
+from cachewarden.metrics import emit
 from cachewarden.readpath.misses import MissLoader, ReadStats
 from cachewarden.readpath.refresh import read_scripts
 from cachewarden.readpath.sqlload import Row, SqlLoader, loader_for
@@ -53,6 +55,8 @@ class _Entity:
         self.rule = EarlyRefresh(spec.early_refresh, spec.refresh_ahead, spec.xfetch_beta)
         self.fixed = spec.early_refresh != "xfetch" or spec.refresh_ahead <= 0
         self.delay_ms: float | None = None  # the refresh delay the last hit reported
+        # on_redis_error = "database": the turns of this process's loads while Redis fails.
+        self.gate = threading.BoundedSemaphore(spec.redis_error_reads)
         self._factor = (
             self.rule.refresh_below_ms(spec.ttl_ms, None, 1.0),
             self.rule.refresh_below_ms(spec.negative_ttl_ms, None, 1.0),
@@ -123,10 +127,20 @@ class ReadThrough:
         """The row of `key`: from the cache, or loaded once across all processes.
 
         One thread per process and key reads at a time: the others follow its
-        flight, so a stampede of threads costs one round trip per process.
+        flight, so a stampede of threads costs one round trip per process. Where
+        Redis fails and the entity says on_redis_error = "database", the row is
+        loaded from the database instead (`_from_database`).
         """
         side = self._entity(entity)
         text = self._texts(entity, key)
+        try:
+            return self._get(side, entity, text)
+        except _RedisFailed as exc:
+            if side.spec.on_redis_error != "database":
+                raise
+            return self._from_database(side, [text], exc)[text]
+
+    def _get(self, side: _Entity, entity: str, text: str) -> Row | None:
         flights = self._misses.flights
         flight, leads = flights.join((entity, text))
         if not leads:
@@ -162,12 +176,23 @@ class ReadThrough:
 
     def get_many(self, entity: str, keys: Sequence[str | int]) -> list[Row | None]:
         """The rows of `keys`, in order (None where absent): hits in one round trip,
-        misses loaded with one batched SELECT where this process leads them."""
+        misses loaded with one batched SELECT where this process leads them (all of
+        them, uncached, where Redis fails and on_redis_error = "database")."""
         side = self._entity(entity)
         texts = [self._texts(entity, k) for k in keys]
         unique = list(dict.fromkeys(texts))
         if not unique:
             return []
+        try:
+            values = self._get_many(side, unique)
+        except _RedisFailed as exc:
+            if side.spec.on_redis_error != "database":
+                raise
+            rows = self._from_database(side, unique, exc)
+            return [rows[t] for t in texts]
+        return [decode_row(values[t]) for t in texts]
+
+    def _get_many(self, side: _Entity, unique: list[str]) -> dict[str, str]:
         token = new_token()
         values: dict[str, str] = {}
         try:
@@ -191,7 +216,40 @@ class ReadThrough:
                 values.update(self._misses.miss_many(side.spec, side.scripts, token, missed))
         except RedisError as exc:
             raise _unavailable(side.spec, unique[0], exc) from None
-        return [decode_row(values[t]) for t in texts]
+        return values
+
+    # -- Redis failing: on_redis_error = "database" ------------------------------
+
+    def _from_database(
+        self, side: _Entity, texts: list[str], failed: _RedisFailed
+    ) -> dict[str, Row | None]:
+        """The rows of `texts` loaded from the database, not cached (Redis failed), as a
+        hit would return them; at most `redis_error_reads` such loads of the entity at
+        once in this process. BackendUnavailable when no turn came within
+        `redis_error_wait`; LoadFailed when the database fails too."""
+        spec = side.spec
+        if not side.gate.acquire(timeout=spec.redis_error_wait_ms / 1000):
+            emit("reads_from_database_refused", len(texts), entity=spec.name)
+            raise BackendUnavailable(
+                f'{failed} (on_redis_error = "database": {spec.redis_error_reads} '
+                f"database reads of {spec.name} were under way in this process for "
+                f"{spec.redis_error_wait_ms} ms; raise entities.{spec.name}."
+                "redis_error_reads if the database can take more, or bring Redis back)"
+            ) from None
+        try:
+            log.warning("read_from_database", entity=spec.name, keys=len(texts), error=str(failed))
+            emit("reads_from_database", len(texts), entity=spec.name)
+            loader = self._loader(spec)
+            if len(texts) == 1:
+                found = {texts[0]: loader.load(texts[0])}
+            else:
+                found = dict(loader.load_many(texts))
+        finally:
+            side.gate.release()
+        return {
+            t: decode_row(encode_entry(spec.name, t, found.get(t), spec.max_value_bytes))
+            for t in texts
+        }
 
     # -- hits -------------------------------------------------------------------
 
@@ -224,6 +282,10 @@ class ReadThrough:
         return loader_for(self.context, spec.name)
 
 
+class _RedisFailed(BackendUnavailable):
+    """A read's Redis call failed (what on_redis_error = "database" answers)."""
+
+
 def _unavailable(spec: EntitySettings, key: str, exc: RedisError) -> BackendUnavailable:
     """A redis-py error as BackendUnavailable naming the entity and key."""
-    return BackendUnavailable(f"{spec.name}:{key}: Redis error on read: {exc}")
+    return _RedisFailed(f"{spec.name}:{key}: Redis error on read: {exc}")

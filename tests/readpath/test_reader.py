@@ -553,3 +553,84 @@ def test_a_new_caches_first_hit_costs_what_its_hundredth_does(pg_harness: Harnes
     assert _first_hit(pg_harness, reflect=True) == (0, 1)
     opened, sent = _first_hit(pg_harness, reflect=False)
     assert opened == 1 and sent > 1
+
+
+def _with_private_redis(h: Harness, url: str, **entity: Any) -> None:
+    """setup_users, with the counting loader, on the private Redis at `url`."""
+    setup_users(h, loader=LOADER, **entity)
+    spec = {"table": "users", "key": "id", "ttl": "10m", "loader": LOADER, **entity}
+    h.configure({"user": spec}, redis_url=url)
+
+
+def test_with_redis_down_reads_go_to_the_database_within_their_bound(
+    pg_harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With on_redis_error = "database" and Redis stopped, get and get_many answer from the database (logged as read_from_database and counted), at most redis_error_reads loads at once (a read that finds no turn within redis_error_wait raises BackendUnavailable), and writes still raise BackendUnavailable."""
+    from cachewarden import metrics
+    from cachewarden.errors import BackendUnavailable
+    from tests.servers import PrivateRedis
+
+    h = pg_harness
+    counted: list[tuple[str, float]] = []
+
+    def listener(event: str, value: float, labels: Any) -> None:
+        counted.append((event, value))
+
+    metrics.listen(listener)
+    try:
+        with PrivateRedis() as server:
+            _with_private_redis(
+                h,
+                server.url,
+                on_redis_error="database",
+                redis_error_reads=2,
+                redis_error_wait="300ms",
+            )
+            assert name(h, 1) == "v1-1"  # Redis up: a miss loaded and cached
+            server.stop()
+            assert name(h, 2) == "v1-2"
+            rows = h.cache.get_many("user", [3, 4, 10_000])
+            assert [r and r["name"] for r in rows] == ["v1-3", "v1-4", None]
+            assert ("reads_from_database", 1) in counted and ("reads_from_database", 3) in counted
+            assert any(
+                isinstance(r.msg, dict) and r.msg.get("event") == "read_from_database"
+                for r in caplog.records
+            )
+            with pytest.raises(BackendUnavailable):
+                h.cache.write("user", 5, {"name": "x", "version": 2})
+            set_loader(h, seconds=1.0)
+            outcomes: list[str] = []
+
+            def read(key: int) -> None:
+                try:
+                    outcomes.append(str(name(h, key)))
+                except BackendUnavailable as exc:
+                    assert "redis_error_reads" in str(exc)
+                    outcomes.append("refused")
+
+            threads = [threading.Thread(target=read, args=(k,)) for k in range(11, 17)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert len(outcomes) == 6 and outcomes.count("refused") == 4, outcomes
+    finally:
+        metrics._listeners.remove(listener)
+
+
+def test_with_redis_down_reads_raise_by_default(pg_harness: Harness) -> None:
+    """With on_redis_error = "raise" (the default) and Redis stopped, get and get_many raise BackendUnavailable and the database is not asked."""
+    from cachewarden.errors import BackendUnavailable
+    from tests.servers import PrivateRedis
+
+    h = pg_harness
+    with PrivateRedis() as server:
+        _with_private_redis(h, server.url)
+        assert name(h, 1) == "v1-1"
+        calls = loader_calls(h)
+        server.stop()
+        with pytest.raises(BackendUnavailable):
+            h.cache.get("user", 2)
+        with pytest.raises(BackendUnavailable):
+            h.cache.get_many("user", [3, 4])
+        assert loader_calls(h) == calls
