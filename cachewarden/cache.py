@@ -67,7 +67,7 @@ class Cache:
         self._reader = ReadThrough(context)
         if self._owns_context and reflect:
             try:
-                context.reflect_all()
+                context.reflect_all(strict=True)
             except ConfigError:
                 context.close()
                 raise
@@ -75,8 +75,10 @@ class Cache:
             self._check_shards()
 
     def _check_shards(self) -> None:
-        """Refuse to start on a config whose shard counts Redis does not record (ConfigError);
-        with Redis down, the first write checks instead."""
+        """Record each entity's configured shard count where Redis records none, and log a
+        warning (starting all the same) where the record differs or a reshard drains: this
+        Cache follows the count Redis records, not its config's (see shardcount.py). With
+        Redis down nothing is checked here: the first write reads the record."""
         try:
             check_shards(self.context)
         except RedisError:

@@ -21,6 +21,7 @@ from cachewarden.keys import Keyspace, due_member, parse_due_member
 from cachewarden.settings import EntitySettings, Settings
 from cachewarden.tables import reflect_table
 from cachewarden.writebehind.deadletters import discard, list_dead, replay
+from cachewarden.writebehind.shardcount import buffered_shards
 
 OK, FAILED = 0, 1
 
@@ -107,10 +108,21 @@ def _number(text: str) -> int | float:
 
 def entity_stats(settings: Settings, client: Any, keys: Keyspace) -> dict[str, Any]:
     """Pending writes per shard, due shards and dead letters, per entity; entities with
-    buffered writes that the config no longer defines are listed too ("configured": false)."""
-    due = dict(client.zrange(keys.due(), 0, -1, withscores=True))
+    buffered writes that the config no longer defines are listed too ("configured": false).
+
+    A configured entity's shards are those of the count Redis records, not the config's
+    (both counts' during a reshard "N>M": `shardcount.buffered_shards`), so writes on
+    shard numbers the config lacks are counted."""
+    specs = list(settings.entities.values())
+    with client.pipeline(transaction=False) as pipe:
+        pipe.zrange(keys.due(), 0, -1, withscores=True)
+        for spec in specs:
+            pipe.get(keys.shard_count(spec.name))
+        found, *records = pipe.execute()
+    due = dict(found)
     shards_of: dict[str, range | list[int]] = {
-        spec.name: range(spec.write_behind.shards) for spec in settings.entities.values()
+        spec.name: range(buffered_shards(record, spec.write_behind.shards))
+        for spec, record in zip(specs, records, strict=True)
     }
     for member in due:
         entity, shard = parse_due_member(member)
@@ -288,7 +300,14 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{len(letters)} dead letter(s) shown", file=sys.stderr)
         elif args.action == "replay":
             for letter in letters:
-                result = replay(cache.redis, cache.keys, spec, letter, force=args.force)
+                result = replay(
+                    cache.redis,
+                    cache.keys,
+                    spec,
+                    letter,
+                    force=args.force,
+                    memory_headroom=settings.redis.memory_headroom,
+                )
                 outcome = (
                     "superseded by a newer write, dropped"
                     if result == "superseded"
@@ -366,7 +385,8 @@ def doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def flush(settings: Settings, args: argparse.Namespace) -> int:
-    """Make every shard with pending writes due now, and wait until the buffer drains."""
+    """Make every shard with pending writes due now, and wait until the buffer drains (the
+    shards of the count Redis records: see drain.py)."""
     from cachewarden.writebehind.drain import drain
 
     names = [settings.entity(args.entity).name] if args.entity else list(settings.entities)

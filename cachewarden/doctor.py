@@ -129,17 +129,45 @@ def _memory(settings: Settings, client: Redis, keys: Keyspace) -> Finding:
 
 
 def _shards(settings: Settings, client: Redis) -> Finding:
+    """Fails where an entity's configured shard count is not the one Redis records (or a
+    reshard drains): processes follow the record and only warn (`check_shards`), so a
+    config left behind would go unnoticed, and it seeds the record of a new prefix."""
     from cachewarden.context import Context
-    from cachewarden.writebehind.shardcount import check_shards
+    from cachewarden.writebehind.shardcount import check_shards, recorded
 
     context = Context(settings, client)
     try:
-        check_shards(context)
-    except CachewardenError as exc:
-        return Finding("shard counts", False, str(exc), "run `cachewarden reshard ENTITY N`")
+        warnings = check_shards(context)
     finally:
         context.lua.close()
-    return Finding("shard counts", True, "each entity's matches the count Redis records")
+    if not warnings:
+        return Finding("shard counts", True, "each entity's matches the count Redis records")
+    fixes = []
+    for spec in settings.entities.values():
+        ours, record = spec.write_behind.shards, recorded(client, context.keys, spec.name)
+        field = f"entities.{spec.name}.write_behind.shards"
+        if record is None or record == str(ours):
+            continue
+        if ">" in record:
+            new = record.split(">", 1)[1]
+            fixes.append(
+                f"a reshard of {spec.name} to {new} shards drains: let it finish (run "
+                f"`cachewarden reshard {spec.name} {new}` again if it stopped), then set "
+                f"{field} = {new}"
+            )
+        else:
+            fixes.append(
+                f"set {field} = {record} (the count Redis records), or run "
+                f"`cachewarden reshard {spec.name} {ours}` to move the buffer to {ours} shards"
+            )
+    return Finding(
+        "shard counts",
+        False,
+        "; ".join(warnings),
+        "; ".join(fixes)
+        or "set write_behind.shards to the count Redis records, or run "
+        "`cachewarden reshard ENTITY N`",
+    )
 
 
 def _broker(settings: Settings) -> Finding:

@@ -15,6 +15,7 @@ from redis import Redis
 
 from cachewarden.keys import Keyspace
 from cachewarden.settings import Settings
+from cachewarden.writebehind.shardcount import buffered_shards
 
 # A worker whose dispatcher last beat longer ago than this is not listed as seen.
 SEEN_WITHIN_MS = 60_000
@@ -39,26 +40,37 @@ def redis_now_ms(client: Redis) -> int:
 
 
 def entity_state(settings: Settings, client: Redis) -> dict[str, EntityState]:
-    """Every configured entity's state, in one pipelined round trip."""
+    """Every configured entity's state, in two pipelined round trips: the shard counts
+    Redis records (the streams read are those of the record, not the config's count,
+    and both counts' during a reshard "N>M": `shardcount.buffered_shards`), then the
+    rest."""
     keys = Keyspace(settings.redis.prefix)
-    now = redis_now_ms(client)
-    plan: list[tuple[str, int]] = []
+    specs = list(settings.entities.values())
     with client.pipeline(transaction=False) as pipe:
-        for spec in settings.entities.values():
-            for shard in range(spec.write_behind.shards):
+        pipe.time()
+        for spec in specs:
+            pipe.get(keys.shard_count(spec.name))
+        (seconds, micros), *records = pipe.execute()
+    now = int(seconds) * 1000 + int(micros) // 1000
+    counts = [
+        buffered_shards(record, spec.write_behind.shards)
+        for spec, record in zip(specs, records, strict=True)
+    ]
+    with client.pipeline(transaction=False) as pipe:
+        for spec, count in zip(specs, counts, strict=True):
+            for shard in range(count):
                 stream = keys.stream(spec.name, shard)
                 pipe.xlen(stream)
                 pipe.xrange(stream, count=1)
                 pipe.execute_command("XINFO", "STREAM", stream)  # type: ignore[no-untyped-call]
-                plan.append((spec.name, shard))
             pipe.xlen(keys.dead(spec.name))
             pipe.hgetall(keys.read_stats(spec.name))
             pipe.hgetall(keys.flush_stats(spec.name))
         replies = iter(pipe.execute(raise_on_error=False))
     out: dict[str, EntityState] = {}
-    for spec in settings.entities.values():
+    for spec, count in zip(specs, counts, strict=True):
         state = out.setdefault(spec.name, EntityState())
-        for _ in range(spec.write_behind.shards):
+        for _ in range(count):
             length, first, info = next(replies), next(replies), next(replies)
             state.pending += length if isinstance(length, int) else 0
             if isinstance(first, list) and first:

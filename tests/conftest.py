@@ -227,9 +227,13 @@ class Harness:
             return {row["id"]: dict(row) for row in result.mappings()}
 
     def buffered(self, entity: str = "user") -> int:
-        """Writes of `entity` still in its shards' streams (not yet flushed)."""
+        """Writes of `entity` still in its shards' streams (not yet flushed): the shards of
+        the count Redis records (both counts' while a reshard drains), not the config's."""
+        from cachewarden.writebehind.shardcount import buffered_shards, recorded
+
         keys, redis = self.context.keys, self.context.redis
-        shards = self.context.entity(entity).write_behind.shards
+        configured = self.context.entity(entity).write_behind.shards
+        shards = buffered_shards(recorded(redis, keys, entity), configured)
         return sum(int(redis.xlen(keys.stream(entity, s))) for s in range(shards))
 
     def count(self, table: str) -> int:

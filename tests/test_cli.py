@@ -352,3 +352,58 @@ def test_cache_from_config_names_the_extra_of_a_missing_database_driver(tmp_path
     result = _without("pymysql", code)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "pip install 'cachewarden[mysql]'" in result.stdout
+
+
+def test_doctor_fails_a_shard_count_that_is_not_the_recorded_one(pg_harness: Harness) -> None:
+    """`doctor` fails its shard-counts check when the config says 4 shards and Redis records 2, naming both counts and the fixes (set write_behind.shards to 2, or `cachewarden reshard user 4`), and passes it once the config says 2 again."""
+    h = pg_harness
+    h.create_table("users")
+    h.configure({"user": USER}, {"user": {"shards": 2}})
+    h.cache.write("user", 1, {"name": "x", "version": 1})  # the record: 2 shards
+    h.configure({"user": USER}, {"user": {"shards": 4}})
+    ok, text = _doctor_lines(h)["shard counts"]
+    assert not ok and "says 4, but Redis records 2 shards" in text, text
+    assert "set entities.user.write_behind.shards = 2" in text, text
+    assert "`cachewarden reshard user 4`" in text, text
+    h.configure({"user": USER}, {"user": {"shards": 2}})
+    ok, text = _doctor_lines(h)["shard counts"]
+    assert ok, text
+
+
+def test_dead_letter_replay_keeps_the_configured_memory_headroom(pg_harness: Harness) -> None:
+    """`cachewarden dead-letters replay` refuses a letter, keeping it, while Redis uses a third of its maxmemory and [redis] memory_headroom is 0.8 (past it, though within the default 10%), and replays it under the default headroom."""
+    import redis
+
+    from cachewarden.writebehind.deadletters import count_dead
+    from cachewarden.writebehind.flush import flush_shard
+    from tests.servers import PrivateRedis
+
+    h = pg_harness
+    h.create_table("users", extra="CONSTRAINT no_poison CHECK (name <> 'poison')")
+    with PrivateRedis(maxmemory="200mb") as server:
+        roomy = {"memory_headroom": 0.8}
+        h.configure({"user": USER}, {"user": {"shards": 1}}, redis_url=server.url)
+        h.cache.write("user", 1, {"name": "poison", "version": 1})
+        assert flush_shard(h.context, "user", 0).status == "done"
+        keys = h.context.keys
+        admin = redis.Redis.from_url(server.url)
+        try:
+            assert count_dead(admin, keys, "user") == 1
+            used = int(admin.info("memory")["used_memory"])
+            admin.config_set("maxmemory", used * 3)
+            h.configure(
+                {"user": USER}, {"user": {"shards": 1}}, redis_url=server.url, redis_options=roomy
+            )
+            admin.delete(keys.memory_mark())  # (what the write above saw: look again)
+            refused = cachewarden("dead-letters", "replay", "user", config=h.config_path)
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            assert "memory_headroom" in refused.stderr, refused.stderr
+            assert count_dead(admin, keys, "user") == 1
+            h.configure({"user": USER}, {"user": {"shards": 1}}, redis_url=server.url)
+            admin.delete(keys.memory_mark())
+            replayed = cachewarden("dead-letters", "replay", "user", config=h.config_path)
+            assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+            assert "replayed as" in replayed.stdout
+            assert count_dead(admin, keys, "user") == 0
+        finally:
+            admin.close()

@@ -29,6 +29,7 @@ from cachewarden.readpath.misses import leases_kept
 from cachewarden.readpath.sqlload import loader_for
 from cachewarden.scripts.readpath import ReadScripts, failure_hold_ms, new_token
 from cachewarden.settings import EntitySettings
+from cachewarden.writebehind import shardcount
 
 log = structlog.get_logger("cachewarden.refresh")
 
@@ -63,10 +64,21 @@ def retry_delay_s(spec: EntitySettings, attempt: int) -> float:
 
 
 def read_scripts(context: Context, entity: str) -> ReadScripts:
-    """The context's read-path scripts of `entity`."""
+    """The context's read-path scripts of `entity`, whose dirty hashes are those of the
+    shard count Redis records (shardcount.known for a read, shardcount.current for a
+    fill or lease), not the config's."""
     spec = context.entity(entity)
+    name = spec.name
     return context.shared(
-        "read_scripts", entity, lambda: ReadScripts(context.lua, context.keys, spec)
+        "read_scripts",
+        entity,
+        lambda: ReadScripts(
+            context.lua,
+            context.keys,
+            spec,
+            known=lambda: shardcount.known(context, name),
+            current=lambda: shardcount.current(context, name),
+        ),
     )
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -82,9 +82,24 @@ class Candidates:
 
 
 class ReadScripts:
-    """The read path's scripts for one entity: read, fill, lease, give up, sweep."""
+    """The read path's scripts for one entity: read, fill, lease, give up, sweep.
 
-    def __init__(self, lua: Registry, keys: Keyspace, spec: EntitySettings) -> None:
+    A key's dirty hash is that of its shard at the count Redis records, which the
+    caller tells: `known()`, the count it last saw (no read of its own: a read stays
+    one round trip), for read.lua, whose dirty check only decides who loads; and
+    `current()`, read again at most every second, for the scripts that write an entry
+    (fill, fill_many) or lease a reload (lease_many), where a stale count could put a
+    database row over a pending write in a shard the old count lacks. Without them:
+    the config's count. (read_scripts in readpath/refresh.py passes shardcount's.)"""
+
+    def __init__(
+        self,
+        lua: Registry,
+        keys: Keyspace,
+        spec: EntitySettings,
+        known: Callable[[], int] | None = None,
+        current: Callable[[], int] | None = None,
+    ) -> None:
         self.lua = lua
         self.redis = lua.client
         self.keys = keys
@@ -97,7 +112,10 @@ class ReadScripts:
         self._entry = keys.entry_prefix(name)
         self._lease = keys.lease_prefix(name)
         self._marker = keys.refresh_prefix(name)
-        self._dirty = [keys.dirty(name, n) for n in range(spec.write_behind.shards)]
+        configured = spec.write_behind.shards
+        self._known = known if known is not None else lambda: configured
+        self._current = current if current is not None else self._known
+        self._dirty_of: dict[int, list[str]] = {}  # count -> its dirty hashes
         self._read = lua.script("read")
         # The read's arguments after the key and the token, fixed per entity.
         self._track_hot = "1" if spec.refresh_ahead > 0 else "0"
@@ -106,20 +124,32 @@ class ReadScripts:
         self.px_absent = spec.negative_ttl_ms + spec.stale_ttl_ms
         self.failure_hold_ms = failure_hold_ms(spec)
 
-    def dirty(self, key: str) -> str:
-        """The dirty hash of the key's write-behind shard."""
-        return self._dirty[shard_of(key, len(self._dirty))]
+    def _dirty(self, fresh: bool) -> list[str]:
+        """The dirty hashes of the count Redis records: as last seen, or (`fresh`) as
+        read at most a second ago. Built once per count."""
+        count = self._current() if fresh else self._known()
+        found = self._dirty_of.get(count)
+        if found is None:
+            found = [self.keys.dirty(self.spec.name, n) for n in range(count)]
+            self._dirty_of[count] = found
+        return found
+
+    def dirty(self, key: str, fresh: bool = False) -> str:
+        """The dirty hash of the key's write-behind shard, at the count Redis records as
+        last seen (`fresh`: as read at most a second ago)."""
+        dirty = self._dirty(fresh)
+        return dirty[shard_of(key, len(dirty))]
 
     # -- read.lua -------------------------------------------------------------
 
-    def _read_call(
+    def read_call(
         self,
         key: str,
         token: str,
         refresh_below_ms: tuple[float, float],
         counts: tuple[int, int] = (0, 0),
     ) -> tuple[list[str], list[Any]]:
-        """read.lua's KEYS and ARGV."""
+        """read.lua's KEYS and ARGV (`read` sends them; so does the asyncio reader)."""
         spec = self.spec
         keys = [
             self._entry + key,
@@ -157,7 +187,7 @@ class ReadScripts:
         entry) records a refresh request, unless one is queued for the key already.
         `counts` (hits, misses) are added to the entity's read counters.
         """
-        keys, args = self._read_call(key, token, refresh_below_ms, counts)
+        keys, args = self.read_call(key, token, refresh_below_ms, counts)
         return Reply.parse(self.lua.call("read", keys, args))
 
     def read_many(
@@ -170,20 +200,24 @@ class ReadScripts:
         """`read` for many keys in one pipelined round trip (`counts` ride on the first)."""
         pipe = self.redis.pipeline(transaction=False)
         for n, key in enumerate(keys):
-            k, a = self._read_call(key, token, refresh_below_ms, counts if n == 0 else (0, 0))
+            k, a = self.read_call(key, token, refresh_below_ms, counts if n == 0 else (0, 0))
             self._read(keys=k, args=a, client=pipe)
         return [Reply.parse(raw) for raw in pipe.execute()]
 
     # -- fill.lua -------------------------------------------------------------
 
-    def _fill_call(
-        self, key: str, token: str, value: str, load_ms: int | None
+    def fill_call(
+        self, key: str, token: str, value: str, load_ms: int | None, dirty: list[str] | None = None
     ) -> tuple[list[str], list[Any]]:
-        """fill.lua's KEYS and ARGV."""
+        """fill.lua's KEYS and ARGV (`dirty`: the dirty hashes of the recorded count, read
+        at most a second ago when not given, which may read Redis: the asyncio reader
+        builds them on its loader thread)."""
+        if dirty is None:
+            dirty = self._dirty(fresh=True)
         keys = [
             self._entry + key,
             self._lease + key,
-            self.dirty(key),
+            dirty[shard_of(key, len(dirty))],
             self._marker + key,
             self._hot,
             self._stats,
@@ -203,27 +237,27 @@ class ReadScripts:
         self, key: str, token: str, value: str, load_ms: int | None = None
     ) -> tuple[bool, str | None]:
         """Fill one absent entry under our lease: (filled, the entry's value now)."""
-        keys, args = self._fill_call(key, token, value, load_ms)
-        return _filled(self.lua.call("fill", keys, args))
+        keys, args = self.fill_call(key, token, value, load_ms, self._dirty(fresh=True))
+        return filled_reply(self.lua.call("fill", keys, args))
 
     def fill_each(
         self, values: Mapping[str, str], token: str, load_ms: int | None = None
     ) -> dict[str, tuple[bool, str | None]]:
         """`fill` for many keys in one pipelined round trip."""
-        pipe = self.redis.pipeline(transaction=False)
+        pipe, dirty = self.redis.pipeline(transaction=False), self._dirty(fresh=True)
         for key, value in values.items():
-            k, a = self._fill_call(key, token, value, load_ms)
+            k, a = self.fill_call(key, token, value, load_ms, dirty)
             self.lua.run("fill", keys=k, args=a, client=pipe)
-        return {key: _filled(raw) for key, raw in zip(values, pipe.execute(), strict=True)}
+        return {key: filled_reply(raw) for key, raw in zip(values, pipe.execute(), strict=True)}
 
     # -- lease_many.lua, fill_many.lua: batch reloads ---------------------------
 
     def lease_many(self, keys: Sequence[str], token: str, horizon_ms: int | None) -> list[str]:
         """Lease the keys that need a reload (see lease_many.lua); return those leased."""
         names: list[str] = []
-        entry, lease = self._entry, self._lease
+        entry, lease, dirty = self._entry, self._lease, self._dirty(fresh=True)
         for key in keys:
-            names += [entry + key, lease + key, self.dirty(key)]
+            names += [entry + key, lease + key, dirty[shard_of(key, len(dirty))]]
         args = [
             token,
             self.spec.lock_timeout_ms,
@@ -238,9 +272,10 @@ class ReadScripts:
         """Fill a batch under our leases (one script call); return how many landed."""
         names = [self._hot, self._stats, self._warm]
         entry, lease, marker = self._entry, self._lease, self._marker
+        dirty = self._dirty(fresh=True)
         args: list[Any] = [token, self.px_row, self.px_absent, self.spec.stale_ttl_ms]
         for key, value in values.items():
-            names += [entry + key, lease + key, self.dirty(key), marker + key]
+            names += [entry + key, lease + key, dirty[shard_of(key, len(dirty))], marker + key]
             args += [key, value]
         return int(self.lua.run("fill_many", keys=names, args=args))
 
@@ -250,11 +285,15 @@ class ReadScripts:
         self, keys: Iterable[str], token: str, error: str | None = None, counter: str = ""
     ) -> int:
         """Release our leases; with an `error`, hold it briefly for the keys' readers."""
+        return int(self.lua.run("lease_fail", *self.give_up_call(keys, token, error, counter)))
+
+    def give_up_call(
+        self, keys: Iterable[str], token: str, error: str | None = None, counter: str = ""
+    ) -> tuple[list[str], list[Any]]:
+        """lease_fail.lua's KEYS and ARGV (`give_up` sends them; so does the asyncio reader)."""
         names = [self._stats, *(self._lease + k for k in keys)]
         hold = self.failure_hold_ms if error is not None else 0
-        return int(
-            self.lua.run("lease_fail", keys=names, args=[token, (error or "")[:500], hold, counter])
-        )
+        return names, [token, (error or "")[:500], hold, counter]
 
     # -- lease_extend.lua ------------------------------------------------------
 
@@ -301,5 +340,5 @@ class ReadScripts:
         return popped
 
 
-def _filled(raw: Sequence[Any]) -> tuple[bool, str | None]:
+def filled_reply(raw: Sequence[Any]) -> tuple[bool, str | None]:
     return bool(raw[0]), raw[1] if len(raw) > 1 else None

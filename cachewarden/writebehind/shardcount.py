@@ -44,6 +44,18 @@ def count_of(record: str) -> int:
     return int(record.split(">", 1)[0])
 
 
+def buffered_shards(record: str | None, configured: int) -> int:
+    """How many of an entity's shard streams can hold its pending writes under `record`
+    (as `recorded` returns it): N of "N"; of "N>M", the larger of N and M (the old
+    shards drain, and the new ones take writes the moment the record says M); the
+    config's count `configured` while none is recorded. For whatever counts or flushes
+    every pending write (`cachewarden flush`, stats, status): shard numbers from 0."""
+    if record is None:
+        return configured
+    old, _, new = record.partition(">")
+    return max(int(old), int(new or old))
+
+
 def recorded(redis: Redis, keys: Keyspace, entity: str) -> str | None:
     """The entity's record as Redis holds it now ("N", "N>M"), or None before any write."""
     return cast("str | None", redis.get(keys.shard_count(entity)))

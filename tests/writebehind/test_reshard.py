@@ -18,9 +18,13 @@ from cachewarden.celeryconf import task_client
 from cachewarden.context import Context
 from cachewarden.errors import Backpressure
 from cachewarden.keys import shard_of
+from cachewarden.readpath.refresh import read_scripts
+from cachewarden.readpath.singleflight import Role
+from cachewarden.scripts.readpath import new_token
 from cachewarden.warming.run import WARM_TASK, start_run
 from cachewarden.warming.status import Run, read_runs
 from cachewarden.writebehind import shardcount
+from cachewarden.writebehind.deadletters import count_dead
 from cachewarden.writebehind.flush import flush_shard
 from cachewarden.writebehind.reshard import reshard
 from tests.conftest import Harness
@@ -347,3 +351,94 @@ def test_reshard_under_a_running_worker_writes_and_warm_runs(
     assert {k: _entry(h, k) for k in keys} == {k: {"id": k, "name": f"last-{k}"} for k in keys}
     assert worker.proc.pid == pid and not worker.exited
     assert "IndexError" not in worker.output()
+
+
+def test_flush_stats_and_status_follow_the_shards_a_reshard_added(pg_harness: Harness) -> None:
+    """After `reshard user 4` with the config still saying 2 shards, `stats`, `status` and the harness count the writes pending on shards 2 and 3, and `cachewarden flush user` says they reached the database only once every one of them has."""
+    h = pg_harness
+    h.create_table("users", version=False)
+    h.configure({"user": USER}, {"user": {"shards": 2, "max_delay": "60s"}})
+    h.worker(concurrency=1)
+    h.cache.write("user", 0, {"name": "zero"})  # the record: 2 shards
+    assert reshard(h.context, "user", 4, say=lambda _: None) == 2
+    h.cache.write_many("user", {k: {"name": f"n{k}"} for k in range(1, 101)})
+    lengths = _lengths(h, 4)
+    assert lengths[2] > 0 and lengths[3] > 0 and sum(lengths) == 100
+    stats = cachewarden("stats", "--json", config=h.config_path)
+    assert stats.returncode == 0, stats.stderr
+    user = json.loads(stats.stdout)["user"]
+    assert user["pending"] == 100 and user["pending_per_shard"] == lengths
+    status = cachewarden("status", "--json", config=h.config_path)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["entities"]["user"]["pending"] == 100
+    assert h.buffered() == 100
+    done = cachewarden("flush", "user", config=h.config_path)
+    assert done.returncode == 0, done.stderr
+    assert "100 pending writes of user reached the database" in done.stdout
+    assert _lengths(h, 4) == [0, 0, 0, 0] and h.buffered() == 0
+    rows = h.rows("users")
+    assert {k: rows[k]["name"] for k in range(1, 101)} == {k: f"n{k}" for k in range(1, 101)}
+
+
+def test_the_read_path_checks_the_dirty_hashes_of_the_recorded_count(
+    pg_harness: Harness, process: Callable[[Harness], Context]
+) -> None:
+    """In a process whose config says 2 shards, after a reshard to 4, a key whose entry is gone while its write waits on shard 2 or 3 is seen as pending: a read takes no lease (it waits for the write), a batch reload leases only the key without one, and a fill under a lease leaves the entry absent instead of putting the database's older row there."""
+    h = pg_harness
+    h.create_table("users", version=False)
+    _configure(h, 2)
+    key = _key_whose_shard_moves(2, 4)
+    other = key + 1 if shard_of(str(key + 1), 4) < 2 else key + 2
+    with h.engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO users (id, name) VALUES ({key}, 'db'), ({other}, 'db')"))
+    h.cache.write("user", 999, {"name": "record"})  # the record: 2 shards
+    reshard(h.context, "user", 4, say=lambda _: None)
+    h.cache.write("user", key, {"name": "written"})
+    redis, keys = h.context.redis, h.context.keys
+    assert redis.hexists(keys.dirty("user", shard_of(str(key), 4)), str(key))
+    redis.delete(keys.entry("user", str(key)))  # (the entry lost while its write waits)
+    reader = process(h)
+    assert reader.entity("user").write_behind.shards == 2
+    side = read_scripts(reader, "user")
+    token = new_token()
+    reply = side.read(str(key), token)
+    assert reply.value is None and reply.flag == Role.PENDING_WRITE.value
+    assert not redis.exists(keys.lease("user", str(key)))
+    assert side.lease_many([str(key), str(other)], token, None) == [str(other)]
+    redis.set(keys.lease("user", str(key)), token, px=10_000)  # a lease taken all the same
+    assert side.fill(str(key), token, json.dumps({"id": key, "name": "db"})) == (False, None)
+    assert not redis.exists(keys.entry("user", str(key)))
+    flush_shard(h.context, "user", shard_of(str(key), 4))
+    assert h.rows("users")[key]["name"] == "written"
+
+
+@pytest.mark.timeout(120)
+def test_a_reshard_blocked_by_max_dead_letters_stops_and_runs_again_once_they_are_replayed(
+    pg_harness: Harness,
+) -> None:
+    """`cachewarden reshard user 2` meeting max_dead_letters with a write still pending exits 1 naming the dead letters, `cachewarden dead-letters list user` and the reshard to run again, with the record back at 1 shard and nothing pending lost; once the table is fixed and the letters replayed, running it again moves the buffer to 2 shards and every write lands."""
+    h = pg_harness
+    h.create_table("users", version=False, extra="CONSTRAINT no_poison CHECK (name <> 'poison')")
+    wb = {"shards": 1, "max_dead_letters": 2, "batch_size": 1, "max_delay": "60s"}
+    h.configure({"user": USER}, {"user": wb})
+    for key, name in ((1, "poison"), (2, "poison"), (3, "good")):
+        h.cache.write("user", key, {"name": name})
+    redis, keys = h.context.redis, h.context.keys
+    stopped = cachewarden("reshard", "user", "2", config=h.config_path)
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "2 dead letters are waiting (write_behind.max_dead_letters = 2)" in stopped.stderr
+    assert "`cachewarden dead-letters list user`" in stopped.stderr
+    assert "run `cachewarden reshard user 2` again" in stopped.stderr
+    assert shardcount.recorded(redis, keys, "user") == "1"
+    assert count_dead(redis, keys, "user") == 2 and h.buffered() == 1
+    with h.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE users DROP CONSTRAINT no_poison"))
+    replayed = cachewarden("dead-letters", "replay", "user", config=h.config_path)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert count_dead(redis, keys, "user") == 0 and h.buffered() == 3
+    done = cachewarden("reshard", "user", "2", config=h.config_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 -> 2 shards" in done.stdout
+    assert shardcount.recorded(redis, keys, "user") == "2" and h.buffered() == 0
+    names = {k: r["name"] for k, r in h.rows("users").items()}
+    assert names == {1: "poison", 2: "poison", 3: "good"}
