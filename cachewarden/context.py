@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 from cachewarden.codec import key_text
 from cachewarden.connections import redis_client
 from cachewarden.database import make_engine
-from cachewarden.errors import CachewardenError
+from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.keys import Keyspace
 from cachewarden.scripts import Registry
 from cachewarden.settings import EntitySettings, Settings, load_settings
@@ -102,18 +102,28 @@ class Context:
         log.info("table_reflected_again", entity=name, table=spec.table)
         return found
 
-    def reflect_all(self) -> None:
+    def reflect_all(self, strict: bool = False) -> None:
         """Reflect every entity's table now, where it costs no request; a table that
         cannot be reflected yet (database down, table missing) is reflected on first use.
-        A key column with no primary key or unique constraint raises KeyNotUnique (a
-        ConfigError): no write of it could ever be flushed; so does a database URL whose
-        driver is not installed (database.make_engine)."""
-        self.engine  # noqa: B018 (built here: ConfigError when its driver is missing)
+        With `strict` (a Cache being built), a key column with no primary key or unique
+        constraint raises KeyNotUnique (a ConfigError): no write of it could ever be
+        flushed; so does a database URL whose driver is not installed
+        (database.make_engine). Without it (a worker's background reflection) both are
+        logged as errors, and the flush of that entity reports them."""
+        try:
+            self.engine  # noqa: B018 (built here: ConfigError when its driver is missing)
+        except ConfigError as exc:
+            if strict:
+                raise
+            log.error("reflect_refused", error=str(exc))
+            return
         for name in self.settings.entities:
             try:
                 self.table(name)
-            except KeyNotUnique:
-                raise
+            except KeyNotUnique as exc:
+                if strict:
+                    raise
+                log.error("reflect_refused", entity=name, error=str(exc))
             except CachewardenError as exc:
                 log.warning("reflect_deferred", entity=name, error=str(exc))
 
