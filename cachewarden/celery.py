@@ -33,7 +33,7 @@ import structlog
 from celery import Celery, signals
 
 from cachewarden.celeryconf import FAMILIES, ROUTES, queue_of
-from cachewarden.connections import check_redis_safety, redis_client
+from cachewarden.connections import as_worker, check_redis_safety, redis_client
 from cachewarden.context import current, set_current, use_settings
 from cachewarden.errors import CachewardenError
 from cachewarden.settings import Settings, load_settings
@@ -69,6 +69,7 @@ def install(app: Celery, settings: Settings | None = None) -> None:
         """At the worker's start: say loudly where Redis could lose buffered writes."""
         if getattr(sender, "app", None) is not app:
             return
+        as_worker()  # this process and its pool's: the worker's Redis timeouts
         client = redis_client(settings.redis)
         try:
             for warning in check_redis_safety(client, settings.redis):

@@ -12,12 +12,17 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
+from cachewarden.connections import as_worker
 from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
 from cachewarden.settings import CONFIG_ENV, Settings, config_path, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 Command = Callable[[Settings, argparse.Namespace], int]
+
+# Verbs that do a worker's work in this process (or run one): the worker's Redis
+# timeouts, not an application's one second.
+WORKER_VERBS = frozenset({"scheduler", "warm", "reshard", "flush", "dead-letters", "dlq", "run"})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cachewarden: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging()
+    if args.command in WORKER_VERBS:
+        as_worker()  # the worker's Redis timeouts: these do the workers' work
     from cachewarden import commands
 
     handlers: dict[str, Command] = {

@@ -19,19 +19,32 @@ REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 MAX_CONNECTIONS = 512
 POOL_TIMEOUT_S = 10
 
+_worker = False  # this process is a worker's (or the scheduler's): the worker timeouts
 
-def redis_client(settings: RedisSettings) -> Redis:
+
+def as_worker() -> None:
+    """Mark this process as one of the worker's (its clients take the worker's
+    timeouts); the Celery app, `install` and the scheduler call it."""
+    global _worker
+    _worker = True
+
+
+def redis_client(settings: RedisSettings, worker: bool | None = None) -> Redis:
     """A client for `settings.url` returning str values, on a blocking pool.
 
     Past MAX_CONNECTIONS busy connections a caller waits (up to POOL_TIMEOUT_S)
     for one to come back instead of failing: an application with hundreds of
-    threads on one Cache queues rather than errors.
+    threads on one Cache queues rather than errors. A call waits at most the socket
+    timeout for Redis to answer (`[redis] socket_timeout`, 1 s in an application;
+    `worker_socket_timeout`, 30 s, in a worker's processes), so a Redis that accepts
+    connections and never answers costs a request about a second, not thirty.
     """
+    socket_s, connect_s = settings.timeouts_s(_worker if worker is None else worker)
     pool = BlockingConnectionPool.from_url(
         settings.url,
         decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
+        socket_connect_timeout=connect_s,
+        socket_timeout=socket_s,
         health_check_interval=30,
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_TIMEOUT_S,

@@ -62,6 +62,19 @@ class RedisSettings:
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # How long a call waits for Redis to answer, and for a connection, in an application
+    # (a request path: fail within about a second) and in the worker's processes (which
+    # send large batches and may wait longer).
+    socket_timeout_ms: int = 1000
+    connect_timeout_ms: int = 1000
+    worker_socket_timeout_ms: int = 30_000
+    worker_connect_timeout_ms: int = 5_000
+
+    def timeouts_s(self, worker: bool) -> tuple[float, float]:
+        """(socket, connect) timeouts in seconds for an application or a worker process."""
+        if worker:
+            return self.worker_socket_timeout_ms / 1000, self.worker_connect_timeout_ms / 1000
+        return self.socket_timeout_ms / 1000, self.connect_timeout_ms / 1000
 
     @property
     def tls(self) -> dict[str, str]:
@@ -361,9 +374,31 @@ def _redis(reader: _Reader) -> RedisSettings:
         raise reader.fail("tls_cert_file", "set both tls_cert_file and tls_key_file, or neither")
     if any(tls.values()) and not url.startswith("rediss://"):
         raise reader.fail("url", "TLS files are set: use a rediss:// URL")
+    defaults = RedisSettings()
+    timeouts: dict[str, int] = {}
+    for name in (
+        "socket_timeout",
+        "connect_timeout",
+        "worker_socket_timeout",
+        "worker_connect_timeout",
+    ):
+        ms = reader.duration(name, getattr(defaults, f"{name}_ms"))
+        if ms is None or ms <= 0:
+            raise reader.fail(name, 'must be a positive duration, e.g. "1s" or "500ms"')
+        timeouts[f"{name}_ms"] = ms
     reader.reject_unknown()
     return RedisSettings(
-        url=url, prefix=prefix, unsafe_policy=policy, memory_headroom=headroom, **tls
+        url=url,
+        prefix=prefix,
+        unsafe_policy=policy,
+        memory_headroom=headroom,
+        tls_ca_file=tls["tls_ca_file"],
+        tls_cert_file=tls["tls_cert_file"],
+        tls_key_file=tls["tls_key_file"],
+        socket_timeout_ms=timeouts["socket_timeout_ms"],
+        connect_timeout_ms=timeouts["connect_timeout_ms"],
+        worker_socket_timeout_ms=timeouts["worker_socket_timeout_ms"],
+        worker_connect_timeout_ms=timeouts["worker_connect_timeout_ms"],
     )
 
 

@@ -17,7 +17,7 @@ import structlog
 from celery import Celery, bootsteps, signals
 
 from cachewarden.celeryconf import celery_config
-from cachewarden.connections import check_redis_safety, redis_client
+from cachewarden.connections import as_worker, check_redis_safety, redis_client
 from cachewarden.context import Context, current, set_current
 from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.logs import configure_logging
@@ -60,6 +60,7 @@ def _setup_logging(**_: Any) -> None:
 def _check_redis(**_: Any) -> None:
     """Refuse to start on a Redis that could evict the write buffer, or on shard counts
     that Redis does not record for the entities' buffers."""
+    as_worker()  # this process and its pool's: the worker's Redis timeouts
     configure_logging()
     # Prefork metrics: before prometheus-client is imported and before the pool forks.
     from cachewarden import exporter

@@ -26,8 +26,9 @@ from typing import cast
 import structlog
 from redis import Redis
 
+from cachewarden.connections import REDIS_DOWN
 from cachewarden.context import Context
-from cachewarden.errors import Backpressure
+from cachewarden.errors import BackendUnavailable, Backpressure
 from cachewarden.keys import Keyspace
 from cachewarden.settings import EntitySettings
 
@@ -117,7 +118,13 @@ def holds(context: Context, entity: str, shard: int) -> bool:
 
 def _read(context: Context, entity: str, seen: _Seen) -> int:
     with seen.lock:
-        record = recorded(context.redis, context.keys, entity)
+        try:
+            record = recorded(context.redis, context.keys, entity)
+        except REDIS_DOWN as exc:
+            raise BackendUnavailable(
+                f"{entity}: Redis at {context.settings.redis.shown} is unreachable ({exc}); "
+                "the write buffer's shard count could not be read"
+            ) from None
         count = context.entity(entity).write_behind.shards if record is None else count_of(record)
         seen.view = (count, time.monotonic())
         return count
