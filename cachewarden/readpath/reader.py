@@ -42,7 +42,7 @@ PUBLISH_EVERY_READS = 1000
 PUBLISH_EVERY_S = 1.0
 
 
-class _Entity:
+class EntityReads:
     """What reads of one entity reuse: its scripts, early-refresh rule, last delay, and
     the hits and misses not yet added to Redis's counters."""
 
@@ -109,7 +109,7 @@ class ReadThrough:
         self.settings = context.settings
         self.stats = ReadStats()
         self._misses = MissLoader(self.stats, self._loader)
-        self._entities: dict[str, _Entity] = {}
+        self._entities: dict[str, EntityReads] = {}
         self._random = random.Random()
         self._texts = context.key_text
 
@@ -140,7 +140,7 @@ class ReadThrough:
                 raise
             return self._from_database(side, [text], exc)[text]
 
-    def _get(self, side: _Entity, entity: str, text: str) -> Row | None:
+    def _get(self, side: EntityReads, entity: str, text: str) -> Row | None:
         flights = self._misses.flights
         flight, leads = flights.join((entity, text))
         if not leads:
@@ -155,7 +155,7 @@ class ReadThrough:
         flight.resolve(value)
         return decode_row(value)
 
-    def _lead(self, side: _Entity, text: str) -> str:
+    def _lead(self, side: EntityReads, text: str) -> str:
         """The entry's value as this flight's leader: a hit, or the miss resolved."""
         token = new_token()
         try:
@@ -192,7 +192,7 @@ class ReadThrough:
             return [rows[t] for t in texts]
         return [decode_row(values[t]) for t in texts]
 
-    def _get_many(self, side: _Entity, unique: list[str]) -> dict[str, str]:
+    def _get_many(self, side: EntityReads, unique: list[str]) -> dict[str, str]:
         token = new_token()
         values: dict[str, str] = {}
         try:
@@ -221,7 +221,7 @@ class ReadThrough:
     # -- Redis failing: on_redis_error = "database" ------------------------------
 
     def _from_database(
-        self, side: _Entity, texts: list[str], failed: _RedisFailed
+        self, side: EntityReads, texts: list[str], failed: _RedisFailed
     ) -> dict[str, Row | None]:
         """The rows of `texts` loaded from the database, not cached (Redis failed), as a
         hit would return them; at most `redis_error_reads` such loads of the entity at
@@ -253,7 +253,7 @@ class ReadThrough:
 
     # -- hits -------------------------------------------------------------------
 
-    def _after_hit(self, side: _Entity, reply: Reply) -> None:
+    def _after_hit(self, side: EntityReads, reply: Reply) -> None:
         """Count the hit (or stale hit) and the refresh it asked for; note the delay."""
         # A pending write's entry has no TTL (pttl -1): a plain hit.
         stale = 0 <= reply.pttl_ms <= side.spec.stale_ttl_ms
@@ -271,10 +271,10 @@ class ReadThrough:
     def _draw(self) -> float:
         return 1.0 - self._random.random()  # in (0, 1]
 
-    def _entity(self, name: str) -> _Entity:
+    def _entity(self, name: str) -> EntityReads:
         found = self._entities.get(name)
         if found is None:
-            found = _Entity(self.context, self.settings.entity(name))
+            found = EntityReads(self.context, self.settings.entity(name))
             self._entities[name] = found
         return found
 

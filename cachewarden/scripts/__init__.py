@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import hiredis
 from redis import Redis
@@ -23,6 +23,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 Client = Redis | Pipeline
+
+
+class ScriptCall(NamedTuple):
+    """One call of a script as its typed function builds it: the script's name, its KEYS
+    and ARGV. `Registry.call(*c)` sends it; so does the asyncio registry (cachewarden.aio)."""
+
+    name: str
+    keys: list[str]
+    args: list[Any]
 
 
 class ReplyLost(RedisConnectionError):

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from cachewarden.codec import ABSENT
 from cachewarden.keys import Keyspace, shard_of
-from cachewarden.scripts import Registry
+from cachewarden.scripts import Registry, ScriptCall
 from cachewarden.settings import EntitySettings
 
 # After a failed load, readers of the key get its error at once for this long
@@ -148,8 +148,8 @@ class ReadScripts:
         token: str,
         refresh_below_ms: tuple[float, float],
         counts: tuple[int, int] = (0, 0),
-    ) -> tuple[list[str], list[Any]]:
-        """read.lua's KEYS and ARGV (`read` sends them; so does the asyncio reader)."""
+    ) -> ScriptCall:
+        """read.lua's call (`read` sends it; so does the asyncio reader)."""
         spec = self.spec
         keys = [
             self._entry + key,
@@ -172,7 +172,7 @@ class ReadScripts:
             counts[0],
             counts[1],
         ]
-        return keys, args
+        return ScriptCall("read", keys, args)
 
     def read(
         self,
@@ -187,8 +187,7 @@ class ReadScripts:
         entry) records a refresh request, unless one is queued for the key already.
         `counts` (hits, misses) are added to the entity's read counters.
         """
-        keys, args = self.read_call(key, token, refresh_below_ms, counts)
-        return Reply.parse(self.lua.call("read", keys, args))
+        return Reply.parse(self.lua.call(*self.read_call(key, token, refresh_below_ms, counts)))
 
     def read_many(
         self,
@@ -200,16 +199,16 @@ class ReadScripts:
         """`read` for many keys in one pipelined round trip (`counts` ride on the first)."""
         pipe = self.redis.pipeline(transaction=False)
         for n, key in enumerate(keys):
-            k, a = self.read_call(key, token, refresh_below_ms, counts if n == 0 else (0, 0))
-            self._read(keys=k, args=a, client=pipe)
+            call = self.read_call(key, token, refresh_below_ms, counts if n == 0 else (0, 0))
+            self.lua.run(*call, client=pipe)
         return [Reply.parse(raw) for raw in pipe.execute()]
 
     # -- fill.lua -------------------------------------------------------------
 
     def fill_call(
         self, key: str, token: str, value: str, load_ms: int | None, dirty: list[str] | None = None
-    ) -> tuple[list[str], list[Any]]:
-        """fill.lua's KEYS and ARGV (`dirty`: the dirty hashes of the recorded count, read
+    ) -> ScriptCall:
+        """fill.lua's call (`dirty`: the dirty hashes of the recorded count, read
         at most a second ago when not given, which may read Redis: the asyncio reader
         builds them on its loader thread)."""
         if dirty is None:
@@ -231,14 +230,13 @@ class ReadScripts:
             "" if load_ms is None else load_ms,
             self.spec.stale_ttl_ms,
         ]
-        return keys, args
+        return ScriptCall("fill", keys, args)
 
     def fill(
         self, key: str, token: str, value: str, load_ms: int | None = None
     ) -> tuple[bool, str | None]:
         """Fill one absent entry under our lease: (filled, the entry's value now)."""
-        keys, args = self.fill_call(key, token, value, load_ms, self._dirty(fresh=True))
-        return filled_reply(self.lua.call("fill", keys, args))
+        return filled_reply(self.lua.call(*self.fill_call(key, token, value, load_ms)))
 
     def fill_each(
         self, values: Mapping[str, str], token: str, load_ms: int | None = None
@@ -246,8 +244,7 @@ class ReadScripts:
         """`fill` for many keys in one pipelined round trip."""
         pipe, dirty = self.redis.pipeline(transaction=False), self._dirty(fresh=True)
         for key, value in values.items():
-            k, a = self.fill_call(key, token, value, load_ms, dirty)
-            self.lua.run("fill", keys=k, args=a, client=pipe)
+            self.lua.run(*self.fill_call(key, token, value, load_ms, dirty), client=pipe)
         return {key: filled_reply(raw) for key, raw in zip(values, pipe.execute(), strict=True)}
 
     # -- lease_many.lua, fill_many.lua: batch reloads ---------------------------
@@ -285,15 +282,15 @@ class ReadScripts:
         self, keys: Iterable[str], token: str, error: str | None = None, counter: str = ""
     ) -> int:
         """Release our leases; with an `error`, hold it briefly for the keys' readers."""
-        return int(self.lua.run("lease_fail", *self.give_up_call(keys, token, error, counter)))
+        return int(self.lua.run(*self.give_up_call(keys, token, error, counter)))
 
     def give_up_call(
         self, keys: Iterable[str], token: str, error: str | None = None, counter: str = ""
-    ) -> tuple[list[str], list[Any]]:
-        """lease_fail.lua's KEYS and ARGV (`give_up` sends them; so does the asyncio reader)."""
+    ) -> ScriptCall:
+        """lease_fail.lua's call (`give_up` sends it; so does the asyncio reader)."""
         names = [self._stats, *(self._lease + k for k in keys)]
         hold = self.failure_hold_ms if error is not None else 0
-        return names, [token, (error or "")[:500], hold, counter]
+        return ScriptCall("lease_fail", names, [token, (error or "")[:500], hold, counter])
 
     # -- lease_extend.lua ------------------------------------------------------
 

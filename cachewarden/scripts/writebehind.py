@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from cachewarden.keys import Keyspace, due_member, shard_of
-from cachewarden.scripts import InFlight, Registry
+from cachewarden.scripts import InFlight, Registry, ScriptCall
 from cachewarden.settings import EntitySettings, RedisSettings
 
 BACKPRESSURE = "!BACKPRESSURE"
@@ -106,7 +106,12 @@ class WriteScripts:
         "!DEADLETTERS n" (the entity holds max_dead_letters: nothing was taken),
         "!SHARDS record" (the recorded shard count is not ours, or a reshard runs),
         "!MEMORY used maxmemory" (Redis is within the write headroom: not taken) or
-        "!TOMBSTONE v" (a delete at version v outranks it: it was ignored)."""
+        "!TOMBSTONE v" (a delete at version v outranks it: it was ignored). Never sent
+        again once it went out (an XADD resent is a second write)."""
+        return self.lua.call(*self.enqueue_call(ops), resend=False)
+
+    def enqueue_call(self, ops: Sequence[Pending]) -> ScriptCall:
+        """enqueue.lua's call (`enqueue` sends it; so does the asyncio cache)."""
         keys = list(self._head)
         args = list(self._limits)
         entry, lease, tomb, shards = self._entry, self._lease, self._tomb, self._per_shard
@@ -115,7 +120,7 @@ class WriteScripts:
             stream, dirty, member = shards[shard_of(key, count)]
             keys += (entry + key, stream, dirty, lease + key, tomb + key)
             args += (op, key, value, version, member)
-        return self.lua.call("enqueue", keys, args, resend=False)
+        return ScriptCall("enqueue", keys, args)
 
     # -- lock_acquire.lua, lock_extend.lua, release.lua: the flusher's lock --------
 

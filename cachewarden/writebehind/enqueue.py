@@ -142,32 +142,58 @@ def _send(scripts: WriteScripts, ops: Sequence[Pending], follow: bool = True) ->
     """enqueue's round trip. A call enqueue.lua refused whole for the shard count
     ("!SHARDS <record>", nothing taken) is sent once more on the count Redis records
     (`follow`), or raises Backpressure while a reshard drains."""
-    spec = scripts.spec
     try:
         replies: list[str] = scripts.enqueue(ops)
-    except ResponseError as exc:
+    except RedisError as exc:
+        raise send_failed(scripts, exc) from None
+    again = follow_shards(scripts, replies, follow)
+    if again is not None:
+        return _send(again, ops, follow=False)
+    return outcomes(scripts, ops, replies)
+
+
+def send_failed(scripts: WriteScripts, exc: RedisError) -> CachewardenError:
+    """The error of an enqueue.lua call Redis refused or never answered (the asyncio
+    cache's sends too): Backpressure when Redis is full, else BackendUnavailable saying
+    whether the write may be buffered (the reply was lost after it went out) or not."""
+    spec = scripts.spec
+    if isinstance(exc, ResponseError):
         if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):
-            raise full_redis(spec.name, _redis_address(scripts), str(exc)) from None
-        raise BackendUnavailable(f"{spec.name}: Redis refused the write: {exc}") from None
-    except ReplyLost as exc:
-        raise BackendUnavailable(
+            return full_redis(spec.name, _redis_address(scripts), str(exc))
+        return BackendUnavailable(f"{spec.name}: Redis refused the write: {exc}")
+    if isinstance(exc, ReplyLost):
+        return BackendUnavailable(
             f"{spec.name}: the connection to Redis at {_redis_address(scripts)} broke after "
             f"the write went out ({exc}), so it may or may not be buffered; writing it again "
             "is safe (the upsert is idempotent: with a version column the retry changes "
             "nothing, without one the last write still wins)"
-        ) from None
-    except REDIS_DOWN as exc:
-        raise BackendUnavailable(
+        )
+    if isinstance(exc, REDIS_DOWN):
+        return BackendUnavailable(
             f"{spec.name}: Redis at {_redis_address(scripts)} is unreachable ({exc}); "
             "the write was not taken"
-        ) from None
-    except RedisError as exc:
-        raise BackendUnavailable(f"{spec.name}: Redis error: {exc}") from None
-    if replies and replies[0].startswith(SHARDS):
-        record = replies[0].split()[1]
-        if follow and isinstance(scripts, RecordedScripts) and scripts.follow(record):
-            return _send(write_scripts(scripts.context, spec.name), ops, follow=False)
-        raise shards_refusal(spec, record)
+        )
+    return BackendUnavailable(f"{spec.name}: Redis error: {exc}")
+
+
+def follow_shards(
+    scripts: WriteScripts, replies: Sequence[str], follow: bool
+) -> WriteScripts | None:
+    """None when enqueue.lua took the call; when it refused it whole for the shard count
+    ("!SHARDS <record>"), the scripts of the count Redis records to send it again on
+    (`follow`: once), or Backpressure raised while a reshard drains."""
+    if not replies or not replies[0].startswith(SHARDS):
+        return None
+    record = replies[0].split()[1]
+    if follow and isinstance(scripts, RecordedScripts) and scripts.follow(record):
+        return write_scripts(scripts.context, scripts.spec.name)
+    raise shards_refusal(scripts.spec, record)
+
+
+def outcomes(
+    scripts: WriteScripts, ops: Sequence[Pending], replies: Sequence[str]
+) -> list[Outcome]:
+    """Per op, what enqueue.lua answered: its stream id, Backpressure or Outranked."""
     return [_outcome(scripts, op, reply) for op, reply in zip(ops, replies, strict=True)]
 
 
@@ -197,25 +223,35 @@ def _outcome(scripts: WriteScripts, op: Pending, reply: str) -> Outcome:
 def enqueue_many(scripts: WriteScripts, ops: Sequence[Pending], result: BatchResult) -> None:
     """Send a batch's valid ops in one round trip; record each key's outcome in `result`
     (a write the entity's database is known to refuse is refused here, not sent)."""
-    taken, refused = result.taken, result.refused
-    if _refuses_nul(scripts):
-        valid = []
-        for op in ops:
-            problem = refusal(scripts, op)
-            if problem is None:
-                valid.append(op)
-            else:
-                refused[op.key] = problem
-        ops = valid
-    if not ops:
-        return
-    for op, outcome in zip(ops, _send(scripts, ops), strict=True):
+    ops = sendable(scripts, ops, result)
+    if ops:
+        record(result, ops, _send(scripts, ops))
+
+
+def sendable(scripts: WriteScripts, ops: Sequence[Pending], result: BatchResult) -> list[Pending]:
+    """The ops of a batch to send: a write the entity's database is known to refuse is
+    recorded in `result.refused` instead."""
+    if not _refuses_nul(scripts):
+        return list(ops)
+    valid = []
+    for op in ops:
+        problem = refusal(scripts, op)
+        if problem is None:
+            valid.append(op)
+        else:
+            result.refused[op.key] = problem
+    return valid
+
+
+def record(result: BatchResult, ops: Sequence[Pending], outcomes: Sequence[Outcome]) -> None:
+    """Record each sent op's outcome in `result`: taken, refused or outranked."""
+    for op, outcome in zip(ops, outcomes, strict=True):
         if isinstance(outcome, Backpressure):
-            refused[op.key] = outcome
+            result.refused[op.key] = outcome
         elif isinstance(outcome, Outranked):
             result.outranked.append(op.key)
         else:
-            taken[op.key] = outcome
+            result.taken[op.key] = outcome
 
 
 def _redis_address(scripts: WriteScripts) -> str:
