@@ -22,7 +22,7 @@ from celery import Task, shared_task
 from redis.exceptions import RedisError
 
 from cachewarden.context import current
-from cachewarden.errors import RefreshFailed
+from cachewarden.errors import BackendUnavailable, RefreshFailed
 from cachewarden.readpath.refresh import REFRESH_RETRIES, REFRESH_TASK, refresh_keys, retry_delay_s
 from cachewarden.readpath.sweep import SWEEP_TASK, sweep_entity
 
@@ -56,7 +56,7 @@ def refresh(
         keys = [str(k) for k in keys]
         try:
             result = refresh_keys(current(), entity, keys, horizon_ms)
-        except RedisError as exc:
+        except (RedisError, BackendUnavailable) as exc:
             log.error("refresh_redis_unavailable", entity=entity, keys=len(keys), error=str(exc))
             problem = RefreshFailed(f"{entity}: Redis is unavailable ({exc}); {len(keys)} keys")
             _retry(self, entity, problem, (entity, keys, horizon_ms))
@@ -96,7 +96,7 @@ def sweep(self: Task[Any, Any], entity: str) -> dict[str, Any]:
     with structlog.contextvars.bound_contextvars(task_id=self.request.id):
         try:
             result = sweep_entity(current(), entity)
-        except RedisError as exc:
+        except (RedisError, BackendUnavailable) as exc:
             log.error("sweep_redis_unavailable", entity=entity, error=str(exc))
             _retry(self, entity, RefreshFailed(f"{entity}: Redis is unavailable ({exc})"))
         filled = sum(r.filled for r in result.refreshed)

@@ -16,7 +16,7 @@ from celery import Task, shared_task
 from redis.exceptions import RedisError
 
 from cachewarden.context import current
-from cachewarden.errors import FlushFailed
+from cachewarden.errors import BackendUnavailable, FlushFailed
 from cachewarden.writebehind.dispatch import FLUSH_TASK
 from cachewarden.writebehind.flush import flush_shard
 
@@ -37,7 +37,7 @@ def flush(self: Task[Any, Any], entity: str, shard: int) -> dict[str, Any]:
     with structlog.contextvars.bound_contextvars(task_id=self.request.id):
         try:
             result = flush_shard(current(), entity, int(shard))
-        except RedisError as exc:
+        except (RedisError, BackendUnavailable) as exc:
             log.error("flush_redis_unavailable", entity=entity, shard=shard, error=str(exc))
             raise FlushFailed(
                 f"{entity}:{shard}: Redis is unavailable ({exc}); the entries stay pending"
