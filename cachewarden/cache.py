@@ -156,7 +156,8 @@ class Cache:
         """
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
-        return _one(enqueue(scripts, [write_op(scripts.spec, key, row, text)]))
+        columns = self.context.columns(entity)
+        return _one(enqueue(scripts, [write_op(scripts.spec, key, row, text, columns)]))
 
     def delete(self, entity: str, key: str | int, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete; return the stream id.
@@ -183,10 +184,11 @@ class Cache:
         pairs = rows.items() if isinstance(rows, Mapping) else rows
         result = BatchResult()
         ops: list[Pending] = []
+        columns = self.context.columns(entity)
         for key, row in pairs:
             try:
                 text = self.context.key_text(entity, key)
-                ops.append(write_op(scripts.spec, key, row, text))
+                ops.append(write_op(scripts.spec, key, row, text, columns))
             except (InvalidKey, InvalidValue) as exc:
                 result.refused[str(key)] = exc
         enqueue_many(scripts, ops, result)

@@ -84,6 +84,12 @@ class Context:
                     self._tables[name] = found
         return found
 
+    def columns(self, entity: str) -> frozenset[str] | None:
+        """The column names of the entity's table where it is reflected already (None:
+        not yet; nothing here waits for the database)."""
+        table = self._tables.get(entity)
+        return None if table is None else table.columns
+
     def key_text(self, entity: str, key: str | int) -> str:
         """The validated text of `key`: with the entity's table reflected, an integer key
         column also refuses every spelling but the canonical one (tables.EntityTable)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import Column, Engine, MetaData, PrimaryKeyConstraint, Table, UniqueConstraint
@@ -36,6 +37,12 @@ class EntityTable:
     def key_column(self) -> Column[Any]:
         """The key (primary-key) column."""
         return self.table.c[self.entity.key]
+
+    @cached_property
+    def columns(self) -> frozenset[str]:
+        """The names of the table's columns: a row without some of them is a partial
+        write (enqueue merges it into the cached row)."""
+        return frozenset(column.name for column in self.table.c)
 
     @property
     def integer_key(self) -> bool:

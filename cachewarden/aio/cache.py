@@ -208,7 +208,9 @@ class AsyncCache:
         """Cache `row` under `key` and buffer its upsert; return the stream id (see
         `Cache.write`: the same errors, before anything is sent where it says so)."""
         scripts = await self._scripts(entity)
-        op = write_op(scripts.spec, key, row, self.context.key_text(entity, key))
+        op = write_op(
+            scripts.spec, key, row, self.context.key_text(entity, key), self.context.columns(entity)
+        )
         problem = refusal(scripts, op)
         if problem is not None:
             raise problem
@@ -230,7 +232,8 @@ class AsyncCache:
         ops: list[Pending] = []
         for key, row in pairs:
             try:
-                ops.append(write_op(scripts.spec, key, row, self.context.key_text(entity, key)))
+                text = self.context.key_text(entity, key)
+                ops.append(write_op(scripts.spec, key, row, text, self.context.columns(entity)))
             except (InvalidKey, InvalidValue) as exc:
                 result.refused[str(key)] = exc
         return await self._send_many(scripts, ops, result)

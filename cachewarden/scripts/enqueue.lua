@@ -6,7 +6,8 @@
 --       tombstone
 -- ARGV: 1 max_pending, 2 batch_size, 3 max_delay_ms, 4 version column name ("" for none),
 --       5 tombstone_ttl_ms, 6 max_dead_letters, 7 the writer's shard count, 8 the memory
---       headroom (a share of maxmemory), then 5 per operation: op ("w" write,
+--       headroom (a share of maxmemory), then 5 per operation: op ("w" write, "p" write of
+--       some of the row's columns (merged into the cached row),
 --       "d" delete), key, value (JSON; "null" for a delete), version ("" for none),
 --       due member ("entity:shard")
 -- A versioned delete leaves a tombstone (its version, for tombstone_ttl_ms); a versioned
@@ -20,6 +21,82 @@
 -- every writer while Redis is within the memory headroom of maxmemory (looked at
 -- INFO memory at most every 100 ms, through the mark): "!MEMORY <used> <max>".
 if redis.replicate_commands then redis.replicate_commands() end
+-- A JSON text's end of string starting at i (its opening quote): the index past it.
+local function past_string(text, i)
+  local j = i + 1
+  while true do
+    local at = string.find(text, '["\\]', j)
+    if not at then return nil end
+    if string.sub(text, at, at) == '"' then return at + 1 end
+    j = at + 2
+  end
+end
+-- The index past the JSON value starting at i.
+local function past_value(text, i)
+  local c = string.sub(text, i, i)
+  if c == '"' then return past_string(text, i) end
+  if c ~= '{' and c ~= '[' then
+    local stop = string.find(text, '[,}%]%s]', i)
+    return stop or #text + 1
+  end
+  local depth, j = 0, i
+  while true do
+    local at = string.find(text, '[%[%]{}"]', j)
+    if not at then return nil end
+    local d = string.sub(text, at, at)
+    if d == '"' then
+      j = past_string(text, at)
+      if not j then return nil end
+    else
+      if d == '{' or d == '[' then depth = depth + 1 else depth = depth - 1 end
+      j = at + 1
+      if depth == 0 then return j end
+    end
+  end
+end
+-- A JSON object's members as {key text, value text} pairs, taken as they are written
+-- (no number goes through a Lua double: 64-bit integers and long decimals survive);
+-- nil for anything that is not an object.
+local function members(text)
+  local i = string.find(text, '%S')
+  if not i or string.sub(text, i, i) ~= '{' then return nil end
+  local out = {}
+  i = string.find(text, '%S', i + 1)
+  if i and string.sub(text, i, i) == '}' then return out end
+  while i do
+    if string.sub(text, i, i) ~= '"' then return nil end
+    local after = past_string(text, i)
+    if not after then return nil end
+    local name = string.sub(text, i, after - 1)
+    local colon = string.find(text, '%S', after)
+    if not colon or string.sub(text, colon, colon) ~= ':' then return nil end
+    local start = string.find(text, '%S', colon + 1)
+    if not start then return nil end
+    local stop = past_value(text, start)
+    if not stop then return nil end
+    out[#out + 1] = {name, string.sub(text, start, stop - 1)}
+    i = string.find(text, '%S', stop)
+    if not i then return nil end
+    local c = string.sub(text, i, i)
+    if c == '}' then return out end
+    if c ~= ',' then return nil end
+    i = string.find(text, '%S', i + 1)
+  end
+  return nil
+end
+-- The cached row `old` with the columns of the partial row `new` written over it; nil
+-- when either is not a JSON object.
+local function merged(old, new)
+  local a, b = members(old), members(new)
+  if not a or not b then return nil end
+  local written, parts = {}, {}
+  for _, m in ipairs(b) do written[m[1]] = true end
+  for _, m in ipairs(a) do
+    if not written[m[1]] then parts[#parts + 1] = m[1] .. ':' .. m[2] end
+  end
+  for _, m in ipairs(b) do parts[#parts + 1] = m[1] .. ':' .. m[2] end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
 local max_pending, batch_size = tonumber(ARGV[1]), tonumber(ARGV[2])
 local column, tomb_ttl = ARGV[4], ARGV[5]
 local count = (#ARGV - 8) / 5
@@ -80,8 +157,9 @@ for i = 0, count - 1 do
     out[#out + 1] = '!BACKPRESSURE ' .. n
   else
     local keep_cache = false
+    local current = nil
+    if op == 'p' or (column ~= '' and version ~= '') then current = redis.call('GET', entry) end
     if column ~= '' and version ~= '' then
-      local current = redis.call('GET', entry)
       if current and current ~= 'null' then
         local ok, row = pcall(cjson.decode, current)
         if ok and type(row) == 'table' and tonumber(row[column]) and
@@ -93,7 +171,15 @@ for i = 0, count - 1 do
     if not keep_cache then
       -- No TTL while the write is pending: the entry cannot expire before the
       -- database holds it. The flusher sets the TTL once the write is committed.
-      redis.call('SET', entry, value)
+      if op ~= 'p' then
+        redis.call('SET', entry, value)
+      else
+        -- Some of the row's columns: written over the cached row's. With no row cached,
+        -- the entry goes: a read waits for the flush and loads the whole row then,
+        -- never serving the written columns alone.
+        local whole = current and current ~= 'null' and merged(current, value)
+        if whole then redis.call('SET', entry, whole) else redis.call('DEL', entry) end
+      end
     end
     local id
     if version ~= '' then

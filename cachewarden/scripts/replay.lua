@@ -70,8 +70,11 @@ if column ~= '' and version ~= '' then
     end
   end
 end
--- No TTL while the write is pending, as enqueue.lua sets it.
-if not keep_cache then redis.call('SET', KEYS[7], value) end
+-- No TTL while the write is pending, as enqueue.lua sets it. A partial write ("p")
+-- drops the entry instead: a read waits for the flush and loads the whole row.
+if not keep_cache then
+  if op == 'p' then redis.call('DEL', KEYS[7]) else redis.call('SET', KEYS[7], value) end
+end
 local id
 if version ~= '' then
   id = redis.call('XADD', KEYS[8], '*', 'o', op, 'k', key, 'v', value, 'n', version)

@@ -23,7 +23,8 @@ MEMORY = "!MEMORY"
 
 
 class Pending(NamedTuple):
-    """One operation to buffer: op ("w" write, "d" delete), key, JSON value, version."""
+    """One operation to buffer: op ("w" write, "p" write of some columns, "d" delete), key,
+    JSON value, version."""
 
     op: str
     key: str

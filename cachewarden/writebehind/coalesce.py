@@ -5,15 +5,20 @@ wins, except that where operations carry versions, one with a lower version
 than the current winner never replaces it. A survivor that follows an
 unversioned delete of its key is marked `replaces`: the sink clears the row
 first, so the survivor is not judged against a version the delete removed.
+A partial write (some of the row's columns, "p" in the stream) that replaces a
+write takes that write's other columns with it, so the batch's one upsert leaves
+the row as the writes one after another would.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 WRITE = "w"
 DELETE = "d"
+PARTIAL = "p"  # in the stream: a write of some of the row's columns (Op.partial)
 
 
 @dataclass(slots=True)
@@ -30,17 +35,21 @@ class Op:
     # True when an unversioned delete of the key came earlier in the same batch: the
     # stored row is gone whatever its version, so the survivor applies unguarded.
     replaces: bool = False
+    # A write of some of the row's columns ("p" in the stream; its kind is WRITE).
+    partial: bool = False
 
     @classmethod
     def from_fields(cls, stream_id: str, fields: Mapping[str, str]) -> Op:
         """Build an Op from a stream entry's fields (o, k, v and optional n)."""
         version = fields.get("n")
+        kind = fields.get("o", "")
         return cls(
             id=stream_id,
-            kind=fields.get("o", ""),
+            kind=WRITE if kind == PARTIAL else kind,
             key=fields.get("k", ""),
             value=fields.get("v", ""),
             version=int(version) if version else None,
+            partial=kind == PARTIAL,
         )
 
     @classmethod
@@ -48,12 +57,20 @@ class Op:
         """Build an Op from a stream entry's fields as the server sends them, a flat list
         of names and values (enqueue.lua writes o, k, v and optional n in that order)."""
         if len(flat) in (6, 8) and flat[0] == "o" and flat[2] == "k" and flat[4] == "v":
+            kind = flat[1]
+            if kind == PARTIAL:
+                return cls.from_fields(stream_id, dict(zip(flat[::2], flat[1::2], strict=True)))
             if len(flat) == 6:
-                return cls(stream_id, flat[1], flat[3], flat[5])
+                return cls(stream_id, kind, flat[3], flat[5])
             if flat[6] == "n":
                 version = flat[7]
-                return cls(stream_id, flat[1], flat[3], flat[5], int(version) if version else None)
+                return cls(stream_id, kind, flat[3], flat[5], int(version) if version else None)
         return cls.from_fields(stream_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    @property
+    def stream_kind(self) -> str:
+        """The op as the stream (and a dead letter) spells it: "w", "p" or "d"."""
+        return PARTIAL if self.partial else self.kind
 
 
 def supersedes(new: Op, current: Op) -> bool:
@@ -73,6 +90,21 @@ def coalesce(ops: Iterable[Op]) -> list[Op]:
                 current.replaces or (current.kind == DELETE and current.version is None)
             ):
                 op = replace(op, replaces=True)
+            if op.partial and current is not None and current.kind == WRITE:
+                op = replace(op, value=merged(current.value, op.value), partial=current.partial)
             winners.pop(op.key, None)
             winners[op.key] = op
     return list(winners.values())
+
+
+def merged(earlier: str, later: str) -> str:
+    """The JSON row of `earlier` with `later`'s columns written over it (a partial write
+    after a write of the same key); `later` as it is where either is not a JSON object
+    (the sink refuses such a row)."""
+    try:
+        old, new = json.loads(earlier), json.loads(later)
+    except ValueError:
+        return later
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return later
+    return json.dumps({**old, **new}, separators=(",", ":"), ensure_ascii=False)

@@ -40,6 +40,7 @@ from cachewarden.scripts.writebehind import (
 )
 from cachewarden.settings import EntitySettings
 from cachewarden.writebehind import shardcount
+from cachewarden.writebehind.coalesce import PARTIAL
 from cachewarden.writebehind.memory import full_redis, memory_refusal
 from cachewarden.writebehind.shardcount import shards_refusal
 
@@ -100,15 +101,23 @@ def write_scripts(context: Context, entity: str) -> WriteScripts:
 
 
 def write_op(
-    spec: EntitySettings, key: str | int, row: Mapping[str, Any], text: str | None = None
+    spec: EntitySettings,
+    key: str | int,
+    row: Mapping[str, Any],
+    text: str | None = None,
+    columns: frozenset[str] | None = None,
 ) -> Pending:
     """The buffered form of a write; raises InvalidKey or InvalidValue naming the problem.
 
-    `text` is the key's validated text where the caller has it (Context.key_text)."""
+    `text` is the key's validated text where the caller has it (Context.key_text);
+    `columns` the table's columns where it is reflected (Context.columns): a row that
+    lacks some of them is a partial write ("p"), which enqueue.lua merges into the
+    cached row and the flusher merges with the key's earlier writes of a batch."""
     text = key_text(spec.name, key) if text is None else text
     row = _with_key(spec, text, key, row)
     version = _version_of(spec, text, row)
-    return Pending("w", text, encode_row(spec.name, text, row, spec.max_value_bytes), version)
+    op = "w" if columns is None or columns <= row.keys() else PARTIAL
+    return Pending(op, text, encode_row(spec.name, text, row, spec.max_value_bytes), version)
 
 
 def delete_op(
@@ -276,7 +285,7 @@ def refusal(scripts: WriteScripts, op: Pending) -> InvalidValue | None:
     writes a NUL as the escape \\u0000, so only a row whose text holds that escape is
     decoded to be sure. (A NUL nested in a JSON value is left to the database: json
     keeps it, jsonb refuses it and the row is dead-lettered.)"""
-    if not _refuses_nul(scripts) or _NUL_ESCAPE not in op.value or op.op != "w":
+    if not _refuses_nul(scripts) or _NUL_ESCAPE not in op.value or op.op == "d":
         return None
     row = json.loads(op.value)
     for column, value in row.items() if isinstance(row, dict) else ():

@@ -430,7 +430,7 @@ def _version(op: Op) -> str:
 def _letter(bad: Rejected) -> tuple[str, str, str, str, str, str]:
     """A refused operation as finish.lua's letter: key, op, value, version, error, id."""
     op = bad.op
-    return (op.key, op.kind, op.value, _version(op), bad.error, op.id)
+    return (op.key, op.stream_kind, op.value, _version(op), bad.error, op.id)
 
 
 def flush_shard(context: Context, entity: str, shard: int, budget_ms: int = 5000) -> FlushResult:
