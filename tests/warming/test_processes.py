@@ -330,12 +330,12 @@ def test_sighup_reloads_the_jobs_and_keeps_them_when_the_new_config_is_broken(
 def test_an_idle_scheduler_and_worker_write_a_few_lines_not_a_line_per_dispatch(
     pg_harness: Harness, tmp_path: Path
 ) -> None:
-    """At INFO, a scheduler (dispatching every 100 ms, a warming job every minute) and a worker, idle for 5 s after they started, write at most 2 log lines between them, none of them APScheduler's per-run lines."""
+    """At INFO, a scheduler (dispatching every 100 ms, with a warming job scheduled) and a worker, idle for 5 s after they started, write at most 2 log lines between them, none of them APScheduler's per-run lines."""
     h = pg_harness
     h.create_table("users")
-    h.configure(
-        {"user": USER}, dispatch_interval="100ms", warming={"j": {"entity": "user", "every": "1m"}}
-    )
+    # A job whose due times never fall in the 5 s watched (a run logs as it should).
+    yearly = {"entity": "user", "cron": "0 3 1 1 *"}
+    h.configure({"user": USER}, dispatch_interval="100ms", warming={"j": yearly})
     worker = h.worker(concurrency=1)
     scheduler = SchedulerProcess(h.config_path, tmp_path / "scheduler.log").wait_started()
     try:

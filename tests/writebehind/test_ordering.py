@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from cachewarden.codec import decode_row
+from cachewarden.errors import Outranked
 from cachewarden.writebehind.flush import FlushResult, ShardFlusher, flush_shard, sink_for
 from tests.conftest import Harness
 from tests.helpers import wait_for
@@ -248,13 +249,14 @@ def test_pending_entries_have_no_ttl_until_flushed(harness: Harness) -> None:
 
 
 def test_versioned_delete_beats_a_stale_write_in_db_and_cache(harness: Harness) -> None:
-    """A delete at version 6 then a write at version 3 in one batch leave no row and no entry."""
+    """A delete at version 6 then a write at version 3 leave no row and no entry: the write is refused as Outranked by the delete's tombstone."""
     h = harness
     _setup(h, VERSIONED, version=True)
     h.cache.write("user", 1, {"name": "five", "version": 5})
     _flush(h)
     h.cache.delete("user", 1, version=6)
-    h.cache.write("user", 1, {"name": "stale", "version": 3})
+    with pytest.raises(Outranked, match="version 3 was not taken"):
+        h.cache.write("user", 1, {"name": "stale", "version": 3})
     _flush(h)
     assert h.rows("users") == {}
     # Before the fix in finish.lua the stale write stayed cached with no TTL, for ever.
