@@ -20,7 +20,13 @@ and reports per row:
     .venv/bin/python ops/bench/flushprofile.py --redis-models --writes 250000
 
 It uses writebehind.py's environment: a fresh PostgreSQL schema and Redis prefix per
-run, removed at the end.
+run, removed at the end. Two checkouts (before and after a change) can alternate their
+runs with `--take-turns FILE:NAME:ORDER`, as writebehind.py's rounds do.
+
+`--redis-models` measures Redis alone under hypothetical models of the buffer, whatever
+the checkout's code: "group" is the consumer group (XREADGROUP, XACK) the buffer used
+before issue 18, "cursor" the XRANGE cursor that replaced it (what finish.lua does per
+key today), "kept" and "trim" models not built.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # common.py, writebehind.py
 
-from common import MISSING, say
-from writebehind import ENTITY, WriteEnv, enqueue
+from common import MISSING, loadavg, say
+from writebehind import ENTITY, Rounds, WriteEnv, code_version, enqueue
 from writebehind import parse_args as bench_args
 
 if MISSING is None:
@@ -218,8 +224,8 @@ return #done
 """
 
 REDIS_MODELS = {
-    "group": "consumer group, no TTL while pending (today)",
-    "cursor": "XRANGE cursor, no TTL while pending",
+    "group": "consumer group (before issue 18), no TTL pending",
+    "cursor": "XRANGE cursor (issue 18, today), no TTL pending",
     "kept": "XRANGE cursor, pending entries keep their TTL",
     "trim": "XRANGE cursor and trim only (no dirty hash)",
 }
@@ -328,8 +334,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--redis-models",
         action="store_true",
-        help="instead: Redis's CPU per flushed entry under four models of the buffer "
-        "(consumer group or cursor, TTL restored or kept)",
+        help="instead: Redis's CPU per flushed entry under four models of the buffer, "
+        "whatever this checkout's code: 'group' is the consumer group used before issue 18 "
+        "(XREADGROUP + XACK), 'cursor' today's XRANGE cursor (TTL restored per key), "
+        "'kept' a cursor whose pending entries keep their TTL, 'trim' read and trim only",
+    )
+    p.add_argument(
+        "--take-turns",
+        default="",
+        metavar="FILE:NAME:ORDER",
+        help="alternate the runs with another checkout's (see writebehind.py --help)",
     )
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -347,10 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         redis_models(args)
         return 0
     stages = Stages() if args.stages else None
+    try:
+        rounds = Rounds(args.take_turns)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"load average at start: {loadavg()}; versions: {code_version().lstrip(', ')}")
     runs = []
-    for n in range(args.runs):
-        say(f"run {n + 1} of {args.runs}")
-        runs.append(one_run(args, stages))
+    try:
+        for n in range(args.runs):
+            say(f"run {n + 1} of {args.runs}")
+            with rounds.round(f"run {n + 1}"):
+                runs.append(one_run(args, stages))
+    finally:
+        rounds.close()
+    rounds.print()
     print(f"in-process drain of {args.writes:,} writes, {args.shards} shards, per row (us):")
     print(f"{'measure':48s} " + " ".join(f"{f'run {n + 1}':>8s}" for n in range(len(runs))))
     names = list(dict.fromkeys(name for run in runs for name in run))
