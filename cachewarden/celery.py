@@ -66,10 +66,20 @@ def install(app: Celery, settings: Settings | None = None) -> None:
                 instance.app.amqp.queues.select_add(queue_of(queue))
 
     def check(sender: Any = None, **_: Any) -> None:
-        """At the worker's start: say loudly where Redis could lose buffered writes."""
+        """At the worker's start: the metrics' directory, and say loudly where Redis could
+        lose buffered writes."""
         if getattr(sender, "app", None) is not app:
             return
         as_worker()  # this process and its pool's: the worker's Redis timeouts
+        # Prefork metrics and the runtime directory, before the pool forks (MonitorStep
+        # serves them when [monitoring] port is set), as the standalone worker does.
+        from cachewarden import exporter
+
+        try:
+            exporter.prepare(settings)
+            exporter.install()
+        except CachewardenError as exc:  # the app's worker runs on, without our metrics
+            _log.error("metrics_unavailable", detail=str(exc))
         client = redis_client(settings.redis)
         try:
             for warning in check_redis_safety(client, settings.redis):

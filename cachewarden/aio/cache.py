@@ -58,12 +58,14 @@ LOADER_THREADS = 4
 
 def async_redis_client(settings: RedisSettings) -> Redis:
     """A redis.asyncio client for `settings.url` returning str values, as
-    `connections.redis_client` builds the sync one (a blocking pool, the same timeouts)."""
+    `connections.redis_client` builds the sync one (a blocking pool, the same timeouts:
+    an application's, `[redis] socket_timeout` and `connect_timeout`)."""
+    socket_s, connect_s = settings.timeouts_s(worker=False)
     pool = BlockingConnectionPool.from_url(
         settings.url,
         decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=30,
+        socket_connect_timeout=connect_s,
+        socket_timeout=socket_s,
         health_check_interval=30,
         max_connections=MAX_CONNECTIONS,
         timeout=POOL_TIMEOUT_S,

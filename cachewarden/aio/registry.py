@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cachewarden.scripts import ReplyLost, ScriptCall, source
 
@@ -141,7 +142,7 @@ async def _read(conn: AbstractConnection, count: int, lost: bool) -> list[Any]:
             replies.append(await conn.read_response())
         except ResponseError as exc:
             replies.append(exc)
-        except (RedisConnectionError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if lost:
                 raise ReplyLost(f"the connection broke before Redis answered: {exc}") from exc
             raise

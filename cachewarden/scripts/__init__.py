@@ -21,6 +21,7 @@ from redis.client import Pipeline
 from redis.commands.core import Script
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Client = Redis | Pipeline
 
@@ -116,7 +117,9 @@ class Registry:
         connection raises when the reply is read (the script may have run)."""
         script = self.script(name)
         command = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-        return self._send_later(command, lambda: self.call(name, keys, args), resend=False)
+        return self._send_later(
+            command, lambda: self.call(name, keys, args, resend=False), resend=False
+        )
 
     def _send_later(
         self, command: bytes, again: Callable[[], Any], resend: bool = True
@@ -198,7 +201,7 @@ class Registry:
             return conn.read_response()
         except NoScriptError:
             raise
-        except (RedisConnectionError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise ReplyLost(f"the connection broke before Redis answered: {exc}") from exc
 
     def _forget(self) -> None:

@@ -20,7 +20,8 @@
 --     delete or was outranked): drop the entry; "v" a write applied in place of a newer
 --     one the database refused: the entry gets its value (in the values region).
 --     For "x" and "v", while a newer write of the key is pending and the entry holds a
---     value the database refused, the entry gets that pending write's value instead.
+--     value the database refused, the entry gets that pending write's value instead
+--     (or goes, where that write is partial: "p").
 -- ARGV: 1 the oldest entry this flush leaves in the stream ("" for none: a row lock
 --       held its key), 2 ttl_ms, 3 shard, 4 now_ms, 5 the id of the batch's last entry
 --       to delete ("" for none), 6 lock owner ("": not checked), 7 lock ttl_ms, 8 E,
@@ -137,14 +138,16 @@ for t = 0, m - 1 do
     local cached = redis.call('GET', entry)
     if cached and refused[key][cached] then
       local pending = redis.call('XRANGE', KEYS[1], newest[w + t + 1], newest[w + t + 1])
+      local whole = nil  -- the pending operation's row, if it is a whole one
       if #pending > 0 then
-        local fields = pending[1][2]
+        local fields, o, v = pending[1][2], nil, nil
         for f = 1, #fields, 2 do
-          if fields[f] == 'v' then redis.call('SET', entry, fields[f + 1]) end
+          if fields[f] == 'o' then o = fields[f + 1] elseif fields[f] == 'v' then v = fields[f + 1] end
         end
-      else
-        redis.call('DEL', entry)
+        if o ~= 'p' then whole = v end
       end
+      -- A partial write's columns alone are not the row: drop the entry instead.
+      if whole then redis.call('SET', entry, whole) else redis.call('DEL', entry) end
     end
   end
 end

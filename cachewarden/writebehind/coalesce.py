@@ -5,14 +5,13 @@ wins, except that where operations carry versions, one with a lower version
 than the current winner never replaces it. A survivor that follows an
 unversioned delete of its key is marked `replaces`: the sink clears the row
 first, so the survivor is not judged against a version the delete removed.
-A partial write (some of the row's columns, "p" in the stream) that replaces a
-write takes that write's other columns with it, so the batch's one upsert leaves
-the row as the writes one after another would.
+A partial write (some of the row's columns, "p" in the stream) is not coalesced
+with the other operations of its key: the flusher applies that key's operations one
+after another (see flush.py), as the database would have taken them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -90,21 +89,6 @@ def coalesce(ops: Iterable[Op]) -> list[Op]:
                 current.replaces or (current.kind == DELETE and current.version is None)
             ):
                 op = replace(op, replaces=True)
-            if op.partial and current is not None and current.kind == WRITE:
-                op = replace(op, value=merged(current.value, op.value), partial=current.partial)
             winners.pop(op.key, None)
             winners[op.key] = op
     return list(winners.values())
-
-
-def merged(earlier: str, later: str) -> str:
-    """The JSON row of `earlier` with `later`'s columns written over it (a partial write
-    after a write of the same key); `later` as it is where either is not a JSON object
-    (the sink refuses such a row)."""
-    try:
-        old, new = json.loads(earlier), json.loads(later)
-    except ValueError:
-        return later
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return later
-    return json.dumps({**old, **new}, separators=(",", ":"), ensure_ascii=False)

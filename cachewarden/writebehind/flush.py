@@ -286,14 +286,24 @@ class ShardFlusher:
 
     def _apply(self, batch: Batch, sink: SqlSink, fence: Fence) -> _Applied:
         """Coalesce the batch and apply it to the database (one fenced transaction), then
-        each refused key's next-newest operation in its place (`_fall_back`)."""
+        each refused key's next-newest operation in its place (`_fall_back`). A key with
+        a partial write among several operations is not coalesced: its operations go to
+        the database one after another (`_in_turn`)."""
         ids, ops, held = batch.ids, batch.ops, self.held
         live = [op for op in ops if op.key not in held] if held else ops
+        fallback: dict[str, Op | None] = {}
+        apart = _keys_in_turn(live)
+        if apart:
+            turns = [op for op in live if op.key in apart]
+            live = [op for op in live if op.key not in apart]
         winners = coalesce(live)
         outcome = sink.apply(winners, fence) if winners else Outcome()
-        fallback: dict[str, Op | None] = {}
         if outcome.rejected:
             outcome = self._fall_back(live, outcome, fallback, sink, fence)
+        if apart:
+            last, more = self._in_turn(turns, fallback, sink, fence)
+            winners += last
+            outcome = outcome + more
         held.update(op.key for op in outcome.locked)
         if held:  # what is held stays in the stream: not deleted, not settled
             kept = [op.id for op in ops if op.key in held]
@@ -308,6 +318,26 @@ class ShardFlusher:
                 if key in held:
                     del fallback[key]
         return _Applied(ids, ops, winners, outcome, fallback)
+
+    def _in_turn(
+        self, ops: list[Op], fallback: dict[str, Op | None], sink: SqlSink, fence: Fence
+    ) -> tuple[list[Op], Outcome]:
+        """Apply the keys' operations one after another: the first of each key, then the
+        second, and so on (one transaction per turn). Returns each key's last operation
+        and what the turns did; a key of which one was refused or outranked is settled by
+        dropping its entry (`fallback` None), so a read loads what the database holds."""
+        by_key: dict[str, list[Op]] = {}
+        for op in ops:
+            by_key.setdefault(op.key, []).append(op)
+        total = Outcome()
+        for turn in range(max(len(mine) for mine in by_key.values())):
+            batch = [mine[turn] for mine in by_key.values() if len(mine) > turn]
+            total = total + sink.apply(batch, fence, judge_alike=False)
+        for bad in total.rejected:
+            fallback[bad.op.key] = None
+        for op in total.stale:
+            fallback[op.key] = None
+        return [mine[-1] for mine in by_key.values()], total
 
     def _fall_back(
         self,
@@ -336,7 +366,7 @@ class ShardFlusher:
                 retry += survivors
             if not retry:
                 break
-            more = sink.apply(retry, fence)
+            more = sink.apply(retry, fence, judge_alike=False)
             total = total + more
             refused.update(bad.op.id for bad in more.rejected)
             keys = {bad.op.key for bad in more.rejected}
@@ -357,7 +387,7 @@ class ShardFlusher:
             kind[op.key] = f"s:{op.version}:{self.spec.version_column}"
         values: dict[str, str] = {}
         for key, used in applied.fallback.items():
-            if used is None or used.kind == DELETE or used.id in stale:
+            if used is None or used.kind == DELETE or used.id in stale or used.partial:
                 kind[key] = "x"
             else:
                 kind[key] = "v"
@@ -365,7 +395,8 @@ class ShardFlusher:
         others = [(key, sid, kind[key]) for key, sid in written.items() if key in kind]
         for key in kind:
             written.pop(key, None)
-        letters = [_letter(bad) for bad in outcome.rejected]
+        # Oldest first: finish.lua records the last letter of a key as its newest.
+        letters = [_letter(bad) for bad in sorted(outcome.rejected, key=_stream_order)]
         call = self._scripts.finish(
             self.shard,
             applied.ids,
@@ -425,6 +456,27 @@ def _batch(raw: list[Any]) -> Batch:
 
 def _version(op: Op) -> str:
     return "" if op.version is None else str(op.version)
+
+
+def _stream_order(bad: Rejected) -> tuple[int, int]:
+    ms, _, seq = bad.op.id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _keys_in_turn(ops: list[Op]) -> set[str]:
+    """Keys with a partial write among two or more operations in the batch: coalescing
+    would lose the columns the partial write leaves out, so they are applied in turn."""
+    partial = {op.key for op in ops if op.partial}
+    if not partial:
+        return set()
+    seen: set[str] = set()
+    apart: set[str] = set()
+    for op in ops:
+        if op.key in partial:
+            if op.key in seen:
+                apart.add(op.key)
+            seen.add(op.key)
+    return apart
 
 
 def _letter(bad: Rejected) -> tuple[str, str, str, str, str, str]:

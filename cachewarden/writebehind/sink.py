@@ -159,7 +159,7 @@ class SqlSink:
 
     # -- public ---------------------------------------------------------------
 
-    def apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
+    def apply(self, ops: Sequence[Op], fence: Fence, judge_alike: bool = True) -> Outcome:
         """Apply `ops` (one per key); report the rejected and the outranked ones.
 
         Raises LockLost, BackendUnavailable for a fault (the database down,
@@ -169,7 +169,7 @@ class SqlSink:
         self._batch += 1
         outcome = self._around_locks(ops, fence)
         details = {bad.detail for bad in outcome.rejected}
-        alike = len(ops) >= ALIKE_ROWS and len(outcome.rejected) == len(ops)
+        alike = judge_alike and len(ops) >= ALIKE_ROWS and len(outcome.rejected) == len(ops)
         if alike and None not in details:
             if len(details) == 1:
                 raise BackendUnavailable(

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from cachewarden.codec import decode_row
+from cachewarden.writebehind.deadletters import list_dead
 from cachewarden.writebehind.flush import flush_shard
 from tests.conftest import Harness
 
@@ -97,3 +98,34 @@ def test_a_merge_keeps_numbers_exactly_as_written(pg_harness: Harness) -> None:
     _flush(h)
     row = h.rows("users")[1]
     assert row["big"] == 9007199254740993 and row["name"] == "Ada L."
+
+
+def test_a_key_with_a_partial_write_among_others_is_applied_in_turn(harness: Harness) -> None:
+    """In one batch, a delete then a partial write leaves the row with the partial write's columns only, and a refused write before or after a partial write is a dead letter while the partial write's own columns land and the cache serves what the database holds."""
+    h = harness
+    with h.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name VARCHAR(200), "
+            "email VARCHAR(200), CONSTRAINT no_poison CHECK (name <> 'poison'))"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO users (id, name, email) VALUES (1, 'Ada', 'ada@old'), "
+            "(2, 'Bob', 'bob@old'), (3, 'Cy', 'cy@old')"
+        )
+    h.configure({"user": USER}, {"user": {"shards": 1, "max_delay": "1h"}})
+    h.cache.delete("user", 1)
+    h.cache.write("user", 1, {"email": "ada@new"})
+    h.cache.write("user", 2, {"name": "poison", "email": "bob@bad"})
+    h.cache.write("user", 2, {"email": "bob@new"})
+    h.cache.write("user", 3, {"email": "cy@new"})
+    h.cache.write("user", 3, {"name": "poison", "email": "cy@bad"})
+    _flush(h)
+    assert h.rows("users") == {
+        1: {"id": 1, "name": None, "email": "ada@new"},
+        2: {"id": 2, "name": "Bob", "email": "bob@new"},
+        3: {"id": 3, "name": "Cy", "email": "cy@new"},
+    }
+    for key, row in h.rows("users").items():
+        assert h.cache.get("user", key) == row
+    letters = list_dead(h.cache.redis, h.cache.keys, "user")
+    assert sorted(x.key for x in letters) == ["2", "3"]
