@@ -5,6 +5,8 @@ Clients are built by these factories after fork, never at import time.
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -39,18 +41,23 @@ def redis_client(settings: RedisSettings, worker: bool | None = None) -> Redis:
     `worker_socket_timeout`, 30 s, in a worker's processes), so a Redis that accepts
     connections and never answers costs a request about a second, not thirty.
     """
-    socket_s, connect_s = settings.timeouts_s(_worker if worker is None else worker)
-    pool = BlockingConnectionPool.from_url(
-        settings.url,
-        decode_responses=True,
-        socket_connect_timeout=connect_s,
-        socket_timeout=socket_s,
-        health_check_interval=30,
-        max_connections=MAX_CONNECTIONS,
-        timeout=POOL_TIMEOUT_S,
+    options = pool_options(settings, _worker if worker is None else worker)
+    return Redis(connection_pool=BlockingConnectionPool.from_url(settings.url, **options))
+
+
+def pool_options(settings: RedisSettings, worker: bool) -> dict[str, Any]:
+    """The blocking pool's options for `settings`, sync or asyncio alike: str values,
+    the application's or the worker's timeouts, MAX_CONNECTIONS, TLS for rediss://."""
+    socket_s, connect_s = settings.timeouts_s(worker)
+    return {
+        "decode_responses": True,
+        "socket_connect_timeout": connect_s,
+        "socket_timeout": socket_s,
+        "health_check_interval": 30,
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": POOL_TIMEOUT_S,
         **(settings.tls if settings.url.startswith("rediss://") else {}),
-    )
-    return Redis(connection_pool=pool)
+    }
 
 
 def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from cachewarden.aio.reader import AsyncReader
 from cachewarden.aio.registry import AsyncRegistry
 from cachewarden.cache import Row, _one
-from cachewarden.connections import MAX_CONNECTIONS, POOL_TIMEOUT_S
+from cachewarden.connections import pool_options
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, ConfigError, InvalidKey, InvalidValue
 from cachewarden.keys import Keyspace
@@ -60,17 +60,7 @@ def async_redis_client(settings: RedisSettings) -> Redis:
     """A redis.asyncio client for `settings.url` returning str values, as
     `connections.redis_client` builds the sync one (a blocking pool, the same timeouts:
     an application's, `[redis] socket_timeout` and `connect_timeout`)."""
-    socket_s, connect_s = settings.timeouts_s(worker=False)
-    pool = BlockingConnectionPool.from_url(
-        settings.url,
-        decode_responses=True,
-        socket_connect_timeout=connect_s,
-        socket_timeout=socket_s,
-        health_check_interval=30,
-        max_connections=MAX_CONNECTIONS,
-        timeout=POOL_TIMEOUT_S,
-        **(settings.tls if settings.url.startswith("rediss://") else {}),
-    )
+    pool = BlockingConnectionPool.from_url(settings.url, **pool_options(settings, worker=False))
     return Redis(connection_pool=pool)
 
 

@@ -112,7 +112,7 @@ class AsyncReader:
                 raise
             reply = Reply.parse(raw)
             if reply.value is not None:
-                self._after_hit(side, reply)
+                side.after_hit(reply, self.stats)
                 side.counted(1, 0)
                 return reply.value
             side.counted(0, 1)
@@ -217,7 +217,7 @@ class AsyncReader:
                     missed.append((text, reply))
                 else:
                     values[text] = reply.value
-                    self._after_hit(side, reply)
+                    side.after_hit(reply, self.stats)
             side.counted(len(unique) - len(missed), len(missed))
             if missed:
                 self.stats.add(misses=len(missed))
@@ -280,13 +280,6 @@ class AsyncReader:
         return values, errors
 
     # -- plumbing -----------------------------------------------------------------
-
-    def _after_hit(self, side: EntityReads, reply: Reply) -> None:
-        """Count the hit (or stale hit) and the refresh it asked for; note the delay."""
-        stale = 0 <= reply.pttl_ms <= side.spec.stale_ttl_ms
-        self.stats.hit(stale, reply.flag)
-        if reply.extra:
-            side.delay_ms = float(reply.extra)
 
     def _draw(self) -> float:
         return 1.0 - self._random.random()  # in (0, 1]

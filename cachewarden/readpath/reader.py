@@ -62,6 +62,15 @@ class EntityReads:
             self.rule.refresh_below_ms(spec.negative_ttl_ms, None, 1.0),
         )
 
+    def after_hit(self, reply: Reply, stats: ReadStats) -> None:
+        """Count a hit (or stale hit) and the refresh it asked for in `stats`; note the
+        entity's refresh delay the script returned."""
+        # A pending write's entry has no TTL (pttl -1): a plain hit.
+        stale = 0 <= reply.pttl_ms <= self.spec.stale_ttl_ms
+        stats.hit(stale, reply.flag)
+        if reply.extra:
+            self.delay_ms = float(reply.extra)
+
     def counted(self, hits: int, misses: int) -> None:
         """Count reads (passed on to Redis with a later read, see `due_counts`)."""
         self.hits += hits
@@ -166,7 +175,7 @@ class ReadThrough:
                 side.counted(*counts)  # not passed on: keep them for the next read
                 raise
             if reply.value is not None:
-                self._after_hit(side, reply)
+                side.after_hit(reply, self.stats)
                 side.counted(1, 0)
                 return reply.value
             side.counted(0, 1)
@@ -210,7 +219,7 @@ class ReadThrough:
                     missed.append((text, reply))
                 else:
                     values[text] = reply.value
-                    self._after_hit(side, reply)
+                    side.after_hit(reply, self.stats)
             side.counted(len(unique) - len(missed), len(missed))
             if missed:
                 values.update(self._misses.miss_many(side.spec, side.scripts, token, missed))
@@ -252,14 +261,6 @@ class ReadThrough:
         }
 
     # -- hits -------------------------------------------------------------------
-
-    def _after_hit(self, side: EntityReads, reply: Reply) -> None:
-        """Count the hit (or stale hit) and the refresh it asked for; note the delay."""
-        # A pending write's entry has no TTL (pttl -1): a plain hit.
-        stale = 0 <= reply.pttl_ms <= side.spec.stale_ttl_ms
-        self.stats.hit(stale, reply.flag)
-        if reply.extra:
-            side.delay_ms = float(reply.extra)
 
     def publish(self) -> None:
         """Add the hits and misses counted so far to Redis (at close)."""
