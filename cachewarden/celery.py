@@ -40,7 +40,7 @@ from cachewarden.settings import Settings, load_settings
 
 TASK_MODULES = tuple(f"cachewarden.tasks.{family}" for family in FAMILIES)
 _log = structlog.get_logger("cachewarden.celery")
-_installed: dict[int, Settings] = {}  # id(app) -> the settings it was given
+_installed: set[int] = set()  # id() of the apps installed into
 
 
 def install(app: Celery, settings: Settings | None = None) -> None:
@@ -49,7 +49,7 @@ def install(app: Celery, settings: Settings | None = None) -> None:
     settings = settings if settings is not None else load_settings()
     if id(app) in _installed:
         return
-    _installed[id(app)] = settings
+    _installed.add(id(app))
     use_settings(settings)
     for name in TASK_MODULES:  # shared tasks: they bind to every app, this one too
         importlib.import_module(name)
