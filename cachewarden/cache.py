@@ -17,6 +17,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from cachewarden.codec import Key
 from cachewarden.context import Context
 from cachewarden.errors import Backpressure, ConfigError, InvalidKey, InvalidValue, Outranked
 from cachewarden.keys import Keyspace
@@ -130,7 +131,7 @@ class Cache:
 
     # -- reads ------------------------------------------------------------------
 
-    def get(self, entity: str, key: str | int) -> dict[str, Any] | None:
+    def get(self, entity: str, key: Key) -> dict[str, Any] | None:
         """The row of `key` as a dict, or None where the database has no such row.
 
         A hit is one Redis round trip. A miss loads the row once across all
@@ -140,13 +141,13 @@ class Cache:
         """
         return self._reader.get(entity, key)
 
-    def get_many(self, entity: str, keys: Sequence[str | int]) -> list[dict[str, Any] | None]:
+    def get_many(self, entity: str, keys: Sequence[Key]) -> list[dict[str, Any] | None]:
         """The rows of `keys` in order (None where absent); misses load in one batch."""
         return self._reader.get_many(entity, keys)
 
     # -- writes -----------------------------------------------------------------
 
-    def write(self, entity: str, key: str | int, row: Row) -> str:
+    def write(self, entity: str, key: Key, row: Row) -> str:
         """Cache `row` under `key` and buffer its upsert; return the stream id.
 
         Returns once both are in Redis. Raises UnknownEntity, InvalidKey or
@@ -159,7 +160,7 @@ class Cache:
         columns = self.context.columns(entity)
         return _one(enqueue(scripts, [write_op(scripts.spec, key, row, text, columns)]))
 
-    def delete(self, entity: str, key: str | int, version: int | None = None) -> str:
+    def delete(self, entity: str, key: Key, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete; return the stream id.
 
         A versioned delete leaves a tombstone: for `tombstone_ttl`, writes and deletes
@@ -170,7 +171,7 @@ class Cache:
         return _one(enqueue(scripts, [delete_op(scripts.spec, key, version, text)]))
 
     def write_many(
-        self, entity: str, rows: Mapping[str | int, Row] | Iterable[tuple[str | int, Row]]
+        self, entity: str, rows: Mapping[Key, Row] | Iterable[tuple[Key, Row]]
     ) -> BatchResult:
         """Cache and buffer many rows in one round trip; report each key's outcome.
 
@@ -197,8 +198,8 @@ class Cache:
     def delete_many(
         self,
         entity: str,
-        keys: Iterable[str | int],
-        versions: Mapping[str | int, int] | None = None,
+        keys: Iterable[Key],
+        versions: Mapping[Key, int] | None = None,
     ) -> BatchResult:
         """Mark many keys absent and buffer their deletes in one round trip (per-key report).
 

@@ -17,6 +17,13 @@ MariaDB `BLOB`/`VARBINARY`/`BINARY`, an SQLite `BLOB`) are written as the text
 encodes Python bytes so, and the flusher decodes exactly this form for a column
 whose type is binary (anything else there is a refused row, dead-lettered). In
 any other column the text is only text.
+
+A composite key (an entity whose `key` lists several columns) is a tuple of its
+columns' values, in the order `key` names them. Its text is each part's text (an
+int in decimal, a str as it is, with the rules of a one-column key) joined by ",",
+with "%" and "," inside a part written "%25" and "%2C": ("acme", 42) is "acme,42",
+("a,b", 7) is "a%2Cb,7", ("100%", 7) is "100%25,7". Each part's text is
+unambiguous and the escape is undone only one way, so two keys never share a text.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from decimal import Decimal
 from typing import Any
 
 from cachewarden.errors import InvalidKey, InvalidValue
+
+# A key as applications pass it: a str or an int, or a tuple of them for a composite key.
+Key = str | int | tuple[str | int, ...]
 
 MAX_KEY_BYTES = 512
 RESERVED_KEY_CHARS = frozenset("*?[]:")
@@ -81,8 +91,12 @@ _encoder = json.JSONEncoder(
 _decode = json.loads
 
 
-def key_text(entity: str, key: object) -> str:
-    """The validated string form of a key (ints are written in decimal)."""
+def key_text(entity: str, key: object, parts: int = 1) -> str:
+    """The validated string form of a key (ints are written in decimal); a composite
+    key's (`parts` > 1: a tuple or list of that many values) is its parts' texts
+    joined by "," (see the module's docstring)."""
+    if parts > 1:
+        return _composite_text(entity, key, parts)
     if type(key) is int and -(10**40) < key < 10**40:
         return str(key)  # digits and '-' only, and few of them: always valid
     if isinstance(key, bool) or not isinstance(key, str | int):
@@ -99,6 +113,38 @@ def key_text(entity: str, key: object) -> str:
     if len(text) * 4 > MAX_KEY_BYTES and len(text.encode("utf-8")) > MAX_KEY_BYTES:
         raise InvalidKey(f"{entity}: key {text[:40]!r}... is over {MAX_KEY_BYTES} bytes")
     return text
+
+
+def _composite_text(entity: str, key: object, parts: int) -> str:
+    if not isinstance(key, tuple | list) or len(key) != parts:
+        shown = f"a {type(key).__name__}" if not isinstance(key, tuple | list) else "of "
+        shown = shown + (f"{len(key)} values" if isinstance(key, tuple | list) else "")
+        raise InvalidKey(
+            f"{entity}: key {key!r} is {shown}; the key of {entity} has {parts} columns: "
+            f"pass a tuple of {parts} values, in the order `key` names its columns, "
+            "such as ('acme', 42)"
+        )
+    texts = []
+    for part in key:
+        text = key_text(entity, part)
+        if "%" in text or "," in text:
+            text = text.replace("%", "%25").replace(",", "%2C")
+        texts.append(text)
+    joined = ",".join(texts)
+    if len(joined.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidKey(f"{entity}: key {joined[:40]!r}... is over {MAX_KEY_BYTES} bytes")
+    return joined
+
+
+def key_parts(text: str, parts: int) -> list[str]:
+    """The texts of a composite key's parts (key_text's inverse); ValueError when `text`
+    is not `parts` of them."""
+    found = text.split(",")
+    if len(found) != parts:
+        raise ValueError(f"key {text!r} is not {parts} values joined by ','")
+    if "%" in text:
+        found = [p.replace("%2C", ",").replace("%25", "%") for p in found]
+    return found
 
 
 # Reserved characters, whitespace (str.isspace), C0 controls, DEL and C1 controls.

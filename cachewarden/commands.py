@@ -33,7 +33,7 @@ def _describe_entity(spec: EntitySettings) -> str:
     wb = spec.write_behind
     version = f", version_column={spec.version_column}" if spec.version_column else ""
     return (
-        f"  {spec.name}: table={spec.table} key={spec.key} ttl={_ms(spec.ttl_ms)}{version}\n"
+        f"  {spec.name}: table={spec.table} key={spec.key_label} ttl={_ms(spec.ttl_ms)}{version}\n"
         f"    write_behind: max_delay={_ms(wb.max_delay_ms)} batch_size={wb.batch_size} "
         f"shards={wb.shards} max_pending={wb.max_pending} lock_ttl={_ms(wb.lock_ttl_ms)}"
     )
@@ -454,7 +454,7 @@ def demo(settings: Settings, _args: argparse.Namespace) -> int:
     metadata = MetaData()
     for spec in settings.entities.values():
         columns: list[Column[Any]] = [
-            Column(spec.key, Integer, primary_key=True, autoincrement=False),
+            *(Column(c, Integer, primary_key=True, autoincrement=False) for c in spec.key_columns),
             Column("name", String(200), nullable=False),
             Column("email", String(200)),
         ]

@@ -18,7 +18,7 @@ import structlog
 from redis import Redis
 from sqlalchemy import Engine
 
-from cachewarden.codec import key_text
+from cachewarden.codec import Key, key_text
 from cachewarden.connections import redis_client
 from cachewarden.database import make_engine
 from cachewarden.errors import CachewardenError, ConfigError
@@ -90,11 +90,14 @@ class Context:
         table = self._tables.get(entity)
         return None if table is None else table.columns
 
-    def key_text(self, entity: str, key: str | int) -> str:
-        """The validated text of `key`: with the entity's table reflected, an integer key
-        column also refuses every spelling but the canonical one (tables.EntityTable)."""
+    def key_text(self, entity: str, key: Key) -> str:
+        """The validated text of `key` (a tuple for a composite key): with the entity's
+        table reflected, an integer key column also refuses every spelling but the
+        canonical one (tables.EntityTable)."""
         table = self._tables.get(entity)
-        return key_text(entity, key) if table is None else table.key_text(key)
+        if table is not None:
+            return table.key_text(key)
+        return key_text(entity, key, len(self.entity(entity).key_columns))
 
     def reflect_again(self, name: str) -> EntityTable:
         """Reflect the entity's table anew (its schema changed): later users get the new

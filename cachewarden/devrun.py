@@ -226,7 +226,7 @@ class Demo:
         cache.write("user", 1, row)
         say(self.out, "demo: cache.write('user', 1, {'name': 'Ada', ...}): one Redis round trip")
         spec = self.settings.entity("user")
-        where = f"WHERE {spec.key} = 1 AND name = 'Ada'"
+        where = f"WHERE {spec.key_columns[0]} = 1 AND name = 'Ada'"
         found = _wait(lambda: self._rows(where), 30, "the write to land", self.procs)
         took = time.monotonic() - started
         say(self.out, f"demo: ...and in the database {took:.2f}s later: {tuple(found[0])}")
@@ -245,7 +245,9 @@ class Demo:
 
         spec = self.settings.entity("user")
         with self._engine().begin() as conn:
-            conn.execute(text(f"UPDATE {spec.table} SET name = 'Ada L.' WHERE {spec.key} = 1"))
+            conn.execute(
+                text(f"UPDATE {spec.table} SET name = 'Ada L.' WHERE {spec.key_columns[0]} = 1")
+            )
         name = (cache.get("user", 1) or {}).get("name")
         say(self.out, f"demo: a program renames user 1 in the database; the cache says {name!r}")
         task_client(self.settings).send_task(REFRESH_TASK, args=["user", ["1"], None])

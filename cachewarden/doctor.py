@@ -211,7 +211,7 @@ def _tables(settings: Settings, engine: Engine) -> list[Finding]:
         except CachewardenError as exc:
             found.append(Finding(f"table {spec.table}", False, str(exc), _table_fix(spec, exc)))
             continue
-        columns = f"key {spec.key}" + (
+        columns = f"key {spec.key_label}" + (
             f", version {spec.version_column}" if spec.version_column else ""
         )
         found.append(Finding(f"table {spec.table}", True, columns))
@@ -227,8 +227,8 @@ def _table_fix(spec: EntitySettings, exc: CachewardenError) -> str:
         return f"create table {spec.table} in the database, or set {exc.field} to one that exists"
     if "primary key" in exc.problem:
         return (
-            f"ALTER TABLE {spec.table} ADD PRIMARY KEY ({spec.key}) (or ADD UNIQUE "
-            f"({spec.key})), or set {exc.field} to a column that has one"
+            f"ALTER TABLE {spec.table} ADD PRIMARY KEY ({spec.key_label}) (or ADD UNIQUE "
+            f"({spec.key_label})), or set {exc.field} to the columns that have one"
         )
     return f"set {exc.field} to one of the table's columns, or add the column to {spec.table}"
 

@@ -143,7 +143,9 @@ class EntitySettings:
 
     name: str
     table: str
-    key: str
+    # The key's columns: one (its primary key), or several for a composite key such as
+    # ("tenant_id", "id"); keys are then tuples, stored as codec.key_text's encoding.
+    key_columns: tuple[str, ...]
     ttl_ms: int
     version_column: str | None = None
     # How long a flushed delete at version v refuses writes and deletes at versions <= v.
@@ -167,6 +169,16 @@ class EntitySettings:
     on_redis_error: str = "raise"
     redis_error_reads: int = 8
     redis_error_wait_ms: int = 1_000
+
+    @property
+    def composite(self) -> bool:
+        """True when the key has more than one column."""
+        return len(self.key_columns) > 1
+
+    @property
+    def key_label(self) -> str:
+        """The key's column names for messages and SQL: "id", or "tenant_id, id"."""
+        return ", ".join(self.key_columns)
 
     @property
     def refresh_window_ms(self) -> int:
@@ -429,26 +441,49 @@ def _entity(name: str, reader: _Reader) -> EntitySettings:
     table = reader.get("table", str, None)
     if table is None:
         raise reader.fail("table", "is required: the database table this entity caches")
-    key = reader.get("key", str, None)
-    if key is None:
-        raise reader.fail("key", "is required: the table's primary-key column")
+    key_columns = _key_columns(reader)
     ttl_ms = reader.required_duration("ttl")
     entity = EntitySettings(
         name=name,
         table=table,
-        key=key,
+        key_columns=key_columns,
         ttl_ms=ttl_ms,
         version_column=reader.get("version_column", str, None),
         tombstone_ttl_ms=reader.required_duration("tombstone_ttl", 86_400_000),
         max_value_bytes=reader.positive("max_value_bytes", 512 * 1024),
         write_behind=_write_behind(reader.sub("write_behind")),
-        **_read_path(reader, ttl_ms),
+        **_read_path(reader, ttl_ms, key_columns),
     )
     reader.reject_unknown()
     return entity
 
 
-def _read_path(reader: _Reader, ttl_ms: int) -> dict[str, Any]:
+def _key_columns(reader: _Reader) -> tuple[str, ...]:
+    """`key`: one column name, or a list of them (a composite key)."""
+    reader.seen.add("key")
+    key = reader.table.get("key")
+    if key is None:
+        raise reader.fail(
+            "key",
+            'is required: the table\'s primary-key column ("id"), or its columns '
+            '(["tenant_id", "id"])',
+        )
+    columns = [key] if isinstance(key, str) else key
+    if (
+        not isinstance(columns, list)
+        or not columns
+        or not all(isinstance(c, str) and c for c in columns)
+    ):
+        raise reader.fail(
+            "key",
+            f'expected a column name or a list of them, such as ["tenant_id", "id"]; got {key!r}',
+        )
+    if len(set(columns)) != len(columns):
+        raise reader.fail("key", f"names a column twice: {key!r}")
+    return tuple(columns)
+
+
+def _read_path(reader: _Reader, ttl_ms: int, key_columns: tuple[str, ...]) -> dict[str, Any]:
     """The read-path fields of an entity (refresh-ahead, negative and stale caching, loads)."""
     factor = float(reader.get("refresh_ahead", float, 0.8))
     if not 0 <= factor < 1:
@@ -460,8 +495,15 @@ def _read_path(reader: _Reader, ttl_ms: int) -> dict[str, Any]:
     if beta <= 0:
         raise reader.fail("xfetch_beta", f"must be above 0, got {beta}")
     loader = reader.get("loader", str, None)
-    if loader is not None and not re.search(r"(?<!:):key\b", loader):
-        raise reader.fail("loader", "the SQL must take the key as the parameter :key")
+    if loader is not None:
+        # One key column: the parameter :key. Several: one parameter per key column,
+        # named after it (:tenant_id, :id).
+        names = ("key",) if len(key_columns) == 1 else key_columns
+        missing = [n for n in names if not re.search(rf"(?<!:):{re.escape(n)}\b", loader)]
+        if missing:
+            wanted = ", ".join(f":{n}" for n in names)
+            noun = "parameter" if len(names) == 1 else "parameters"
+            raise reader.fail("loader", f"the SQL must take the key as the {noun} {wanted}")
     stale = reader.duration("stale_ttl", 0)
     on_redis_error = reader.get("on_redis_error", str, "raise")
     if on_redis_error not in ("raise", "database"):

@@ -81,7 +81,12 @@ def test_valid_file_loads_typed_values(write: Any) -> None:
     )
     assert isinstance(settings, Settings)
     user = settings.entities["user"]
-    assert (user.name, user.table, user.key, user.ttl_ms) == ("user", "users", "id", 600_000)
+    assert (user.name, user.table, user.key_columns, user.ttl_ms) == (
+        "user",
+        "users",
+        ("id",),
+        600_000,
+    )
     assert user.version_column == "version"
     wb = user.write_behind
     assert (wb.max_delay_ms, wb.lock_ttl_ms) == (250, 30_000)

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from cachewarden.aio.reader import AsyncReader
 from cachewarden.aio.registry import AsyncRegistry
 from cachewarden.cache import Row, _one
+from cachewarden.codec import Key
 from cachewarden.connections import pool_options
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable, ConfigError, InvalidKey, InvalidValue
@@ -180,7 +181,7 @@ class AsyncCache:
 
     # -- reads ----------------------------------------------------------------------
 
-    async def get(self, entity: str, key: str | int) -> dict[str, Any] | None:
+    async def get(self, entity: str, key: Key) -> dict[str, Any] | None:
         """The row of `key` as a dict, or None where the database has no such row (see
         `Cache.get`): a hit is one round trip; a miss loads once across all processes
         and coroutines, on a loader thread."""
@@ -188,7 +189,7 @@ class AsyncCache:
             await self.start()
         return await self._reader.get(entity, key)
 
-    async def get_many(self, entity: str, keys: Sequence[str | int]) -> list[dict[str, Any] | None]:
+    async def get_many(self, entity: str, keys: Sequence[Key]) -> list[dict[str, Any] | None]:
         """The rows of `keys` in order (None where absent); misses load in one batch."""
         if self._started is None or not self._started.done():
             await self.start()
@@ -196,7 +197,7 @@ class AsyncCache:
 
     # -- writes ---------------------------------------------------------------------
 
-    async def write(self, entity: str, key: str | int, row: Row) -> str:
+    async def write(self, entity: str, key: Key, row: Row) -> str:
         """Cache `row` under `key` and buffer its upsert; return the stream id (see
         `Cache.write`: the same errors, before anything is sent where it says so)."""
         scripts = await self._scripts(entity)
@@ -208,14 +209,14 @@ class AsyncCache:
             raise problem
         return _one(await self._send(scripts, [op]))
 
-    async def delete(self, entity: str, key: str | int, version: int | None = None) -> str:
+    async def delete(self, entity: str, key: Key, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete (see `Cache.delete`)."""
         scripts = await self._scripts(entity)
         text = self.context.key_text(entity, key)
         return _one(await self._send(scripts, [delete_op(scripts.spec, key, version, text)]))
 
     async def write_many(
-        self, entity: str, rows: Mapping[str | int, Row] | Iterable[tuple[str | int, Row]]
+        self, entity: str, rows: Mapping[Key, Row] | Iterable[tuple[Key, Row]]
     ) -> BatchResult:
         """Cache and buffer many rows in one round trip; report each key's outcome."""
         scripts = await self._scripts(entity)
@@ -233,8 +234,8 @@ class AsyncCache:
     async def delete_many(
         self,
         entity: str,
-        keys: Iterable[str | int],
-        versions: Mapping[str | int, int] | None = None,
+        keys: Iterable[Key],
+        versions: Mapping[Key, int] | None = None,
     ) -> BatchResult:
         """Mark many keys absent and buffer their deletes in one round trip."""
         scripts = await self._scripts(entity)

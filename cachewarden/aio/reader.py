@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 
 from cachewarden.aio.flights import AsyncFlights, LeaderGone, fail, follow, resolve
 from cachewarden.aio.registry import AsyncRegistry
-from cachewarden.codec import decode_row, encode_entry
+from cachewarden.codec import Key, decode_row, encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import LoadFailed
 from cachewarden.readpath.misses import ReadStats, _timeout_problem, leases_kept
@@ -61,7 +61,7 @@ class AsyncReader:
 
     # -- get ----------------------------------------------------------------------
 
-    async def get(self, entity: str, key: str | int) -> Row | None:
+    async def get(self, entity: str, key: Key) -> Row | None:
         """The row of `key`: from the cache, or loaded once across all processes."""
         side = self._entities.get(entity) or await self._entity(entity)
         text = self.context.key_text(entity, key)
@@ -179,7 +179,7 @@ class AsyncReader:
 
     # -- get_many -----------------------------------------------------------------
 
-    async def get_many(self, entity: str, keys: Sequence[str | int]) -> list[Row | None]:
+    async def get_many(self, entity: str, keys: Sequence[Key]) -> list[Row | None]:
         """The rows of `keys`, in order (None where absent): hits in one round trip,
         misses loaded with one batched SELECT where this loop leads them."""
         side = self._entities.get(entity) or await self._entity(entity)

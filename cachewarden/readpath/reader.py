@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import structlog
 from redis.exceptions import RedisError
 
-from cachewarden.codec import decode_row, encode_entry
+from cachewarden.codec import Key, decode_row, encode_entry
 from cachewarden.context import Context
 from cachewarden.errors import BackendUnavailable
 from cachewarden.metrics import emit
@@ -132,7 +132,7 @@ class ReadThrough:
         except RedisError as exc:
             log.warning("redis_warm_deferred", error=str(exc))
 
-    def get(self, entity: str, key: str | int) -> Row | None:
+    def get(self, entity: str, key: Key) -> Row | None:
         """The row of `key`: from the cache, or loaded once across all processes.
 
         One thread per process and key reads at a time: the others follow its
@@ -183,7 +183,7 @@ class ReadThrough:
         except RedisError as exc:
             raise _unavailable(side.spec, text, exc) from None
 
-    def get_many(self, entity: str, keys: Sequence[str | int]) -> list[Row | None]:
+    def get_many(self, entity: str, keys: Sequence[Key]) -> list[Row | None]:
         """The rows of `keys`, in order (None where absent): hits in one round trip,
         misses loaded with one batched SELECT where this process leads them (all of
         them, uncached, where Redis fails and on_redis_error = "database")."""

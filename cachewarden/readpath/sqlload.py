@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Engine, any_, bindparam, select, text
+from sqlalchemy import Connection, Engine, and_, any_, bindparam, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql import Executable
 
@@ -44,12 +44,19 @@ class SqlLoader:
         self.reflected = reflected
         self.table = reflected.table
         key_column = reflected.key_column
-        self._one: Executable = (
-            text(entity.loader).bindparams(bindparam("key"))
-            if entity.loader
-            else select(self.table).where(key_column == bindparam("key"))
+        self._names: tuple[str, ...] = ("key",) if not reflected.composite else entity.key_columns
+        match = and_(
+            *(c == bindparam(n) for c, n in zip(reflected.key_columns, self._names, strict=True))
         )
-        if engine.dialect.name == "postgresql":
+        self._one: Executable = (
+            text(entity.loader).bindparams(*(bindparam(n) for n in self._names))
+            if entity.loader
+            else select(self.table).where(match)
+        )
+        if reflected.composite:
+            clause = reflected.key_clause()
+            self._many = select(self.table).where(clause.in_(bindparam("keys", expanding=True)))
+        elif engine.dialect.name == "postgresql":
             # One array parameter: the statement stays the same whatever the batch size.
             from sqlalchemy.dialects.postgresql import ARRAY
 
@@ -65,7 +72,7 @@ class SqlLoader:
             return None
         try:
             with self.engine.connect() as conn:
-                row = conn.execute(self._one, {"key": value}).mappings().first()
+                row = conn.execute(self._one, self._params(value)).mappings().first()
         except SQLAlchemyError as exc:
             raise self._failed(key, exc) from exc
         return None if row is None else jsonable(row)
@@ -81,14 +88,15 @@ class SqlLoader:
                     return self._each(conn, values)
                 result = conn.execute(self._many, {"keys": list(values.values())})
                 columns = list(result.keys())
-                at = columns.index(self.entity.key)
                 by_value = {v: k for k, v in values.items()}
-                return {
-                    by_value.get(row[at], str(row[at])): jsonable(
-                        dict(zip(columns, row, strict=True))
-                    )
-                    for row in result
-                }
+                key_of = self.reflected.key_of_row
+                text_of = self.reflected.text_of if self.reflected.composite else str
+                found = {}
+                for row in result:
+                    mapped = dict(zip(columns, row, strict=True))
+                    value = key_of(mapped)
+                    found[by_value.get(value) or text_of(value)] = jsonable(mapped)
+                return found
         except SQLAlchemyError as exc:
             named = keys[0] if len(keys) == 1 else f"{keys[0]} (and {len(keys) - 1} more)"
             raise self._failed(named, exc) from exc
@@ -96,10 +104,16 @@ class SqlLoader:
     def _each(self, conn: Connection, values: Mapping[str, Any]) -> dict[str, Row]:
         found: dict[str, Row] = {}
         for key, value in values.items():
-            row = conn.execute(self._one, {"key": value}).mappings().first()
+            row = conn.execute(self._one, self._params(value)).mappings().first()
             if row is not None:
                 found[key] = jsonable(row)
         return found
+
+    def _params(self, value: Any) -> dict[str, Any]:
+        """The statement's key parameters: {"key": value}, or one per key column."""
+        if len(self._names) == 1:
+            return {"key": value}
+        return dict(zip(self._names, value, strict=True))
 
     def _key_value(self, key: str) -> Any:
         """The key as the column's Python type; None when it cannot be one (no such row)."""

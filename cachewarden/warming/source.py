@@ -3,7 +3,8 @@
 A run reads its first chunk (`first`), and if there is more, streams the keys
 after it (`keys_after`: a server-side cursor on PostgreSQL, an unbuffered one
 on MariaDB, plain iteration on SQLite) to cut the rest into chunks of
-`chunk_size` keys, each read on its own (`chunk`: `key > lo AND key <= hi`).
+`chunk_size` keys, each read on its own (`chunk`: `key > lo AND key <= hi`; a composite key compares
+as a row value, `(a, b) > (:lo0, :lo1)`, in the order of its columns).
 Rows are encoded exactly as a load encodes them (readpath.sqlload.jsonable,
 codec.encode_row): binary columns as "base64:" text, so a warmed row written back
 lands as it was read.
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Select, TextClause, bindparam, false, select, text
+from sqlalchemy import Engine, Select, TextClause, bindparam, false, select, text, tuple_
 from sqlalchemy import column as result_column
 from sqlalchemy.engine import Result
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,32 +50,64 @@ class WarmSource:
         self.job = job
         self.table = table
         self.spec: EntitySettings = table.entity
-        key = self.spec.key
+        names = self.spec.key_columns
+        # The range bounds: one parameter each (lo, hi), or one per key column (lo0,
+        # lo1, ...) compared as a row value, (a, b) > (:lo0, :lo1), in key order.
+        self._bounds = {
+            bound: (
+                (bound,) if len(names) == 1 else tuple(f"{bound}{i}" for i in range(len(names)))
+            )
+            for bound in ("lo", "hi")
+        }
         if job.query is None:
-            column = table.key_column
+            columns = table.key_columns
+            key = table.key_clause()
+            lo, hi = (self._bound_clause(b) for b in ("lo", "hi"))
             base = select(table.table)
-            self._first: Select[Any] | TextClause = base.order_by(column).limit(bindparam("n"))
+            self._first: Select[Any] | TextClause = base.order_by(*columns).limit(bindparam("n"))
             self._keys: Select[Any] | TextualSelect = (
-                select(column).where(column > bindparam("lo")).order_by(column)
+                select(*columns).where(key > lo).order_by(*columns)
             )
-            self._between: Select[Any] | TextClause = base.where(
-                column > bindparam("lo"), column <= bindparam("hi")
-            )
-            self._after: Select[Any] | TextClause = base.where(column > bindparam("lo"))
+            self._between: Select[Any] | TextClause = base.where(key > lo, key <= hi)
+            self._after: Select[Any] | TextClause = base.where(key > lo)
             self._probe: Select[Any] | TextClause = base.where(false())
         else:
-            # The job's own SQL as a derived table; the key column's name is the
-            # reflected one, quoted by the dialect.
-            q = engine.dialect.identifier_preparer.quote(key)
+            # The job's own SQL as a derived table; the key columns' names are the
+            # reflected ones, quoted by the dialect.
+            quote = engine.dialect.identifier_preparer.quote
+            qs = [f"cw_q.{quote(n)}" for n in names]
+            order = ", ".join(qs)
+            key_sql = qs[0] if len(qs) == 1 else f"({order})"
+            lo_sql, hi_sql = (self._bound_sql(b) for b in ("lo", "hi"))
             sub = f"({job.query}) AS cw_q"
-            self._first = text(f"SELECT * FROM {sub} ORDER BY cw_q.{q} LIMIT :n")
+            self._first = text(f"SELECT * FROM {sub} ORDER BY {order} LIMIT :n")
             # Typed: SQLAlchemy 2.1 buffers an untyped text() result whole, even streamed.
             self._keys = text(
-                f"SELECT cw_q.{q} FROM {sub} WHERE cw_q.{q} > :lo ORDER BY cw_q.{q}"
-            ).columns(result_column(key, table.key_column.type))
-            self._between = text(f"SELECT * FROM {sub} WHERE cw_q.{q} > :lo AND cw_q.{q} <= :hi")
-            self._after = text(f"SELECT * FROM {sub} WHERE cw_q.{q} > :lo")
+                f"SELECT {order} FROM {sub} WHERE {key_sql} > {lo_sql} ORDER BY {order}"
+            ).columns(
+                *(result_column(n, c.type) for n, c in zip(names, table.key_columns, strict=True))
+            )
+            self._between = text(
+                f"SELECT * FROM {sub} WHERE {key_sql} > {lo_sql} AND {key_sql} <= {hi_sql}"
+            )
+            self._after = text(f"SELECT * FROM {sub} WHERE {key_sql} > {lo_sql}")
             self._probe = text(f"SELECT * FROM {sub} WHERE 1 = 0")
+
+    def _bound_clause(self, bound: str) -> Any:
+        """A range bound as a SQL expression: its parameter, or the row value of them."""
+        params: list[Any] = [bindparam(name) for name in self._bounds[bound]]
+        return params[0] if len(params) == 1 else tuple_(*params)
+
+    def _bound_sql(self, bound: str) -> str:
+        """A range bound in the job's own SQL: :lo, or (:lo0, :lo1)."""
+        names = [f":{name}" for name in self._bounds[bound]]
+        return names[0] if len(names) == 1 else f"({', '.join(names)})"
+
+    def _params(self, bound: str, text_key: str) -> dict[str, Any]:
+        """The parameters of a range bound given as key text."""
+        value = self._value(text_key)
+        names = self._bounds[bound]
+        return {names[0]: value} if len(names) == 1 else dict(zip(names, value, strict=True))
 
     # -- statements --------------------------------------------------------------
 
@@ -91,11 +124,11 @@ class WarmSource:
 
     def chunk(self, lo: str, hi: str | None) -> Chunk:
         """The rows with `lo < key <= hi` (no upper bound when `hi` is None)."""
-        params = {"lo": self._value(lo)}
+        params = self._params("lo", lo)
         if hi is None:
             columns, rows = self._run(self._after, params)
         else:
-            columns, rows = self._run(self._between, params | {"hi": self._value(hi)})
+            columns, rows = self._run(self._between, params | self._params("hi", hi))
         return self._encode(columns, rows)
 
     def keys_after(self, lo: str) -> Iterator[Any]:
@@ -103,10 +136,11 @@ class WarmSource:
         try:
             with self.engine.connect() as conn:
                 streaming = conn.execution_options(stream_results=True, yield_per=KEYS_PER_FETCH)
-                result = streaming.execute(self._keys, {"lo": self._value(lo)})
+                result = streaming.execute(self._keys, self._params("lo", lo))
+                composite = self.table.composite
                 for partition in result.partitions():
-                    for (value,) in partition:
-                        yield value
+                    for row in partition:
+                        yield tuple(row) if composite else row[0]
         except SQLAlchemyError as exc:
             raise self._failed(exc) from exc
 
@@ -117,8 +151,8 @@ class WarmSource:
     # -- helpers -----------------------------------------------------------------
 
     def key_of(self, value: Any) -> str:
-        """A key column value as its cache key text."""
-        return str(value) if type(value) is int else key_text(self.spec.name, str(value))
+        """A key value (a tuple of them for a composite key) as its cache key text."""
+        return self.table.text_of(value)
 
     def _value(self, text_key: str) -> Any:
         try:
@@ -134,10 +168,11 @@ class WarmSource:
                 rows = result.all()
         except SQLAlchemyError as exc:
             raise self._failed(exc) from exc
-        if self.spec.key not in columns:
+        missing = [c for c in self.spec.key_columns if c not in columns]
+        if missing:
             raise WarmFailed(
                 f"warming job {self.job.name!r}: the query's result has no column "
-                f"{self.spec.key!r}, the key of entity {self.spec.name!r} (it has: "
+                f"{missing[0]!r}, of the key of entity {self.spec.name!r} (it has: "
                 f"{', '.join(columns)}); select it (warming.{self.job.name}.query)"
             )
         return columns, rows
@@ -150,17 +185,27 @@ class WarmSource:
 
     def _encode(self, columns: list[str], rows: Sequence[Any]) -> Chunk:
         chunk = Chunk()
-        at = columns.index(self.spec.key)
         name, limit = self.spec.name, self.spec.max_value_bytes
         out = chunk.rows
+        if not self.table.composite:
+            at = columns.index(self.spec.key_columns[0])
+            key_at: Any = lambda row: row[at]  # noqa: E731
+        else:
+            ats = [columns.index(c) for c in self.spec.key_columns]
+            key_at = lambda row: tuple(row[i] for i in ats)  # noqa: E731
         for row in rows:
-            value = row[at]
+            value = key_at(row)
             try:
-                key = str(value) if type(value) is int else key_text(name, str(value))
+                if type(value) is int:
+                    key = str(value)
+                elif self.table.composite:
+                    key = self.table.text_of(value)
+                else:
+                    key = key_text(name, str(value))
                 entry = jsonable(dict(zip(columns, row, strict=True)))
                 out.append((key, encode_row(name, key, entry, limit)))
             except (InvalidKey, InvalidValue) as exc:
                 chunk.invalid.append(str(exc))
         if rows:
-            chunk.last_key = self.key_of(rows[-1][at])
+            chunk.last_key = self.key_of(key_at(rows[-1]))
         return chunk

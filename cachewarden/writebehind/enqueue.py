@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from cachewarden.codec import ABSENT, encode_row, key_text
+from cachewarden.codec import ABSENT, Key, encode_row, key_text
 from cachewarden.connections import REDIS_DOWN
 from cachewarden.context import Context
 from cachewarden.errors import (
@@ -102,7 +102,7 @@ def write_scripts(context: Context, entity: str) -> WriteScripts:
 
 def write_op(
     spec: EntitySettings,
-    key: str | int,
+    key: Key,
     row: Mapping[str, Any],
     text: str | None = None,
     columns: frozenset[str] | None = None,
@@ -113,7 +113,7 @@ def write_op(
     `columns` the table's columns where it is reflected (Context.columns): a row that
     lacks some of them is a partial write ("p"), which enqueue.lua merges into the
     cached row and the flusher merges with the key's earlier writes of a batch."""
-    text = key_text(spec.name, key) if text is None else text
+    text = key_text(spec.name, key, len(spec.key_columns)) if text is None else text
     row = _with_key(spec, text, key, row)
     version = _version_of(spec, text, row)
     op = "w" if columns is None or columns <= row.keys() else PARTIAL
@@ -121,10 +121,10 @@ def write_op(
 
 
 def delete_op(
-    spec: EntitySettings, key: str | int, version: int | None, text: str | None = None
+    spec: EntitySettings, key: Key, version: int | None, text: str | None = None
 ) -> Pending:
     """The buffered form of a delete; raises InvalidKey or InvalidValue naming the problem."""
-    text = key_text(spec.name, key) if text is None else text
+    text = key_text(spec.name, key, len(spec.key_columns)) if text is None else text
     if version is not None and spec.version_column is None:
         raise InvalidValue(f"{spec.name}:{text}: a version was given but no version_column is set")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
@@ -319,19 +319,36 @@ def _is_postgresql(url: str) -> bool:
 
 
 def _with_key(
-    spec: EntitySettings, text: str, key: str | int, row: Mapping[str, Any]
+    spec: EntitySettings, text: str, key: Key, row: Mapping[str, Any]
 ) -> Mapping[str, Any]:
+    """The row with its key column(s) set from `key`; InvalidValue where the row holds
+    another key."""
     if type(row) is not dict and not isinstance(row, Mapping):
         raise InvalidValue(
             f"{spec.name}:{text}: the row is a {type(row).__name__}; pass a dict of column values"
         )
-    if spec.key not in row:
-        return {**row, spec.key: key}
-    if str(row[spec.key]) != text:
-        raise InvalidValue(
-            f"{spec.name}:{text}: row[{spec.key!r}] is {row[spec.key]!r}, not the key {text!r}"
-        )
-    return row
+    names = spec.key_columns
+    if len(names) == 1:
+        name = names[0]
+        if name not in row:
+            return {**row, name: key}
+        if str(row[name]) != text:
+            raise InvalidValue(
+                f"{spec.name}:{text}: row[{name!r}] is {row[name]!r}, not the key {text!r}"
+            )
+        return row
+    # Composite: key_text took `key` as a tuple of len(names) values.
+    parts = cast("tuple[str | int, ...]", key)
+    missing = {}
+    for name, part in zip(names, parts, strict=True):
+        if name not in row:
+            missing[name] = part
+        elif str(row[name]) != str(part):
+            raise InvalidValue(
+                f"{spec.name}:{text}: row[{name!r}] is {row[name]!r}, not {part!r} of the "
+                f"key ({spec.key_label})"
+            )
+    return {**row, **missing} if missing else row
 
 
 def _version_of(spec: EntitySettings, text: str, row: Mapping[str, Any]) -> str:

@@ -112,7 +112,7 @@ def build_unnest(
 ) -> UnnestUpsert | None:
     arrays = [_array_column(engine, table, name) for name in columns]
     cols = tuple(a for a in arrays if a is not None)
-    key, version = entity.key, entity.version_column
+    key, version = entity.key_columns[0], entity.version_column
     if len(cols) != len(columns) or key not in columns:
         return None
     q = {c.name: c.quoted for c in cols}
@@ -157,7 +157,7 @@ class VersionLookup:
 def build_lookup(engine: Engine, table: Table, entity: EntitySettings) -> VersionLookup | None:
     if entity.version_column is None:
         return None
-    for name in (entity.key, entity.version_column):
+    for name in (entity.key_columns[0], entity.version_column):
         col_type = table.c[name].type
         if not isinstance(col_type, sqltypes.Integer | sqltypes.String) or isinstance(
             col_type, sqltypes.Enum
@@ -165,7 +165,7 @@ def build_lookup(engine: Engine, table: Table, entity: EntitySettings) -> Versio
             return None
         if col_type.dialect_impl(engine.dialect).result_processor(engine.dialect, None):
             return None
-    key = _array_column(engine, table, entity.key)
+    key = _array_column(engine, table, entity.key_columns[0])
     if key is None or not key.cast:
         return None
     version = _quote(engine.dialect, entity.version_column)

@@ -137,7 +137,7 @@ class CopyMerge:
         found = self._merges.get(columns)
         if found is not None:
             return found
-        key, version = self.entity.key, self.entity.version_column
+        key, version = self.entity.key_columns[0], self.entity.version_column
         q = {c: _quote(self.engine, c) for c in columns}
         names = ", ".join(q[c] for c in columns)
         sql = f"INSERT INTO {self.target} ({names}) SELECT {names} FROM {self.stage}"
@@ -148,7 +148,7 @@ class CopyMerge:
     def _refused(self, columns: tuple[str, ...]) -> str:
         """The staged keys the merge's version guard refused: after the merge, a written
         row holds its staged version, a refused one another (the newer one)."""
-        key, version = self.entity.key, self.entity.version_column
+        key, version = self.entity.key_columns[0], self.entity.version_column
         assert version is not None
         k, v = _quote(self.engine, key), _quote(self.engine, version)
         return (

@@ -131,7 +131,13 @@ class SqlSink:
         self.entity = entity
         self.dialect = engine.dialect.name
         # PostgreSQL through psycopg: one array parameter per column (see ArrayColumn).
-        self._fast = self.dialect == "postgresql" and engine.dialect.driver == "psycopg"
+        # A composite key takes the generic statements (executemany), which match rows
+        # by the tuple of their key columns.
+        self._fast = (
+            self.dialect == "postgresql"
+            and engine.dialect.driver == "psycopg"
+            and not entity.composite
+        )
         self._reflect_again = reflect_again
         self._batch = 0  # apply() calls so far
         self._bind(reflected)
@@ -206,11 +212,14 @@ class SqlSink:
                 continue  # not a key of this table: the batch's row errors deal with it
         if not values:
             return set()
-        key_col = self.table.c[self.entity.key]
-        found = select(key_col).where(key_col.in_(list(values)))
+        key_of = self.reflected.key_of_row
+        found = select(*self.reflected.key_columns).where(
+            self.reflected.key_clause().in_(list(values))
+        )
         with self.engine.begin() as conn:
-            existing = set(conn.execute(found).scalars())
-            free = set(conn.execute(found.with_for_update(skip_locked=True)).scalars())
+            existing = {key_of(row) for row in conn.execute(found).mappings()}
+            locking = found.with_for_update(skip_locked=True)
+            free = {key_of(row) for row in conn.execute(locking).mappings()}
         return {values[v] for v in existing - free}
 
     def _apply(self, ops: Sequence[Op], fence: Fence) -> Outcome:
@@ -271,9 +280,10 @@ class SqlSink:
         spec = self.entity
         return (
             f"entities.{spec.name}.key",
-            f"table {spec.table!r} has no primary key or unique constraint on column "
-            f"{spec.key!r} ({first_line(exc)}): add one (ALTER TABLE {spec.table} ADD "
-            f"PRIMARY KEY ({spec.key}), or ADD UNIQUE ({spec.key})); the writes stay pending",
+            f"table {spec.table!r} has no primary key or unique constraint on "
+            f"({spec.key_label}) ({first_line(exc)}): add one (ALTER TABLE {spec.table} ADD "
+            f"PRIMARY KEY ({spec.key_label}), or ADD UNIQUE ({spec.key_label})); the writes "
+            "stay pending",
         )
 
     # -- the transaction ------------------------------------------------------
@@ -296,12 +306,13 @@ class SqlSink:
             stale = [op for key, op in versioned.items() if key in lost] if lost else []
             if not others or not versioned:
                 return stale
-            key_name = self.entity.key
+            key_of = self.reflected.key_of_row
             rest: dict[Any, Op] = {}
             for row in others:
-                write = versioned.get(row[key_name])
+                key = key_of(row)
+                write = versioned.get(key)
                 if write is not None:
-                    rest[row[key_name]] = write
+                    rest[key] = write
             return stale + self._outranked(conn, rest, fast)
 
     def _plan(self, ops: Sequence[Op]) -> _Plan:
@@ -309,7 +320,8 @@ class SqlSink:
         columns, its key converted once), each delete's key."""
         plan = _Plan()
         writes, versioned = plan.writes, plan.versioned
-        key_name, has_version = self.entity.key, self.entity.version_column is not None
+        names, has_version = self.entity.key_columns, self.entity.version_column is not None
+        key_name = names[0] if len(names) == 1 else None  # None: a composite key
         key_type = self.reflected.key_type  # None: every key converted by key_value
         int_key = key_type is int
         scan, checked, exact = _scan, self._checked, self._exact
@@ -336,11 +348,15 @@ class SqlSink:
                 columns = self._columns(row)
             if exact:
                 self._revive(row)
-            key = row[key_name]
-            # The row's own key (Cache.write puts it there) where it is the key text's
-            # one conversion already: an int spelled as the text is, or the text.
-            if key.__class__ is not key_type or (str(key) if int_key else key) != op.key:
-                key = row[key_name] = self._key_value(op)
+            if key_name is None:
+                key = self._key_value(op)
+                row.update(zip(names, key, strict=True))
+            else:
+                key = row[key_name]
+                # The row's own key (Cache.write puts it there) where it is the key
+                # text's one conversion already: an int spelled as the text is, or the text.
+                if key.__class__ is not key_type or (str(key) if int_key else key) != op.key:
+                    key = row[key_name] = self._key_value(op)
             writes[columns].append(row)
             if op.version is not None and has_version:
                 versioned[key] = op
@@ -400,9 +416,15 @@ class SqlSink:
         if found is None:
             found = self._mismatched(conn, versioned)
         if found is None:
-            key_col = self.table.c[self.entity.key]
-            version_col = self.table.c[self.entity.version_column]
-            found = conn.execute(select(key_col, version_col).where(key_col.in_(keys))).all()
+            reflected = self.reflected
+            version_col = self.table.c[self.entity.version_column].label("cw_version")
+            looked = select(*reflected.key_columns, version_col).where(
+                reflected.key_clause().in_(keys)
+            )
+            found = [
+                (reflected.key_of_row(row), row["cw_version"])
+                for row in conn.execute(looked).mappings()
+            ]
         stale = []
         for key, version in found:
             op = versioned.get(key)
@@ -421,13 +443,18 @@ class SqlSink:
         The driver there decodes each result row in Python, so fetching every row's
         version back cost more than the upsert; an outranked row is the rare one.
         None where this does not apply (the plain lookup then runs)."""
-        if self.dialect not in ("mysql", "mariadb") or self.entity.version_column is None:
+        if (
+            self.dialect not in ("mysql", "mariadb")
+            or self.entity.version_column is None
+            or self.entity.composite
+        ):
             return None
         for key, op in versioned.items():
             if key.__class__ is not int or op.version.__class__ is not int:
                 return None
         quote = self.engine.dialect.identifier_preparer
-        k, v = quote.quote(self.entity.key), quote.quote(self.entity.version_column)
+        k = quote.quote(self.entity.key_columns[0])
+        v = quote.quote(self.entity.version_column)
         table = quote.format_table(self.table)
         if "%" in k + v + table:  # the driver formats the statement with %
             return None
@@ -461,9 +488,10 @@ class SqlSink:
                 "again to be sure); fix the writer or add the column, then replay "
                 "the dead letter"
             )
-        if self.entity.key not in row:
+        missing = [c for c in self.entity.key_columns if c not in row]
+        if missing:
             raise _RowProblem(
-                f"the row has no {self.entity.key!r} (the key column); writers must "
+                f"the row has no {missing[0]!r} (a key column); writers must "
                 "include it, as Cache.write does"
             )
         names = tuple(row)
@@ -507,14 +535,23 @@ class SqlSink:
             raise _RowProblem(str(exc)) from None
 
     def _deletes(self, conn: Connection, keys: list[Any], versioned: list[dict[str, Any]]) -> None:
-        key_col = self.table.c[self.entity.key]
+        """Delete the rows of `keys`, and of each {"k": key, "v": version} whose row holds
+        that version or an older one."""
+        reflected = self.reflected
         if keys:
-            conn.execute(self.table.delete().where(key_col.in_(keys)))
+            conn.execute(self.table.delete().where(reflected.key_clause().in_(keys)))
         if versioned and self.entity.version_column is not None:
             version_col = self.table.c[self.entity.version_column]
-            stmt = self.table.delete().where(
-                and_(key_col == bindparam("k"), version_col <= bindparam("v"))
-            )
+            columns = reflected.key_columns
+            if len(columns) == 1:
+                match = columns[0] == bindparam("k")
+            else:  # one parameter per key column: k0, k1, ...
+                match = and_(*(c == bindparam(f"k{i}") for i, c in enumerate(columns)))
+                versioned = [
+                    {"v": d["v"]} | {f"k{i}": part for i, part in enumerate(d["k"])}
+                    for d in versioned
+                ]
+            stmt = self.table.delete().where(and_(match, version_col <= bindparam("v")))
             conn.execute(stmt, versioned)
 
     def _upsert(self, columns: tuple[str, ...]) -> Insert:
@@ -568,21 +605,21 @@ def _exact_columns(table: Table) -> dict[str, Callable[[str], Any]]:
 def _build_upsert(
     dialect: str, table: Table, columns: tuple[str, ...], entity: EntitySettings
 ) -> Insert:
-    key, version = entity.key, entity.version_column
-    updated = [c for c in columns if c != key]
+    keys, version = entity.key_columns, entity.version_column
+    updated = [c for c in columns if c not in keys]
     if dialect in ("postgresql", "sqlite"):
         from sqlalchemy.dialects.postgresql import insert as pg_insert
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
         stmt: Any = pg_insert(table) if dialect == "postgresql" else sqlite_insert(table)
         if not updated:
-            done: Insert = stmt.on_conflict_do_nothing(index_elements=[table.c[key]])
+            done: Insert = stmt.on_conflict_do_nothing(index_elements=[table.c[k] for k in keys])
             return done
         where = None
         if version is not None and version in columns:
             where = table.c[version] <= stmt.excluded[version]
         upsert: Insert = stmt.on_conflict_do_update(
-            index_elements=[table.c[key]],
+            index_elements=[table.c[k] for k in keys],
             set_={c: stmt.excluded[c] for c in updated},
             where=where,
         )
