@@ -323,46 +323,6 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
-# Redis bytes per pending write beyond its row's JSON: the stream entry's fields and
-# ids, the dirty-hash field, key names (measured: about 1.5 KB over a 1 KB row).
-PENDING_OVERHEAD_BYTES = 500
-ASSUMED_ROW_BYTES = 1024
-
-
-def buffer_need(settings: Settings, client: Any, keys: Keyspace) -> tuple[float, list[str]]:
-    """The bytes the entities' full write buffers need (max_pending x shards x a write's
-    size, sampled from cached entries, else assumed), and each entity's share in words."""
-    need, parts = 0.0, []
-    for spec in settings.entities.values():
-        entries = client.scan_iter(keys.entry_pattern(spec.name), count=100)
-        sizes = [int(client.strlen(k)) for _, k in zip(range(100), entries, strict=False)]
-        sizes = sizes or [ASSUMED_ROW_BYTES]
-        # A pending write holds its row twice (entry and stream entry).
-        per_write = 2 * sum(sizes) / len(sizes) + PENDING_OVERHEAD_BYTES
-        bound = spec.write_behind.max_pending * spec.write_behind.shards
-        need += bound * per_write
-        parts.append(f"{spec.name}: {bound:,} writes x ~{per_write / 1024:.1f} KB")
-    return need, parts
-
-
-def memory_fit(settings: Settings, client: Any, keys: Keyspace) -> list[str]:
-    """Warnings where the entities' max_pending bounds cannot fit in Redis's maxmemory
-    (less the write headroom). Row sizes are sampled from cached entries, else assumed."""
-    limit = int(client.info("memory").get("maxmemory", 0))
-    if limit == 0:
-        return ["Redis has no maxmemory: a full buffer grows until the host runs out of memory"]
-    room = limit * (1 - settings.redis.memory_headroom)
-    need, parts = buffer_need(settings, client, keys)
-    if need <= room:
-        return []
-    return [
-        f"the write buffers' bounds need about {need / 1048576:,.0f} MB ({'; '.join(parts)}), "
-        f"more than Redis's maxmemory {limit / 1048576:,.0f} MB less the write headroom "
-        f"({room / 1048576:,.0f} MB): writes would meet Backpressure for memory before "
-        "max_pending. Lower write_behind.max_pending or shards, or raise maxmemory"
-    ]
-
-
 def doctor(settings: Settings, args: argparse.Namespace) -> int:
     """Check what production needs; on each failure, say how to fix it. Exit 1 on any."""
     from cachewarden.doctor import run_checks
