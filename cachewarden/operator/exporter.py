@@ -27,7 +27,8 @@ from typing import Any
 
 import structlog
 
-from cachewarden import heartbeat, runtime
+from cachewarden import runtime
+from cachewarden.operator import heartbeat
 from cachewarden.settings import Settings
 
 log = structlog.get_logger("cachewarden.exporter")

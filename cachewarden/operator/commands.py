@@ -182,7 +182,7 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
 
 def probe(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when the workers here are live (or ready), 1 with the reason when not."""
-    from cachewarden import heartbeat
+    from cachewarden.operator import heartbeat
 
     directory = settings.monitoring.directory
     names = [args.node] if args.node else heartbeat.nodes(directory)
@@ -325,7 +325,7 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 
 def doctor(settings: Settings, args: argparse.Namespace) -> int:
     """Check what production needs; on each failure, say how to fix it. Exit 1 on any."""
-    from cachewarden.doctor import run_checks
+    from cachewarden.operator.doctor import run_checks
 
     client = redis_client(settings.redis)
     try:
@@ -383,7 +383,7 @@ def reshard(settings: Settings, args: argparse.Namespace) -> int:
 
 def scheduler(settings: Settings, args: argparse.Namespace) -> int:
     """Run the scheduler process until stopped (SIGHUP reads the config again)."""
-    from cachewarden.scheduler import run_scheduler
+    from cachewarden.operator.scheduler import run_scheduler
 
     run_scheduler(settings, args.config)
     return OK
