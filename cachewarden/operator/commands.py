@@ -222,7 +222,7 @@ def status_data(settings: Settings, client: Any) -> dict[str, Any]:
     jobs: list[dict[str, Any]] = []
     if settings.warming:
         from cachewarden.context import Context
-        from cachewarden.warming.verbs import job_rows
+        from cachewarden.operator.warm import job_rows
 
         context = Context(settings, client)
         try:
@@ -346,8 +346,8 @@ def doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 def flush(settings: Settings, args: argparse.Namespace) -> int:
     """Make every shard with pending writes due now, and wait until the buffer drains (the
-    shards of the count Redis records: see drain.py)."""
-    from cachewarden.writebehind.drain import drain
+    shards of the count Redis records: see operator/flush.py)."""
+    from cachewarden.operator.flush import drain
 
     names = [settings.entity(args.entity).name] if args.entity else list(settings.entities)
     with _redis(settings) as client:
@@ -391,19 +391,19 @@ def scheduler(settings: Settings, args: argparse.Namespace) -> int:
 
 def warm(settings: Settings, args: argparse.Namespace) -> int:
     """Run a warming job now and follow it to its end."""
-    from cachewarden.warming import verbs
+    from cachewarden.operator.warm import warm as follow
 
     job = settings.job(args.job)
     if args.timeout is None:
         args.timeout = job.timeout_ms / 1000 + 60
-    return verbs.warm(settings, args)
+    return follow(settings, args)
 
 
 def jobs(settings: Settings, args: argparse.Namespace) -> int:
     """List the warming jobs and their runs."""
-    from cachewarden.warming import verbs
+    from cachewarden.operator.warm import jobs as list_jobs
 
-    return verbs.jobs(settings, args)
+    return list_jobs(settings, args)
 
 
 def demo(settings: Settings, _args: argparse.Namespace) -> int:

@@ -264,7 +264,7 @@ class Demo:
         import argparse
         import io
 
-        from cachewarden.warming import verbs
+        from cachewarden.operator.warm import warm
 
         if not self.settings.warming:
             say(self.out, "demo: the config has no warming job; skipped")
@@ -274,7 +274,7 @@ class Demo:
         saved, sys.stderr = sys.stderr, err
         try:
             args = argparse.Namespace(job=job, inline=False, timeout=120.0)
-            code = verbs.warm(self.settings, args)
+            code = warm(self.settings, args)
         finally:
             sys.stderr = saved
         last = (err.getvalue().strip().splitlines() or ["no output"])[-1]
