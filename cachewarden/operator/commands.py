@@ -204,7 +204,7 @@ def probe(settings: Settings, args: argparse.Namespace) -> int:
 
 def status_data(settings: Settings, client: Any) -> dict[str, Any]:
     """What `status` shows, as data."""
-    from cachewarden.observe import entity_state, redis_now_ms, seen_workers
+    from cachewarden.operator.observe import entity_state, redis_now_ms, seen_workers
 
     now = redis_now_ms(client)
     entities = {

@@ -188,7 +188,7 @@ class RedisCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from cachewarden.connections import redis_client
-        from cachewarden.observe import entity_state
+        from cachewarden.operator.observe import entity_state
 
         if self._client is None:
             self._client = redis_client(self.settings.redis)
