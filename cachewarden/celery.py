@@ -73,7 +73,7 @@ def install(app: Celery, settings: Settings | None = None) -> None:
         as_worker()  # this process and its pool's: the worker's Redis timeouts
         # Prefork metrics and the runtime directory, before the pool forks (MonitorStep
         # serves them when [monitoring] port is set), as the standalone worker does.
-        from cachewarden import exporter
+        from cachewarden.operator import exporter
 
         try:
             exporter.prepare(settings)

@@ -1,7 +1,8 @@
 """What the core measures, told to whoever listens: the worker's Prometheus exporter.
 
 The library imports nothing to measure: with no listener, `emit` costs one empty
-loop. The worker installs its listener (`cachewarden.exporter`) at start. Events:
+loop. The worker installs its listener (`cachewarden.operator.exporter`) at
+start. Events:
 
     flush_batch_rows   entity          rows in one flush batch (a histogram)
     flush_rows         entity          rows a flush applied to the database

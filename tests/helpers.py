@@ -227,7 +227,7 @@ class SchedulerProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cachewarden.cli", "scheduler"],
+            [sys.executable, "-m", "cachewarden.operator.cli", "scheduler"],
             cwd=REPO,
             env=env,
             stdout=self._log,

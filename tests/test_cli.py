@@ -22,7 +22,7 @@ USER = {"table": "users", "key": "id", "ttl": "10m", "version_column": "version"
 
 def cachewarden(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run the console script and capture its output."""
-    argv = [sys.executable, "-m", "cachewarden.cli"]
+    argv = [sys.executable, "-m", "cachewarden.operator.cli"]
     if config is not None:
         argv += ["--config", str(config)]
     return subprocess.run([*argv, *args], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -256,7 +256,7 @@ def test_worker_command_becomes_celery_so_sigterm_is_a_warm_shutdown(pg_harness:
     h.configure({"user": USER})
     env = {**os.environ, "CACHEWARDEN_CONFIG": str(h.config_path)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachewarden.cli", "worker", "--concurrency", "1"],
+        [sys.executable, "-m", "cachewarden.operator.cli", "worker", "--concurrency", "1"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -271,7 +271,7 @@ def test_worker_command_becomes_celery_so_sigterm_is_a_warm_shutdown(pg_harness:
             if " ready." in line or 'ready."' in line:
                 break
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"celery" in cmdline and b"cachewarden.cli" not in cmdline
+        assert b"celery" in cmdline and b"cachewarden.operator.cli" not in cmdline
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=30)[0]
         assert proc.returncode == 0
@@ -325,7 +325,7 @@ def test_check_names_the_extra_of_a_missing_database_driver(pg_harness: Harness)
     """With psycopg not importable, `check` on a PostgreSQL config exits 2 with one line naming `pip install 'cachewarden[postgresql]'`, before it reports the config valid."""
     pg_harness.configure({"user": USER})
     code = (
-        "from cachewarden.cli import main\n"
+        "from cachewarden.operator.cli import main\n"
         f"sys.exit(main(['--config', {str(pg_harness.config_path)!r}, 'check']))"
     )
     result = _without("psycopg", code)

@@ -69,7 +69,7 @@ def test_scheduler_dispatches_when_workers_only_consume(pg_harness: Harness) -> 
     pg_harness.configure({"user": USER}, {"user": {"max_delay": "300ms"}})
     env = {**os.environ, "CACHEWARDEN_CONFIG": str(pg_harness.config_path)}
     scheduler = subprocess.Popen(
-        [sys.executable, "-m", "cachewarden.cli", "scheduler"],
+        [sys.executable, "-m", "cachewarden.operator.cli", "scheduler"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -170,7 +170,7 @@ def test_flower_lists_flush_refresh_and_warm_tasks_with_arguments_and_outcomes(
             [
                 sys.executable,
                 "-m",
-                "cachewarden.cli",
+                "cachewarden.operator.cli",
                 "--config",
                 str(h.config_path),
                 "warm",

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cachewarden.devrun import flower_credentials
-from cachewarden.embedded import EMBEDDED_ENV, server_binary
 from cachewarden.errors import UnsafePath
+from cachewarden.operator.devrun import flower_credentials
+from cachewarden.operator.embedded import EMBEDDED_ENV, server_binary
 from cachewarden.runtime import private_dir
 from tests.helpers import REPO, wait_for
 from tests.servers import free_port
@@ -61,7 +61,7 @@ def _check_flower(lines: list[str]) -> str:
 def _run(env: dict[str, str], while_up: Callable[[list[str]], object]) -> list[str]:
     """Run `cachewarden run` until its demo is done, call `while_up`, then SIGTERM it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachewarden.cli", "run"],
+        [sys.executable, "-m", "cachewarden.operator.cli", "run"],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

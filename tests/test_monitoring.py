@@ -48,7 +48,7 @@ def scrape(port: int) -> dict[str, float]:
 
 def cli(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cachewarden.cli", "--config", str(h.config_path), *args],
+        [sys.executable, "-m", "cachewarden.operator.cli", "--config", str(h.config_path), *args],
         cwd=REPO,
         capture_output=True,
         text=True,

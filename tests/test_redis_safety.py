@@ -75,7 +75,7 @@ def test_check_reports_the_eviction_policy(
     pg_harness.create_table("users", version=False)
     config = _config(pg_harness, evicting_redis)
     result = subprocess.run(
-        [sys.executable, "-m", "cachewarden.cli", "--config", str(config), "check"],
+        [sys.executable, "-m", "cachewarden.operator.cli", "--config", str(config), "check"],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from cachewarden import exporter, heartbeat
 from cachewarden.errors import UnsafePath
+from cachewarden.operator import exporter, heartbeat
 from cachewarden.settings import load_settings
 from tests.conftest import Harness
 from tests.helpers import REPO, render_config, wait_for
@@ -92,7 +92,14 @@ def test_a_redis_password_shows_in_no_log_status_check_doctor_or_metric(
         outputs = {}
         for verb in (["status"], ["status", "--json"], ["check"], ["doctor"], ["doctor", "--json"]):
             done = subprocess.run(
-                [sys.executable, "-m", "cachewarden.cli", "--config", str(h.config_path), *verb],
+                [
+                    sys.executable,
+                    "-m",
+                    "cachewarden.operator.cli",
+                    "--config",
+                    str(h.config_path),
+                    *verb,
+                ],
                 cwd=REPO,
                 capture_output=True,
                 text=True,
@@ -123,7 +130,14 @@ def test_an_acl_user_works_for_the_cache_and_the_broker(pg_harness: Harness) -> 
         wrong = server.url.replace("acl-pw", "wrong")
         h.configure({"user": USER}, redis_url=wrong)
         done = subprocess.run(
-            [sys.executable, "-m", "cachewarden.cli", "--config", str(h.config_path), "status"],
+            [
+                sys.executable,
+                "-m",
+                "cachewarden.operator.cli",
+                "--config",
+                str(h.config_path),
+                "status",
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,

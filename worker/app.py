@@ -82,7 +82,7 @@ def _check_redis(**_: Any) -> None:
     as_worker()  # this process and its pool's: the worker's Redis timeouts
     configure_logging()
     # Prefork metrics: before prometheus-client is imported and before the pool forks.
-    from cachewarden import exporter
+    from cachewarden.operator import exporter
 
     try:
         exporter.prepare(settings)  # the runtime directory: private, or refused
@@ -107,7 +107,7 @@ def _check_redis(**_: Any) -> None:
 @signals.worker_process_shutdown.connect
 def _process_gone(pid: int | None = None, **_: Any) -> None:
     """A pool process ends: its live gauges leave the metrics (its counters stay)."""
-    from cachewarden.exporter import process_exited
+    from cachewarden.operator.exporter import process_exited
 
     process_exited(pid or os.getpid())
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 from celery import Celery, bootsteps
 
-from cachewarden import heartbeat
 from cachewarden.context import Context, current
+from cachewarden.operator import heartbeat
 from cachewarden.readpath.refresh import REFRESH_TASK
 from cachewarden.readpath.sweep import run_refresh_ahead
 from cachewarden.writebehind.dispatch import FLUSH_TASK, run_dispatcher
@@ -131,7 +131,7 @@ class MonitorStep(bootsteps.StartStopStep):
         self.server: Any = None
 
     def start(self, parent: Any) -> None:
-        from cachewarden.exporter import serve
+        from cachewarden.operator.exporter import serve
 
         self.server = serve(current().settings, str(parent.hostname))
 

@@ -109,7 +109,7 @@ def warm_command(config: Path) -> float:
     env = {**os.environ, "CACHEWARDEN_CONFIG": str(config)}
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "cachewarden.cli", "warm", "all"],
+        [sys.executable, "-m", "cachewarden.operator.cli", "warm", "all"],
         cwd=REPO,
         env=env,
         capture_output=True,

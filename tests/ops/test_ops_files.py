@@ -25,7 +25,7 @@ def served_metrics() -> set[str]:
     """Every sample name the exporter can serve: its meters and its Redis-read families."""
     from prometheus_client import CollectorRegistry
 
-    from cachewarden import exporter
+    from cachewarden.operator import exporter
 
     meters = exporter.Meters(CollectorRegistry())
     names: set[str] = set()

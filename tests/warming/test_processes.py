@@ -262,7 +262,15 @@ def test_a_failing_job_shows_its_error_everywhere_and_the_healthy_one_keeps_its_
         flower.stop()
     assert "no_such_table" in worker.output() and "warm_run_failed" in worker.output()
     out = subprocess.run(
-        [sys.executable, "-m", "cachewarden.cli", "--config", str(h.config_path), "jobs", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "cachewarden.operator.cli",
+            "--config",
+            str(h.config_path),
+            "jobs",
+            "--json",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -285,7 +293,7 @@ def test_warm_from_the_command_line_caches_100k_rows(harness: Harness) -> None:
     h.worker(concurrency=2)
     env = {**os.environ, "CACHEWARDEN_CONFIG": str(h.config_path)}
     done = subprocess.run(
-        [sys.executable, "-m", "cachewarden.cli", "warm", "all"],
+        [sys.executable, "-m", "cachewarden.operator.cli", "warm", "all"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -14,7 +14,7 @@ import redis
 
 from cachewarden.context import Context
 from cachewarden.errors import ConfigError
-from cachewarden.scheduler import SchedulerProcess
+from cachewarden.operator.scheduler import SchedulerProcess
 from cachewarden.settings import Settings, load_settings
 from cachewarden.warming.schedule import Firer, check_jobs, latest_slot, next_slot, trigger_for
 from tests.conftest import Harness

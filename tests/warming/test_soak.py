@@ -34,7 +34,7 @@ def _million(h: Harness) -> None:
 def _warm(config: Path, job: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "CACHEWARDEN_CONFIG": str(config)}
     return subprocess.run(
-        [sys.executable, "-m", "cachewarden.cli", "warm", job],
+        [sys.executable, "-m", "cachewarden.operator.cli", "warm", job],
         cwd=REPO,
         env=env,
         capture_output=True,

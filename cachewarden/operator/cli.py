@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     if args.command in WORKER_VERBS:
         as_worker()  # the worker's Redis timeouts: these do the workers' work
-    from cachewarden import commands
+    from cachewarden.operator import commands
 
     handlers: dict[str, Command] = {
         "check": commands.check,
@@ -203,7 +203,7 @@ def _celery(settings: Settings, config: str | None, argv: list[str], replace: bo
 
 def _run(settings: Settings, config: str | None, no_embedded: bool, demo: bool) -> int:
     """Everything on this machine, with the embedded Redis if none answers, and a demo."""
-    from cachewarden.devrun import run
+    from cachewarden.operator.devrun import run
 
     return run(settings, config, no_embedded, demo, sys.stdout)
 

@@ -1,7 +1,7 @@
 """`cachewarden run`: the whole thing on one machine, for trying it out, with a live demo.
 
 It uses the configured Redis when it answers, and otherwise starts an embedded one
-(cachewarden.embedded); it creates the demo tables, starts a worker, a scheduler
+(`embedded`, beside it); it creates the demo tables, starts a worker, a scheduler
 and Flower (with credentials made once and kept), then shows, live: writes
 reaching the database, a refresh reloading a row the database changed behind
 the cache, and a warm run. Its state (the embedded Redis's AOF, Flower's
@@ -110,7 +110,7 @@ def _wait(predicate: Callable[[], Any], timeout_s: float, what: str, procs: Proc
 
 def run(settings: Settings, config: str | None, no_embedded: bool, demo: bool, out: TextIO) -> int:
     """Bring everything up, run the demo, then wait for Ctrl-C or SIGTERM."""
-    from cachewarden.embedded import redis_answers, start_embedded_redis
+    from cachewarden.operator.embedded import redis_answers, start_embedded_redis
 
     directory = runtime_dir()
     stop = threading.Event()
@@ -138,7 +138,7 @@ def run(settings: Settings, config: str | None, no_embedded: bool, demo: bool, o
         worker_log = procs.start(
             "worker", ["-m", "celery", "-A", "cachewarden.worker", "worker", "--loglevel", "INFO"]
         )
-        procs.start("scheduler", ["-m", "cachewarden.cli", "scheduler"])
+        procs.start("scheduler", ["-m", "cachewarden.operator.cli", "scheduler"])
         procs.start(
             "flower",
             ["-m", "celery", "-A", "cachewarden.worker", "flower", f"--port={port}"],
@@ -172,7 +172,7 @@ def say(out: TextIO, text: str) -> None:
 def _create_tables(settings: Settings) -> None:
     import argparse
 
-    from cachewarden.commands import demo
+    from cachewarden.operator.commands import demo
 
     with open(os.devnull, "w") as quiet:
         saved, sys.stdout = sys.stdout, quiet
@@ -266,7 +266,7 @@ class Demo:
         import argparse
         import io
 
-        from cachewarden.warming import verbs
+        from cachewarden.operator.warm import warm
 
         if not self.settings.warming:
             say(self.out, "demo: the config has no warming job; skipped")
@@ -276,7 +276,7 @@ class Demo:
         saved, sys.stderr = sys.stderr, err
         try:
             args = argparse.Namespace(job=job, inline=False, timeout=120.0)
-            code = verbs.warm(self.settings, args)
+            code = warm(self.settings, args)
         finally:
             sys.stderr = saved
         last = (err.getvalue().strip().splitlines() or ["no output"])[-1]

@@ -5,10 +5,10 @@ the workers' dispatchers send its flush without waiting for `max_delay`; the
 drain waits until the streams are empty, saying every few seconds how many
 writes are left, and why it may be stuck when none moved for a while.
 
-The shards are those of the count Redis records (shardcount.py), not the
-config's: a reshard to more shards leaves writes on shard numbers a config that
-was not changed lacks, and they are drained too. The record is read again with
-the streams' lengths on every look, in one transaction, so a reshard that
+The shards are those of the count Redis records (writebehind/shardcount.py), not
+the config's: a reshard to more shards leaves writes on shard numbers a config
+that was not changed lacks, and they are drained too. The record is read again
+with the streams' lengths on every look, in one transaction, so a reshard that
 finishes meanwhile is followed and the drain never ends while a shard of the
 count in force holds a write.
 """

@@ -24,6 +24,7 @@ from cachewarden.dberrors import first_line
 from cachewarden.errors import CachewardenError, ConfigError
 from cachewarden.keys import Keyspace
 from cachewarden.settings import EntitySettings, Settings, masked_url
+from cachewarden.writebehind.memory import buffer_need, memory_fit
 
 MIN_REDIS = (7, 0)
 
@@ -102,8 +103,6 @@ def _eviction(client: Redis) -> Finding:
 
 
 def _memory(settings: Settings, client: Redis, keys: Keyspace) -> Finding:
-    from cachewarden.commands import buffer_need, memory_fit
-
     warnings = memory_fit(settings, client, keys)
     limit = int(client.info("memory").get("maxmemory", 0))
     detail = f"maxmemory {limit / 1048576:,.0f} MB" if limit else "no maxmemory"

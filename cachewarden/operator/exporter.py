@@ -27,7 +27,8 @@ from typing import Any
 
 import structlog
 
-from cachewarden import heartbeat, runtime
+from cachewarden import runtime
+from cachewarden.operator import heartbeat
 from cachewarden.settings import Settings
 
 log = structlog.get_logger("cachewarden.exporter")
@@ -187,7 +188,7 @@ class RedisCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from cachewarden.connections import redis_client
-        from cachewarden.observe import entity_state
+        from cachewarden.operator.observe import entity_state
 
         if self._client is None:
             self._client = redis_client(self.settings.redis)

@@ -182,7 +182,7 @@ def stats(settings: Settings, args: argparse.Namespace) -> int:
 
 def probe(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when the workers here are live (or ready), 1 with the reason when not."""
-    from cachewarden import heartbeat
+    from cachewarden.operator import heartbeat
 
     directory = settings.monitoring.directory
     names = [args.node] if args.node else heartbeat.nodes(directory)
@@ -204,7 +204,7 @@ def probe(settings: Settings, args: argparse.Namespace) -> int:
 
 def status_data(settings: Settings, client: Any) -> dict[str, Any]:
     """What `status` shows, as data."""
-    from cachewarden.observe import entity_state, redis_now_ms, seen_workers
+    from cachewarden.operator.observe import entity_state, redis_now_ms, seen_workers
 
     now = redis_now_ms(client)
     entities = {
@@ -222,7 +222,7 @@ def status_data(settings: Settings, client: Any) -> dict[str, Any]:
     jobs: list[dict[str, Any]] = []
     if settings.warming:
         from cachewarden.context import Context
-        from cachewarden.warming.verbs import job_rows
+        from cachewarden.operator.warm import job_rows
 
         context = Context(settings, client)
         try:
@@ -323,49 +323,9 @@ def dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
-# Redis bytes per pending write beyond its row's JSON: the stream entry's fields and
-# ids, the dirty-hash field, key names (measured: about 1.5 KB over a 1 KB row).
-PENDING_OVERHEAD_BYTES = 500
-ASSUMED_ROW_BYTES = 1024
-
-
-def buffer_need(settings: Settings, client: Any, keys: Keyspace) -> tuple[float, list[str]]:
-    """The bytes the entities' full write buffers need (max_pending x shards x a write's
-    size, sampled from cached entries, else assumed), and each entity's share in words."""
-    need, parts = 0.0, []
-    for spec in settings.entities.values():
-        entries = client.scan_iter(keys.entry_pattern(spec.name), count=100)
-        sizes = [int(client.strlen(k)) for _, k in zip(range(100), entries, strict=False)]
-        sizes = sizes or [ASSUMED_ROW_BYTES]
-        # A pending write holds its row twice (entry and stream entry).
-        per_write = 2 * sum(sizes) / len(sizes) + PENDING_OVERHEAD_BYTES
-        bound = spec.write_behind.max_pending * spec.write_behind.shards
-        need += bound * per_write
-        parts.append(f"{spec.name}: {bound:,} writes x ~{per_write / 1024:.1f} KB")
-    return need, parts
-
-
-def memory_fit(settings: Settings, client: Any, keys: Keyspace) -> list[str]:
-    """Warnings where the entities' max_pending bounds cannot fit in Redis's maxmemory
-    (less the write headroom). Row sizes are sampled from cached entries, else assumed."""
-    limit = int(client.info("memory").get("maxmemory", 0))
-    if limit == 0:
-        return ["Redis has no maxmemory: a full buffer grows until the host runs out of memory"]
-    room = limit * (1 - settings.redis.memory_headroom)
-    need, parts = buffer_need(settings, client, keys)
-    if need <= room:
-        return []
-    return [
-        f"the write buffers' bounds need about {need / 1048576:,.0f} MB ({'; '.join(parts)}), "
-        f"more than Redis's maxmemory {limit / 1048576:,.0f} MB less the write headroom "
-        f"({room / 1048576:,.0f} MB): writes would meet Backpressure for memory before "
-        "max_pending. Lower write_behind.max_pending or shards, or raise maxmemory"
-    ]
-
-
 def doctor(settings: Settings, args: argparse.Namespace) -> int:
     """Check what production needs; on each failure, say how to fix it. Exit 1 on any."""
-    from cachewarden.doctor import run_checks
+    from cachewarden.operator.doctor import run_checks
 
     client = redis_client(settings.redis)
     try:
@@ -386,8 +346,8 @@ def doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 def flush(settings: Settings, args: argparse.Namespace) -> int:
     """Make every shard with pending writes due now, and wait until the buffer drains (the
-    shards of the count Redis records: see drain.py)."""
-    from cachewarden.writebehind.drain import drain
+    shards of the count Redis records: see operator/flush.py)."""
+    from cachewarden.operator.flush import drain
 
     names = [settings.entity(args.entity).name] if args.entity else list(settings.entities)
     with _redis(settings) as client:
@@ -423,7 +383,7 @@ def reshard(settings: Settings, args: argparse.Namespace) -> int:
 
 def scheduler(settings: Settings, args: argparse.Namespace) -> int:
     """Run the scheduler process until stopped (SIGHUP reads the config again)."""
-    from cachewarden.scheduler import run_scheduler
+    from cachewarden.operator.scheduler import run_scheduler
 
     run_scheduler(settings, args.config)
     return OK
@@ -431,19 +391,19 @@ def scheduler(settings: Settings, args: argparse.Namespace) -> int:
 
 def warm(settings: Settings, args: argparse.Namespace) -> int:
     """Run a warming job now and follow it to its end."""
-    from cachewarden.warming import verbs
+    from cachewarden.operator.warm import warm as follow
 
     job = settings.job(args.job)
     if args.timeout is None:
         args.timeout = job.timeout_ms / 1000 + 60
-    return verbs.warm(settings, args)
+    return follow(settings, args)
 
 
 def jobs(settings: Settings, args: argparse.Namespace) -> int:
     """List the warming jobs and their runs."""
-    from cachewarden.warming import verbs
+    from cachewarden.operator.warm import jobs as list_jobs
 
-    return verbs.jobs(settings, args)
+    return list_jobs(settings, args)
 
 
 def demo(settings: Settings, _args: argparse.Namespace) -> int:
