@@ -18,8 +18,17 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from cachewarden.codec import Key
+from cachewarden.connections import check_durability
 from cachewarden.context import Context
-from cachewarden.errors import Backpressure, ConfigError, InvalidKey, InvalidValue, Outranked
+from cachewarden.errors import (
+    BackendUnavailable,
+    Backpressure,
+    ConfigError,
+    DurabilityUnconfirmed,
+    InvalidKey,
+    InvalidValue,
+    Outranked,
+)
 from cachewarden.keys import Keyspace
 from cachewarden.readpath.reader import ReadThrough
 from cachewarden.scripts.writebehind import Pending
@@ -74,6 +83,7 @@ class Cache:
                 raise
             self._reader.warm()
             self._check_shards()
+            self._check_durability()
 
     def _check_shards(self) -> None:
         """Record each entity's configured shard count where Redis records none, and log a
@@ -83,6 +93,17 @@ class Cache:
         try:
             check_shards(self.context)
         except RedisError:
+            pass
+        except ConfigError:
+            self.close()
+            raise
+
+    def _check_durability(self) -> None:
+        """Refuse (ConfigError naming the fix) a durability this Redis cannot give; with
+        Redis down nothing is checked here (the first write raises)."""
+        try:
+            check_durability(self.redis, self.settings)
+        except BackendUnavailable:
             pass
         except ConfigError:
             self.close()
@@ -150,15 +171,19 @@ class Cache:
     def write(self, entity: str, key: Key, row: Row) -> str:
         """Cache `row` under `key` and buffer its upsert; return the stream id.
 
-        Returns once both are in Redis. Raises UnknownEntity, InvalidKey or
-        InvalidValue before anything is sent, Backpressure when the shard is full,
-        and Outranked (nothing taken) when the row's version is no higher than a
-        delete of the key within `tombstone_ttl`.
+        Returns once both are in Redis, and kept as the entity's `durability` says
+        (durability.py). Raises UnknownEntity, InvalidKey or InvalidValue before
+        anything is sent, Backpressure when the shard is full, Outranked (nothing
+        taken) when the row's version is no higher than a delete of the key within
+        `tombstone_ttl`, and DurabilityUnconfirmed when the write was taken but its
+        durability not confirmed in time (a retry is safe).
         """
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
         columns = self.context.columns(entity)
-        return _one(enqueue(scripts, [write_op(scripts.spec, key, row, text, columns)]))
+        taken = _one(enqueue(scripts, [write_op(scripts.spec, key, row, text, columns)]))
+        self.context.confirm(scripts.spec)
+        return taken
 
     def delete(self, entity: str, key: Key, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete; return the stream id.
@@ -168,7 +193,9 @@ class Cache:
         as `write` does)."""
         scripts = write_scripts(self.context, entity)
         text = self.context.key_text(entity, key)
-        return _one(enqueue(scripts, [delete_op(scripts.spec, key, version, text)]))
+        taken = _one(enqueue(scripts, [delete_op(scripts.spec, key, version, text)]))
+        self.context.confirm(scripts.spec)
+        return taken
 
     def write_many(
         self, entity: str, rows: Mapping[Key, Row] | Iterable[tuple[Key, Row]]
@@ -193,7 +220,7 @@ class Cache:
             except (InvalidKey, InvalidValue) as exc:
                 result.refused[str(key)] = exc
         enqueue_many(scripts, ops, result)
-        return result
+        return self._confirmed(scripts.spec, result)
 
     def delete_many(
         self,
@@ -216,6 +243,16 @@ class Cache:
             except (InvalidKey, InvalidValue) as exc:
                 result.refused[str(key)] = exc
         enqueue_many(scripts, ops, result)
+        return self._confirmed(scripts.spec, result)
+
+    def _confirmed(self, spec: EntitySettings, result: BatchResult) -> BatchResult:
+        """`result`, once the durability of its taken writes is confirmed (one
+        confirmation per batch); DurabilityUnconfirmed carries it otherwise."""
+        if result.taken:
+            try:
+                self.context.confirm(spec)
+            except DurabilityUnconfirmed as exc:
+                raise DurabilityUnconfirmed(str(exc), result) from exc
         return result
 
 

@@ -12,8 +12,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cachewarden.errors import BackendUnavailable, UnsafeRedis
-from cachewarden.settings import RedisSettings
+from cachewarden.durability import FSYNC
+from cachewarden.errors import BackendUnavailable, ConfigError, UnsafeRedis
+from cachewarden.settings import RedisSettings, Settings
 
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
@@ -31,7 +32,7 @@ def as_worker() -> None:
     _worker = True
 
 
-def redis_client(settings: RedisSettings, worker: bool | None = None) -> Redis:
+def redis_client(settings: RedisSettings, worker: bool | None = None, wait_ms: int = 0) -> Redis:
     """A client for `settings.url` returning str values, on a blocking pool.
 
     Past MAX_CONNECTIONS busy connections a caller waits (up to POOL_TIMEOUT_S)
@@ -40,8 +41,11 @@ def redis_client(settings: RedisSettings, worker: bool | None = None) -> Redis:
     timeout for Redis to answer (`[redis] socket_timeout`, 1 s in an application;
     `worker_socket_timeout`, 30 s, in a worker's processes), so a Redis that accepts
     connections and never answers costs a request about a second, not thirty.
+    `wait_ms`: the calls wait that much longer (a durability confirmation's WAIT).
     """
     options = pool_options(settings, _worker if worker is None else worker)
+    if wait_ms:  # a client whose calls block on the server (WAIT) that long, and more
+        options["socket_timeout"] = (options["socket_timeout"] or 0) + wait_ms / 1000
     return Redis(connection_pool=BlockingConnectionPool.from_url(settings.url, **options))
 
 
@@ -88,3 +92,38 @@ def check_redis_safety(client: Redis, settings: RedisSettings) -> list[str]:
     if problems and settings.unsafe_policy == "refuse":
         raise UnsafeRedis(problems[0] + ' (or set [redis] unsafe_policy = "warn" to run anyway)')
     return problems + warnings
+
+
+def check_durability(client: Redis, settings: Settings) -> None:
+    """Refuse a durability the server cannot give: "fsync" (for [redis] or any entity)
+    needs WAITAOF (Redis 7.2 or later, or Valkey) and `appendonly yes`. Raises
+    ConfigError naming the fix; BackendUnavailable when Redis cannot be asked."""
+    wanting = ["redis.durability"] if settings.redis.durability == FSYNC else []
+    entities = settings.entities.values()
+    wanting += [f"entities.{e.name}.durability" for e in entities if e.durability == FSYNC]
+    if not wanting:
+        return
+    try:
+        info = client.info("server")
+        persistence = client.info("persistence")
+    except REDIS_DOWN as exc:
+        raise BackendUnavailable(f"Redis at {settings.redis.shown} is unreachable: {exc}") from None
+    version = str(info.get("valkey_version") or info.get("redis_version", "0"))
+    server = "Valkey" if info.get("valkey_version") else "Redis"
+    # WAITAOF came with Redis 7.2, which every Valkey (forked from 7.2.4) has.
+    numbers = [int(n) if n.isdigit() else 0 for n in version.split(".")[:2]]
+    if server == "Redis" and tuple(numbers) < (7, 2):
+        raise ConfigError(
+            settings.source,
+            wanting[0],
+            f'"fsync" needs WAITAOF, which {server} {version} at {settings.redis.shown} lacks: '
+            'run Redis 7.2 or later (or Valkey), or choose durability "primary" or "replicas"',
+        )
+    if not persistence.get("aof_enabled"):
+        raise ConfigError(
+            settings.source,
+            wanting[0],
+            f'"fsync" needs the append-only file, which is off at {settings.redis.shown}: set '
+            '"appendonly yes" in its redis.conf (CONFIG SET appendonly yes), or choose '
+            'durability "primary" or "replicas"',
+        )

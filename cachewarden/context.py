@@ -21,7 +21,13 @@ from sqlalchemy import Engine
 from cachewarden.codec import Key, key_text
 from cachewarden.connections import redis_client
 from cachewarden.database import make_engine
-from cachewarden.errors import CachewardenError, ConfigError
+from cachewarden.durability import REPLICAS, Confirmations, Durability
+from cachewarden.errors import (
+    BackendUnavailable,
+    CachewardenError,
+    ConfigError,
+    DurabilityUnconfirmed,
+)
 from cachewarden.keys import Keyspace
 from cachewarden.scripts import Registry
 from cachewarden.settings import EntitySettings, Settings, load_settings
@@ -53,6 +59,7 @@ class Context:
         self._lock = threading.RLock()
         self._tables: dict[str, EntityTable] = {}
         self._shared: dict[tuple[str, str], Any] = {}
+        self._confirmations: Confirmations | None = None
 
     @classmethod
     def build(cls, settings: Settings) -> Context:
@@ -136,6 +143,39 @@ class Context:
             except CachewardenError as exc:
                 log.warning("reflect_deferred", entity=name, error=str(exc))
 
+    def confirm(self, spec: EntitySettings) -> None:
+        """Return once this process's taken writes are kept as the entity's durability
+        says (durability.py: group commit); DurabilityUnconfirmed when they are not."""
+        self._confirm(self.settings.durability_of(spec))
+
+    def replicate(self, what: str) -> None:
+        """Return once `what` (a lock with its fencing token, a due time's claim, a run
+        number: coordination state just written) is held by `[redis] replicas` replicas,
+        whatever the write durability, so a failover cannot take it back; raise
+        BackendUnavailable (the caller does not act on it, and retries) when it is not."""
+        redis = self.settings.redis
+        if redis.replicas <= 0:
+            return
+        level = Durability(REPLICAS, redis.replicas, redis.durability_timeout_ms)
+        try:
+            self._confirm(level)
+        except DurabilityUnconfirmed as exc:
+            raise BackendUnavailable(
+                f"{what}: not confirmed by {level.replicas} replica(s) within "
+                f"{level.timeout_ms} ms ([redis] replicas), so not acted on: a failover "
+                f"could take it back ({exc.__cause__ or exc})"
+            ) from exc
+
+    def _confirm(self, durability: Durability) -> None:
+        if not durability.waits:
+            return
+        if self._confirmations is None:
+            with self._lock:
+                if self._confirmations is None:
+                    client = redis_client(self.settings.redis, wait_ms=durability.timeout_ms)
+                    self._confirmations = Confirmations(client, self.keys.confirm_marker())
+        self._confirmations.confirm(durability)
+
     def shared(self, kind: str, entity: str, build: Callable[[], T]) -> T:
         """The `kind` object of `entity`, built once per context by `build()`."""
         key = (kind, entity)
@@ -152,6 +192,8 @@ class Context:
     def close(self) -> None:
         """Release connections (of a Redis client handed in, only its own connection)."""
         self.lua.close()
+        if self._confirmations is not None:
+            self._confirmations.close()
         self.redis.close()
         if self._owns_redis:
             self.redis.connection_pool.disconnect()

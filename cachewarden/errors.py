@@ -46,6 +46,21 @@ class Backpressure(CachewardenError):
     """A write buffer shard is full; the write was not taken. Retry later or scale flushers."""
 
 
+class DurabilityUnconfirmed(CachewardenError):
+    """A write was taken and buffered, but its durability was not confirmed in time.
+
+    Raised under `durability = "fsync"` or `"replicas"` when WAITAOF or WAIT did not
+    confirm the write within `durability_timeout` (or Redis stopped answering while
+    it was asked). The write will be flushed unless a crash or a failover loses it;
+    retrying it is safe: the flush is an idempotent upsert (with a version column a
+    retry is harmless, without one the last write still wins). `result` holds a batch
+    call's per-key outcomes (write_many, delete_many), else None."""
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class Outranked(CachewardenError):
     """A versioned write or delete was not taken: a newer delete of its key outranks it."""
 

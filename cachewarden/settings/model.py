@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
+from cachewarden.durability import Durability
 from cachewarden.durations import format_duration
 from cachewarden.errors import UnknownEntity, UnknownJob
 
@@ -53,6 +54,20 @@ class RedisSettings:
     connect_timeout_ms: int = 1000
     worker_socket_timeout_ms: int = 30_000
     worker_connect_timeout_ms: int = 5_000
+    # Redis Sentinel: the sentinels' (host, port) and the service (master) name; empty:
+    # `url` names the server itself. With sentinels, `url` still gives the database
+    # number, user and password of the data nodes (its host is not used);
+    # `sentinel_password` is the sentinels' own (requirepass in sentinel.conf).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
+    sentinel_password: str = ""
+    # When write() and delete() return (durability.py): "primary", "fsync" or
+    # "replicas"; `replicas` is how many replicas "replicas" waits for, and how many
+    # coordination state (locks, fencing tokens, due-time claims, run numbers) waits
+    # for whatever the durability (0: none); both wait up to durability_timeout_ms.
+    durability: str = "primary"
+    replicas: int = 0
+    durability_timeout_ms: int = 1_000
 
     def timeouts_s(self, worker: bool) -> tuple[float, float]:
         """(socket, connect) timeouts in seconds for an application or a worker process."""
@@ -72,7 +87,11 @@ class RedisSettings:
 
     @property
     def shown(self) -> str:
-        """The URL as any message shows it: the password masked."""
+        """Where Redis is, as any message shows it: the URL with its password masked, or
+        the Sentinel service and its sentinels."""
+        if self.sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"Sentinel service {self.service!r} via {where}"
         return masked_url(self.url)
 
 
@@ -143,6 +162,8 @@ class EntitySettings:
     negative_ttl_ms: int = 60_000
     stale_ttl_ms: int = 0
     loader: str | None = None
+    # This entity's own durability ("primary", "fsync", "replicas"); None: [redis]'s.
+    durability: str | None = None
     lock_timeout_ms: int = 5_000
     wait_timeout_ms: int = 10_000
     refresh_batch_size: int = 1000
@@ -225,6 +246,12 @@ class Settings:
     def broker_url(self) -> str:
         """The Celery broker: `[celery] broker_url`, or else the Redis URL."""
         return self.celery.broker_url or self.redis.url
+
+    def durability_of(self, spec: EntitySettings) -> Durability:
+        """When a write of `spec` returns: its own durability, or else [redis]'s."""
+        redis = self.redis
+        mode = spec.durability or redis.durability
+        return Durability(mode, redis.replicas, redis.durability_timeout_ms)
 
     def entity(self, name: str) -> EntitySettings:
         """The settings of entity `name`, or UnknownEntity naming the defined ones."""

@@ -162,6 +162,7 @@ def start_run(
     log.info("warm_run_started", job=name, run=run, slot_ms=slot_ms)
     with keeper(context).hold(job, run):
         try:
+            context.replicate(f"warming job {name!r}: run number {run}")
             first = _first_chunk(context, job, run)
             if first.state != "running":
                 return {"job": name, "run": run, "state": first.state}

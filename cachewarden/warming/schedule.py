@@ -156,6 +156,7 @@ class Firer:
             log.warning("warm_slot_missed", job=job.name, slot=slot.isoformat())
             return True
         try:
+            self.context.replicate(f"warming job {job.name!r}: the claim of {slot.isoformat()}")
             self.send(job.name, slot_ms)
         except Exception as exc:  # the broker, whatever its client raises: give it back
             self._give_back(job, slot, exc)

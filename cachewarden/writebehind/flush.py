@@ -140,6 +140,7 @@ class ShardFlusher:
             return result
         hold_ms = 0
         try:
+            self.context.replicate(f"{self.spec.name}:{self.shard}: the flush lock's token")
             fence = self._fence(token)
             sink = sink_for(self.context, self.spec.name)
             self._drain(sink, fence, result, time.monotonic() + budget_ms / 1000)
