@@ -132,3 +132,40 @@ def test_a_redis_process_kill_loses_no_acknowledged_write(
         server.start()
         h.configure_from_file()
         assert h.buffered() == 3000
+
+
+def test_asyncio_writers_share_confirmations_and_see_unconfirmed_writes(
+    pg_harness: Harness, valkey: PrivateRedis
+) -> None:
+    """AsyncCache under "fsync": 40 concurrent write() coroutines all return after WAITAOFs they share (fewer calls than writes); under "replicas" with no replica, write() raises DurabilityUnconfirmed and the write is buffered."""
+    import asyncio
+
+    from cachewarden.aio import AsyncCache
+
+    h = pg_harness
+    _setup(h, valkey.url, durability="fsync")
+    assert h.settings is not None
+    settings = h.settings
+
+    async def fsync_writes() -> None:
+        async with AsyncCache(settings) as cache:
+            await asyncio.gather(*(cache.write("user", k, {"name": f"n{k}"}) for k in range(40)))
+
+    asyncio.run(fsync_writes())
+    assert 0 < _waitaof_calls(h) < 40
+    assert h.buffered() == 40
+    h.configure(
+        {"user": USER | {"durability": "replicas"}},
+        {"user": {"shards": 1}},
+        redis_url=valkey.url,
+        redis_options={"replicas": 1, "durability_timeout": "100ms"},
+    )
+    settings = h.settings
+
+    async def unconfirmed_write() -> None:
+        async with AsyncCache(settings) as cache:
+            with pytest.raises(DurabilityUnconfirmed, match="WAIT answered 0"):
+                await cache.write("user", 99, {"name": "x"})
+
+    asyncio.run(unconfirmed_write())
+    assert h.buffered() == 41

@@ -21,13 +21,20 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from cachewarden.aio.confirm import AsyncConfirmations
 from cachewarden.aio.reader import AsyncReader
 from cachewarden.aio.registry import AsyncRegistry
 from cachewarden.cache import Row, _one
 from cachewarden.codec import Key
-from cachewarden.connections import pool_options
+from cachewarden.connections import check_durability, pool_options
 from cachewarden.context import Context
-from cachewarden.errors import BackendUnavailable, ConfigError, InvalidKey, InvalidValue
+from cachewarden.errors import (
+    BackendUnavailable,
+    ConfigError,
+    DurabilityUnconfirmed,
+    InvalidKey,
+    InvalidValue,
+)
 from cachewarden.keys import Keyspace
 from cachewarden.scripts.writebehind import Pending, WriteScripts
 from cachewarden.settings import EntitySettings, RedisSettings, Settings, load_settings
@@ -57,11 +64,15 @@ LOOP_CONNECTIONS = 16
 LOADER_THREADS = 4
 
 
-def async_redis_client(settings: RedisSettings) -> Redis:
+def async_redis_client(settings: RedisSettings, wait_ms: int = 0) -> Redis:
     """A redis.asyncio client for `settings.url` returning str values, as
     `connections.redis_client` builds the sync one (a blocking pool, the same timeouts:
-    an application's, `[redis] socket_timeout` and `connect_timeout`)."""
-    pool = BlockingConnectionPool.from_url(settings.url, **pool_options(settings, worker=False))
+    an application's, `[redis] socket_timeout` and `connect_timeout`; `wait_ms` more
+    for a client whose calls block on the server, a durability confirmation's WAIT)."""
+    options = pool_options(settings, worker=False)
+    if wait_ms:
+        options["socket_timeout"] = (options["socket_timeout"] or 0) + wait_ms / 1000
+    pool = BlockingConnectionPool.from_url(settings.url, **options)
     return Redis(connection_pool=pool)
 
 
@@ -100,6 +111,7 @@ class AsyncCache:
         self._reflect = reflect and self._owns_context
         self._started: asyncio.Future[None] | None = None
         self._writers: set[str] = set()  # entities whose shard count this cache has read
+        self._confirmations: AsyncConfirmations | None = None
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None) -> AsyncCache:
@@ -147,7 +159,8 @@ class AsyncCache:
             self.context.reflect_all(strict=True)
         try:
             check_shards(self.context)
-        except RedisError:
+            check_durability(self.context.redis, self.settings)
+        except (RedisError, BackendUnavailable):
             pass  # Redis down: the first read or write reads the record
 
     async def close(self) -> None:
@@ -157,6 +170,8 @@ class AsyncCache:
             await self._reader.publish()
         finally:
             await self.lua.close()
+            if self._confirmations is not None:
+                await self._confirmations.close()
             if self._owns_redis:
                 await self.redis.aclose()
             self._loaders.shutdown(wait=False)
@@ -207,13 +222,17 @@ class AsyncCache:
         problem = refusal(scripts, op)
         if problem is not None:
             raise problem
-        return _one(await self._send(scripts, [op]))
+        taken = _one(await self._send(scripts, [op]))
+        await self._confirm(scripts.spec)
+        return taken
 
     async def delete(self, entity: str, key: Key, version: int | None = None) -> str:
         """Mark `key` absent in the cache and buffer its delete (see `Cache.delete`)."""
         scripts = await self._scripts(entity)
         text = self.context.key_text(entity, key)
-        return _one(await self._send(scripts, [delete_op(scripts.spec, key, version, text)]))
+        taken = _one(await self._send(scripts, [delete_op(scripts.spec, key, version, text)]))
+        await self._confirm(scripts.spec)
+        return taken
 
     async def write_many(
         self, entity: str, rows: Mapping[Key, Row] | Iterable[tuple[Key, Row]]
@@ -255,7 +274,23 @@ class AsyncCache:
         ops = sendable(scripts, ops, result)
         if ops:
             record(result, ops, await self._send(scripts, ops))
+        if result.taken:
+            try:
+                await self._confirm(scripts.spec)
+            except DurabilityUnconfirmed as exc:
+                raise DurabilityUnconfirmed(str(exc), result) from exc
         return result
+
+    async def _confirm(self, spec: EntitySettings) -> None:
+        """Return once this loop's taken writes are kept as the entity's durability says
+        (cachewarden.durability); DurabilityUnconfirmed when they are not."""
+        durability = self.settings.durability_of(spec)
+        if not durability.waits:
+            return
+        if self._confirmations is None:
+            client = async_redis_client(self.settings.redis, wait_ms=durability.timeout_ms)
+            self._confirmations = AsyncConfirmations(client, self.keys.confirm_marker())
+        await self._confirmations.confirm(durability)
 
     async def _send(
         self, scripts: WriteScripts, ops: Sequence[Pending], follow: bool = True
