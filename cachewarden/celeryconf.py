@@ -59,7 +59,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "worker_concurrency": settings.celery.concurrency or None,
         **_broker_tls(settings),
+        **_broker_sentinel(settings),
     }
+
+
+def _broker_sentinel(settings: Settings) -> dict[str, Any]:
+    """A sentinel:// broker (kombu's Sentinel transport) asks its sentinels for the
+    service's primary, and follows it after a failover."""
+    if not settings.broker_url.startswith("sentinel://"):
+        return {}
+    options: dict[str, Any] = {"master_name": settings.broker_service}
+    if settings.redis.sentinel_password:
+        options["sentinel_kwargs"] = {"password": settings.redis.sentinel_password}
+    return {"broker_transport_options": options}
 
 
 def _broker_tls(settings: Settings) -> dict[str, Any]:

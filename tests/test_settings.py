@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -432,3 +433,75 @@ def test_settings_load_without_apscheduler(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0 3 * * *"
+
+
+# -- Sentinel and durability (issue 20) ----------------------------------------------
+
+
+def test_sentinels_and_service_name_the_primary_and_the_broker(write: Any) -> None:
+    """A sentinels list with a service, or the same as one redis+sentinel:// URL, names the sentinels, the service and the data nodes' password and database, and the default broker becomes kombu's sentinel:// URLs with that service."""
+    listed = load_settings(
+        write(
+            ("redis", "url", "redis://:secret@ignored/3"),
+            ("redis", "sentinels", ["10.0.0.1:26379", "10.0.0.2:26380"]),
+            ("redis", "service", "cw-primary"),
+        )
+    )
+    from_url = load_settings(
+        write(
+            ("redis", "url", "redis+sentinel://:secret@10.0.0.1:26379,10.0.0.2:26380/cw-primary/3")
+        )
+    )
+    for settings in (listed, from_url):
+        redis = settings.redis
+        assert redis.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26380))
+        assert redis.service == "cw-primary"
+        assert settings.broker_url == (
+            "sentinel://:secret@10.0.0.1:26379/3;sentinel://:secret@10.0.0.2:26380/3"
+        )
+        assert settings.broker_service == "cw-primary"
+        assert "secret" not in redis.shown and "cw-primary" in redis.shown
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "problem"),
+    [
+        ([("redis", "sentinels", ["10.0.0.1"])], "redis.sentinels", "is not host:port"),
+        ([("redis", "sentinels", ["10.0.0.1:26379"])], "redis.service", "is required"),
+        ([("redis", "service", "x")], "redis.service", "sentinels is not"),
+        ([("redis", "url", "redis+sentinel://h:1")], "redis.url", "a Sentinel URL is"),
+        ([("redis", "durability", "disk")], "redis.durability", "must be one of"),
+        (
+            [("redis", "durability", "replicas"), ("redis", "replicas", 0)],
+            "redis.replicas",
+            "at least 1",
+        ),
+        (
+            [("entities.user", "durability", "replicas")],
+            "entities.user.durability",
+            "needs [redis] replicas",
+        ),
+        (
+            [("celery", "broker_url", "sentinel://h:26379")],
+            "celery.broker_service",
+            "is required",
+        ),
+    ],
+)
+def test_sentinel_and_durability_mistakes_name_the_field(
+    write: Any, changes: list[tuple[str, str, Any]], field: str, problem: str
+) -> None:
+    """Each Sentinel or durability mistake is a ConfigError naming its field and what it needs."""
+    error = _error(write(*changes))
+    assert error.field == field and problem in error.problem
+
+
+def test_durability_defaults_and_per_entity_override(write: Any) -> None:
+    """durability = "replicas" defaults to one replica; an entity's own durability wins over [redis]'s."""
+    settings = load_settings(
+        write(("redis", "durability", "replicas"), ("entities.user", "durability", "primary"))
+    )
+    assert settings.redis.replicas == 1
+    user = settings.entities["user"]
+    assert settings.durability_of(user).mode == "primary"
+    assert settings.durability_of(replace(user, durability=None)).mode == "replicas"

@@ -506,8 +506,11 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         broker_url=_env_or(cel, "broker_url", BROKER_URL_ENV, ""),
         concurrency=cel.get("concurrency", int, 0),
         queue=cel.get("queue", str, "cachewarden"),
+        broker_service=cel.get("broker_service", str, ""),
     )
     cel.reject_unknown()
+    if celery.broker_url.startswith("sentinel://") and not (celery.broker_service or redis.service):
+        raise cel.fail("broker_service", "is required with a sentinel:// broker_url")
     ents = root.sub("entities")
     entities = {name: _entity(name, ents.sub(name), redis) for name in ents.table}
     jobs = root.sub("warming")

@@ -109,6 +109,8 @@ class CelerySettings:
     broker_url: str = ""
     concurrency: int = 0  # 0: one process per core
     queue: str = "cachewarden"
+    # The Sentinel service of a sentinel:// broker_url ("": [redis] service).
+    broker_service: str = ""
 
 
 @dataclass(frozen=True)
@@ -244,8 +246,23 @@ class Settings:
 
     @property
     def broker_url(self) -> str:
-        """The Celery broker: `[celery] broker_url`, or else the Redis URL."""
-        return self.celery.broker_url or self.redis.url
+        """The Celery broker: `[celery] broker_url`, or else the cache's Redis (through
+        its sentinels, as kombu's sentinel:// URLs, when it has them)."""
+        if self.celery.broker_url:
+            return self.celery.broker_url
+        redis = self.redis
+        if not redis.sentinels:
+            return redis.url
+        parts = urlsplit(redis.url)
+        auth = parts.netloc.rpartition("@")[0]
+        auth = f"{auth}@" if auth else ""
+        db = parts.path.strip("/") or "0"
+        return ";".join(f"sentinel://{auth}{host}:{port}/{db}" for host, port in redis.sentinels)
+
+    @property
+    def broker_service(self) -> str:
+        """The Sentinel service a sentinel:// broker asks for."""
+        return self.celery.broker_service or self.redis.service
 
     def durability_of(self, spec: EntitySettings) -> Durability:
         """When a write of `spec` returns: its own durability, or else [redis]'s."""
