@@ -370,14 +370,18 @@ class Env:
         write_behind: Mapping[str, Any] | None = None,
         file: str = "",
         database_url: str = "",
+        redis_table: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write a config with its own key prefix and queue (both named by `name`): one
         entity on `table` keyed by `id`, with `entity` and `write_behind` settings (on
-        the run's PostgreSQL schema unless `database_url` names another database)."""
+        the run's PostgreSQL schema unless `database_url` names another database), and
+        `redis_table`'s keys in [redis] (a `url` there replaces --redis-url)."""
+        redis_keys = {"url": self.args.redis_url, **(redis_table or {})}
         lines = [
             "[redis]",
-            f"url = {toml_value(self.args.redis_url)}",
+            f"url = {toml_value(redis_keys.pop('url'))}",
             f"prefix = {toml_value(f'{self.base}-{name}')}",
+            *(f"{key} = {toml_value(value)}" for key, value in redis_keys.items()),
             "",
             "[database]",
             f"url = {toml_value(database_url or self.sa_url)}",
@@ -510,8 +514,15 @@ def versions(env: Env, extra: str = "") -> str:
     )
 
 
-def add_common_args(p: argparse.ArgumentParser, redis_db: int, phases: tuple[str, ...]) -> None:
-    """The options both benchmarks take: servers, worker size, phases, seed, logs."""
+def add_common_args(
+    p: argparse.ArgumentParser,
+    redis_db: int,
+    phases: tuple[str, ...],
+    optional: tuple[str, ...] = (),
+) -> None:
+    """The options both benchmarks take: servers, worker size, phases, seed, logs.
+
+    `phases` run by default; `optional` ones only when --phases names them."""
     p.add_argument("--concurrency", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
@@ -524,10 +535,11 @@ def add_common_args(p: argparse.ArgumentParser, redis_db: int, phases: tuple[str
         default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
         help="PostgreSQL (a fresh schema is created in it and dropped after)",
     )
+    also = f" (default), or also: {','.join(optional)}" if optional else ""
     p.add_argument(
         "--phases",
         default=",".join(phases),
-        help=f"comma-separated subset of: {','.join(phases)}",
+        help=f"comma-separated subset of: {','.join(phases)}{also}",
     )
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir (worker logs)")
 

