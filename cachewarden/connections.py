@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from redis import BlockingConnectionPool, Redis
+from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from cachewarden.durability import FSYNC
 from cachewarden.errors import BackendUnavailable, ConfigError, UnsafeRedis
@@ -46,7 +48,61 @@ def redis_client(settings: RedisSettings, worker: bool | None = None, wait_ms: i
     options = pool_options(settings, _worker if worker is None else worker)
     if wait_ms:  # a client whose calls block on the server (WAIT) that long, and more
         options["socket_timeout"] = (options["socket_timeout"] or 0) + wait_ms / 1000
+    if settings.sentinels:
+        return _sentinel_client(settings, options)
     return Redis(connection_pool=BlockingConnectionPool.from_url(settings.url, **options))
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The service's primary as its sentinels name it, on a blocking pool.
+
+    SentinelConnectionPool asks the sentinels for the primary's address whenever a
+    connection connects, drops its idle connections when the address changed, and
+    turns a READONLY reply (a demoted primary) into a connection error; the blocking
+    pool makes callers past MAX_CONNECTIONS wait for a connection, as redis_client's
+    plain pool does."""
+
+
+class FollowingConnection(SentinelManagedConnection):
+    """A Sentinel-managed connection that asks the sentinels on every reconnect.
+
+    redis-py reconnects a broken connection inside send_packed_command, to the last
+    address it had (the dead or demoted primary); only connect() asks the sentinels,
+    so this connects through it first."""
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._sock:
+            self.connect()  # type: ignore[no-untyped-call]
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+def sentinel_options(
+    settings: RedisSettings, options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The data nodes' connection options (the URL's user, password and database with
+    `options`, no host) and the sentinels' own (their password, the connect timeout)."""
+    parsed: dict[str, Any] = parse_url(settings.url)  # type: ignore[no-untyped-call]
+    data = {k: v for k, v in parsed.items() if k not in ("host", "port", "path")}
+    data |= {k: v for k, v in options.items() if k not in ("max_connections", "timeout")}
+    timeout = options["socket_connect_timeout"]
+    sentinels: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if settings.sentinel_password:
+        sentinels["password"] = settings.sentinel_password
+    return data, sentinels
+
+
+def _sentinel_client(settings: RedisSettings, options: dict[str, Any]) -> Redis:
+    data, sentinel_kwargs = sentinel_options(settings, options)
+    sentinel = Sentinel(list(settings.sentinels), sentinel_kwargs=sentinel_kwargs, **data)
+    client: Redis = sentinel.master_for(
+        settings.service,
+        redis_class=Redis,
+        connection_pool_class=BlockingSentinelPool,
+        connection_class=FollowingConnection,
+        max_connections=options["max_connections"],
+        timeout=options["timeout"],
+    )
+    return client
 
 
 def pool_options(settings: RedisSettings, worker: bool) -> dict[str, Any]:

@@ -18,15 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cachewarden.aio.confirm import AsyncConfirmations
+from cachewarden.aio.connections import async_redis_client
 from cachewarden.aio.reader import AsyncReader
 from cachewarden.aio.registry import AsyncRegistry
 from cachewarden.cache import Row, _one
 from cachewarden.codec import Key
-from cachewarden.connections import check_durability, pool_options
+from cachewarden.connections import check_durability
 from cachewarden.context import Context
 from cachewarden.errors import (
     BackendUnavailable,
@@ -37,7 +38,7 @@ from cachewarden.errors import (
 )
 from cachewarden.keys import Keyspace
 from cachewarden.scripts.writebehind import Pending, WriteScripts
-from cachewarden.settings import EntitySettings, RedisSettings, Settings, load_settings
+from cachewarden.settings import EntitySettings, Settings, load_settings
 from cachewarden.writebehind.enqueue import (
     BatchResult,
     Outcome,
@@ -62,18 +63,6 @@ LOOP_CONNECTIONS = 16
 # Loads run on this many threads: the engine's pool holds 2 + 2 overflow connections
 # (database.make_engine), so more threads would only queue on it.
 LOADER_THREADS = 4
-
-
-def async_redis_client(settings: RedisSettings, wait_ms: int = 0) -> Redis:
-    """A redis.asyncio client for `settings.url` returning str values, as
-    `connections.redis_client` builds the sync one (a blocking pool, the same timeouts:
-    an application's, `[redis] socket_timeout` and `connect_timeout`; `wait_ms` more
-    for a client whose calls block on the server, a durability confirmation's WAIT)."""
-    options = pool_options(settings, worker=False)
-    if wait_ms:
-        options["socket_timeout"] = (options["socket_timeout"] or 0) + wait_ms / 1000
-    pool = BlockingConnectionPool.from_url(settings.url, **options)
-    return Redis(connection_pool=pool)
 
 
 class AsyncCache:

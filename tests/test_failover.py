@@ -1,0 +1,133 @@
+"""Writes through a Sentinel failover (issue 20), on a private primary, replica and three
+sentinels (tests/topology.py), PostgreSQL and a real worker.
+
+The replica is made to lag while 4 threads write (SIGSTOP, and its replication link cut
+so that what the primary takes from then on never reaches it), the primary is
+SIGKILLed, the replica resumed and promoted. With `durability = "replicas"` every write() that
+returned is in the database after the drain; with "primary" some are lost, which is
+what the setting protects against (and shows that the test can fail). Marked
+`failover`: .ci/run runs them after `make test`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from cachewarden.cache import Cache
+from cachewarden.errors import BackendUnavailable, DurabilityUnconfirmed
+from tests.conftest import Harness
+from tests.helpers import wait_for
+from tests.topology import SentinelTopology
+
+pytestmark = pytest.mark.failover
+
+USER = {"table": "users", "key": "id", "ttl": "10m"}
+WRITERS, PER_WRITER = 4, 5000
+
+
+def _sentinel_url(topo: SentinelTopology) -> str:
+    hosts = ",".join(f"{host}:{port}" for host, port in topo.sentinels)
+    return f"redis+sentinel://{hosts}/{topo.service}/0"
+
+
+class Writers:
+    """4 threads writing distinct keys through one Cache, recording each write's outcome."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.returned: list[int] = []  # write() returned: acknowledged
+        self.unconfirmed: list[int] = []  # DurabilityUnconfirmed: buffered, not confirmed
+        self.refused: list[int] = []  # BackendUnavailable: not taken (or may be)
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(WRITERS)]
+
+    def _run(self, t: int) -> None:
+        for i in range(PER_WRITER):
+            key = t * 100_000 + i
+            try:
+                self.cache.write("user", key, {"name": f"n{key}"})
+                outcome = self.returned
+            except DurabilityUnconfirmed:
+                outcome = self.unconfirmed
+            except BackendUnavailable:
+                outcome = self.refused
+            with self.lock:
+                outcome.append(key)
+
+    @property
+    def done(self) -> int:
+        with self.lock:
+            return len(self.returned) + len(self.unconfirmed) + len(self.refused)
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join()
+
+
+def _failover_under_writes(h: Harness, durability: str) -> tuple[Writers, set[int]]:
+    """Run the scenario; return the writers' record and the keys in the database."""
+    with SentinelTopology("redis") as topo:
+        h.create_table("users", version=False)
+        h.configure(
+            {"user": USER},
+            {"user": {"shards": 2, "max_delay": "100ms"}},
+            redis_url=_sentinel_url(topo),
+            redis_options={
+                "durability": durability,
+                "replicas": 1,
+                "durability_timeout": "300ms",
+                "socket_timeout": "1s",
+            },
+        )
+        writers = Writers(h.cache)
+        writers.start()
+        wait_for(lambda: writers.done >= 3000, 60, what="3,000 writes")
+        with topo.paused(topo.replica):
+            # The replica is frozen and its link cut (what it had received stays in its
+            # socket buffer, to be applied on resume): the writes from now on reach the
+            # primary alone.
+            topo.client(topo.primary).client_kill_filter(_type="replica")
+            lagging = writers.done
+            wait_for(lambda: writers.done >= lagging + 40, 60, what="writes past the lag")
+            primary, acked = topo.replication_offsets()
+            assert acked < primary  # the lag is real
+            topo.kill_primary()
+        topo.wait_for_failover(timeout=30)
+        # The old primary comes back as a replica of the new one: writes (and the
+        # flush lock's token) are confirmed again, and the worker can drain.
+        topo.restart_old_primary()
+        writers.join()
+        worker = h.worker()
+        wait_for(lambda: h.buffered() == 0, 120, what="the worker to drain", interval=0.2)
+        worker.stop()
+        with h.engine.connect() as conn:
+            found = set(conn.execute(sa.text("SELECT id FROM users")).scalars())
+        return writers, found
+
+
+def test_with_replicas_durability_no_acknowledged_write_is_lost(pg_harness: Harness) -> None:
+    """durability = "replicas": after a lagging replica is promoted over a SIGKILLed primary, every write() that returned is in the database (writes that raised DurabilityUnconfirmed are counted, not promised)."""
+    writers, found = _failover_under_writes(pg_harness, "replicas")
+    lost = sorted(set(writers.returned) - found)
+    print(
+        f"replicas: {len(writers.returned)} returned, {len(writers.unconfirmed)} unconfirmed, "
+        f"{len(writers.refused)} refused, {len(lost)} of the returned lost"
+    )
+    assert writers.unconfirmed  # the lag made some unconfirmable
+    assert lost == []
+
+
+def test_with_primary_durability_a_failover_loses_acknowledged_writes(pg_harness: Harness) -> None:
+    """durability = "primary" in the same scenario loses acknowledged writes (the ones the lagging replica never got): the loss the "replicas" setting prevents."""
+    writers, found = _failover_under_writes(pg_harness, "primary")
+    lost = sorted(set(writers.returned) - found)
+    print(f"primary: {len(writers.returned)} returned, {len(lost)} of them lost")
+    assert writers.unconfirmed == []
+    assert lost
