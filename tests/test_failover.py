@@ -11,7 +11,10 @@ what the setting protects against (and shows that the test can fail). Marked
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -19,7 +22,7 @@ import sqlalchemy as sa
 from cachewarden.cache import Cache
 from cachewarden.errors import BackendUnavailable, DurabilityUnconfirmed
 from tests.conftest import Harness
-from tests.helpers import wait_for
+from tests.helpers import SchedulerProcess, wait_for
 from tests.topology import SentinelTopology
 
 pytestmark = pytest.mark.failover
@@ -131,3 +134,87 @@ def test_with_primary_durability_a_failover_loses_acknowledged_writes(pg_harness
     print(f"primary: {len(writers.returned)} returned, {len(lost)} of them lost")
     assert writers.unconfirmed == []
     assert lost
+
+
+def test_every_process_follows_a_failover_with_no_restart(
+    pg_harness: Harness, tmp_path: Any
+) -> None:
+    """Across a Sentinel failover (the primary SIGKILLed while an application writes, a worker flushes and two schedulers run a job every second): the application writes again within 10 s, the scheduler fires due times on the new primary within 10 s and never one twice, and the worker (its tasks on a sentinel:// broker) drains every returned write to PostgreSQL, none of them restarted."""
+    h = pg_harness
+    with SentinelTopology("redis") as topo:
+        h.create_table("users", version=False)
+        h.configure(
+            {"user": USER},
+            {"user": {"shards": 2, "max_delay": "100ms"}},
+            redis_url=_sentinel_url(topo),
+            redis_options={"durability": "replicas", "replicas": 1, "durability_timeout": "500ms"},
+            warming={"tick": {"entity": "user", "every": "1s", "chunk_size": 1000}},
+        )
+        assert h.settings is not None and h.settings.broker_url.startswith("sentinel://")
+        h.worker(concurrency=2)
+        schedulers = [SchedulerProcess(h.config_path, tmp_path / f"s{n}.log") for n in range(2)]
+        try:
+            for scheduler in schedulers:
+                scheduler.wait_started()
+            returned: list[tuple[float, int]] = []
+            stop = threading.Event()
+
+            def write() -> None:
+                key = 0
+                while not stop.is_set():
+                    key += 1
+                    try:
+                        h.cache.write("user", key, {"name": f"n{key}"})
+                        returned.append((time.monotonic(), key))
+                    except (BackendUnavailable, DurabilityUnconfirmed):
+                        pass
+                    time.sleep(0.005)
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            try:
+                wait_for(lambda: len(history(h)) >= 2, 30, what="two warm runs before")
+                topo.kill_primary()
+                killed = time.monotonic()
+                topo.wait_for_failover(timeout=30)
+                topo.restart_old_primary()
+                wait_for(lambda: returned and returned[-1][0] > killed + 1, 30, what="writes again")
+                wait_for(lambda: _runs_after(h, killed), 30, what="a warm run after the failover")
+                first_run = min(_runs_after(h, killed))
+            finally:
+                stop.set()
+                writer.join()
+            first_write = min(t for t, _ in returned if t > killed)
+            # Redis was down from the kill until the promotion (~3.5 s with these sentinels).
+            print(
+                f"writes again {first_write - killed:.1f} s after the kill, "
+                f"a due time run {first_run / 1000 - _wall(killed):.1f} s after it"
+            )
+            assert first_write - killed < 10
+            assert first_run / 1000 - _wall(killed) < 10
+            slots = [int(r["slot"]) for r in history(h)]
+            assert len(slots) == len(set(slots))  # no due time fired twice
+            wait_for(lambda: h.buffered() == 0, 120, what="the worker to drain", interval=0.2)
+            with h.engine.connect() as conn:
+                found = set(conn.execute(sa.text("SELECT id FROM users")).scalars())
+            assert {k for _, k in returned} <= found
+        finally:
+            for scheduler in schedulers:
+                scheduler.stop()
+
+
+def history(h: Harness) -> list[dict[str, Any]]:
+    """The warming job's finished runs, oldest first."""
+    raw = h.context.redis.lrange(h.context.keys.run_history("tick"), 0, -1)
+    return [json.loads(r) for r in reversed(raw)]
+
+
+def _wall(monotonic: float) -> float:
+    """A time.monotonic() reading as wall-clock seconds."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
+def _runs_after(h: Harness, killed: float) -> list[int]:
+    """The due times (ms) of warm runs that ran for a due time after the kill."""
+    since = _wall(killed) * 1000
+    return [int(r["slot"]) for r in history(h) if r.get("slot") and int(r["slot"]) > since]
