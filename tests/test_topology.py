@@ -310,3 +310,33 @@ async def _retry_scenario(topo: SentinelTopology) -> None:
         await plain.aclose()
         await following.aclose()
         await sentinel.aclose()
+
+
+def test_check_and_doctor_resolve_the_primary_through_the_sentinels(
+    pg_harness: Any, topology: SentinelTopology
+) -> None:
+    """Through the sentinels, `check` reaches the primary and `doctor` reports the topology (one replica, the Sentinel service), fails min-replicas-to-write 0 and a replica count the topology cannot meet, each with its fix, and says what each durability loses."""
+    from tests.test_cli import _doctor_lines, cachewarden
+
+    h = pg_harness
+    h.create_table("users")
+    hosts = ",".join(f"{host}:{port}" for host, port in topology.sentinels)
+    url = f"redis+sentinel://:data-pw@{hosts}/{topology.service}/0"
+    user = {"table": "users", "key": "id", "ttl": "10m"}
+    h.configure({"user": user}, redis_url=url, redis_options={"sentinel_password": "sentinel-pw"})
+    checked = cachewarden("check", config=h.config_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"Sentinel service '{topology.service}'" in checked.stdout
+    lines = _doctor_lines(h)
+    ok, text = lines["replication"]
+    assert not ok and "master with 1 replica(s)" in text and "min-replicas-to-write 1" in text
+    ok, text = lines["durability"]
+    assert ok and '"primary": a host crash loses' in text
+    h.configure(
+        {"user": user | {"durability": "replicas"}},
+        redis_url=url,
+        redis_options={"sentinel_password": "sentinel-pw", "replicas": 2},
+    )
+    ok, text = _doctor_lines(h)["durability"]
+    assert not ok and "[redis] replicas = 2 but 1 replica(s) are online" in text
+    assert '"replicas": a host crash or a failover loses nothing acknowledged' in text

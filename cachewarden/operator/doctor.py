@@ -1,7 +1,9 @@
 """`cachewarden doctor`: each thing production needs, checked, with the fix for a failure.
 
 Each check returns a `Finding` (pass or fail, what it saw, and on a fail how to
-fix it). The checks: Redis's version, its persistence, its eviction policy, the
+fix it). The checks: Redis's version, its persistence, its replication topology
+(replicas, sentinels, min-replicas-to-write), whether the chosen durability can be
+met and what a crash or a failover would lose with it, its eviction policy, the
 write buffers' bounds against maxmemory, the broker, the database (each entity's
 table, key and version column), the privilege to write each table, the shard
 counts Redis records, and workers consuming each queue. Nothing here prints a
@@ -19,6 +21,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from cachewarden.connections import check_durability
 from cachewarden.database import describe, make_engine
 from cachewarden.dberrors import first_line
 from cachewarden.errors import CachewardenError, ConfigError
@@ -85,6 +88,96 @@ def _persistence(client: Redis) -> Finding:
         "set appendonly yes and appendfsync everysec (CONFIG SET appendonly yes, and in "
         "redis.conf); ops/redis/cachewarden.conf has both",
     )
+
+
+def _replication(settings: Settings, client: Redis) -> Finding:
+    """The topology: this server's role and replicas, and the sentinels that watch it."""
+    info = client.info("replication")
+    replicas = [
+        f"{v['ip']}:{v['port']} ({v.get('state', '?')}, lag {v.get('lag', '?')} s)"
+        for k, v in info.items()
+        if k.startswith("slave") and isinstance(v, dict)
+    ]
+    where = f"{info.get('role', '?')} with {len(replicas)} replica(s)"
+    if replicas:
+        where += ": " + ", ".join(replicas)
+    redis = settings.redis
+    if redis.sentinels:
+        where += f"; {redis.shown}"
+    if info.get("role") != "master":
+        return Finding(
+            "replication",
+            False,
+            where,
+            "point [redis] url at the primary, or use its sentinels ([redis] sentinels and "
+            "service): a replica refuses writes (READONLY)",
+        )
+    limit = int(client.config_get("min-replicas-to-write").get("min-replicas-to-write", 0) or 0)
+    where += f"; min-replicas-to-write {limit}"
+    if redis.sentinels and limit == 0:
+        return Finding(
+            "replication",
+            False,
+            where,
+            "set min-replicas-to-write 1 and min-replicas-max-lag 10 on the data nodes, so "
+            "a primary cut off from its replicas stops taking writes that the promoted "
+            "replica would not have",
+        )
+    return Finding("replication", True, where)
+
+
+def _durability(settings: Settings, client: Redis) -> Finding:
+    """Whether the chosen durability can be met here, and what a crash or a failover
+    would lose with it, in words."""
+    redis = settings.redis
+    modes = {redis.durability} | {e.durability for e in settings.entities.values() if e.durability}
+    info = client.info("replication")
+    online = sum(
+        1
+        for k, v in info.items()
+        if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+    )
+    aof = bool(client.info("persistence").get("aof_enabled"))
+    fsync = str(client.config_get("appendfsync").get("appendfsync", "?")) if aof else ""
+    problems: list[str] = []
+    wanted = redis.replicas
+    if wanted > online:
+        problems.append(
+            f"[redis] replicas = {wanted} but {online} replica(s) are online: writes under "
+            '"replicas" raise DurabilityUnconfirmed and locks, claims and runs wait; add '
+            f"replicas or lower [redis] replicas to {online}"
+        )
+    if "fsync" in modes:
+        try:
+            check_durability(client, settings)
+        except ConfigError as exc:
+            problems.append(exc.problem)
+    crash = (
+        "nothing (appendfsync always)"
+        if fsync == "always"
+        else "up to 1 s of acknowledged writes (appendfsync everysec)"
+        if fsync == "everysec"
+        else "every write not yet flushed (AOF off)"
+        if not aof
+        else f"whatever the kernel had not written (appendfsync {fsync})"
+    )
+    losses = []
+    for mode in sorted(modes):
+        if mode == "replicas":
+            lost = f"nothing acknowledged while {wanted} replica(s) confirm (else the write raises)"
+            losses.append(f'"replicas": a host crash or a failover loses {lost}')
+        elif mode == "fsync":
+            losses.append(
+                '"fsync": a host crash loses nothing acknowledged; a failover loses the '
+                "replication lag"
+            )
+        else:
+            failover = "the replication lag" if online else "everything buffered (no replica)"
+            losses.append(f'"primary": a host crash loses {crash}; a failover loses {failover}')
+    detail = "; ".join(losses)
+    if problems:
+        return Finding("durability", False, detail, "; ".join(problems))
+    return Finding("durability", True, detail)
 
 
 def _eviction(client: Redis) -> Finding:
@@ -299,6 +392,8 @@ def run_checks(settings: Settings, client: Redis) -> list[Finding]:
     redis_checks: list[tuple[str, Callable[[], Finding]]] = [
         ("redis version", lambda: _version(client)),
         ("persistence", lambda: _persistence(client)),
+        ("replication", lambda: _replication(settings, client)),
+        ("durability", lambda: _durability(settings, client)),
         ("maxmemory-policy", lambda: _eviction(client)),
         ("buffer bounds", lambda: _memory(settings, client, keys)),
         ("shard counts", lambda: _shards(settings, client)),
