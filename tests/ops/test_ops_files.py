@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from cachewarden.settings import load_settings
@@ -178,3 +179,28 @@ def test_the_systemd_units_run_commands_that_exist() -> None:
         assert "EnvironmentFile=" in text, name
     env = (OPS / "systemd/env.example").read_text()
     assert "CACHEWARDEN_REDIS_URL=" in env and "CACHEWARDEN_DATABASE_URL=" in env
+
+
+def test_the_sentinel_option_adds_a_replica_and_three_sentinels_and_points_every_process_at_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ops/compose.ha.yaml adds a replica and three sentinels (quorum 2, from ops/redis/sentinel.conf), sets min-replicas-to-write on both data nodes, and gives the worker, scheduler and Flower a redis+sentinel:// URL that cachewarden loads as those sentinels and that service."""
+    from cachewarden.settings import load_settings
+
+    ha = yaml.safe_load((OPS / "compose.ha.yaml").read_text())["services"]
+    assert {"redis-replica", "sentinel1", "sentinel2", "sentinel3"} <= set(ha)
+    for name in ("redis", "redis-replica"):
+        assert "--min-replicas-to-write 1" in " ".join(ha[name]["command"])
+    assert "--replicaof redis 6379" in " ".join(ha["redis-replica"]["command"])
+    conf = (OPS / "redis/sentinel.conf").read_text()
+    assert "sentinel monitor cachewarden redis 6379 2" in conf
+    urls = {
+        ha[name]["environment"]["CACHEWARDEN_REDIS_URL"]
+        for name in ("worker", "scheduler", "flower")
+    }
+    assert len(urls) == 1
+    monkeypatch.setenv("CACHEWARDEN_REDIS_URL", urls.pop())
+    settings = load_settings(OPS / "config/production.toml")
+    assert settings.redis.service == "cachewarden"
+    assert [host for host, _ in settings.redis.sentinels] == ["sentinel1", "sentinel2", "sentinel3"]
+    assert settings.broker_url.startswith("sentinel://sentinel1:26379/0;")
