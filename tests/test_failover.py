@@ -218,3 +218,62 @@ def _runs_after(h: Harness, killed: float) -> list[int]:
     """The due times (ms) of warm runs that ran for a due time after the kill."""
     since = _wall(killed) * 1000
     return [int(r["slot"]) for r in history(h) if r.get("slot") and int(r["slot"]) > since]
+
+
+def test_a_flusher_paused_across_a_failover_is_still_fenced_out(pg_harness: Harness) -> None:
+    """A flusher paused (SIGSTOP) past its lock before its fence check, across a Sentinel failover, ends fenced when resumed: the flusher that took the shard on the new primary drew a higher token (the lock's token was confirmed by the replica before it was used), and its newer value stays in the database."""
+    from cachewarden.writebehind.flush import flush_shard
+    from tests.writebehind.test_crash import _names, _resume, _start_paused
+
+    h = pg_harness
+    with SentinelTopology("redis") as topo:
+        h.create_table("users", version=False)  # no version guard: only the fence protects v2
+        redis = {"replicas": 1, "durability_timeout": "2s"}
+        write_behind = {"shards": 1, "lock_ttl": "1s", "max_delay": "1h", "batch_size": 2}
+        url = _sentinel_url(topo)
+        h.configure({"user": USER}, {"user": write_behind}, redis_url=url, redis_options=redis)
+        a_config = h.tmp_path / "flusher-a.toml"
+        a_config.write_text(h.config_path.read_text())
+        h.configure(
+            {"user": USER},
+            {"user": {**write_behind, "lock_ttl": "60s"}},
+            redis_url=url,
+            redis_options=redis,
+        )
+        for key in (1, 2):
+            h.cache.write("user", key, {"name": "v1"})
+        procs: list[Any] = []
+        try:
+            a = _start_paused(a_config, procs, "before-fence-check")
+            topo.wait_caught_up()
+            topo.kill_primary()
+            topo.wait_for_failover(timeout=30)
+            topo.restart_old_primary()
+            lock = h.cache.keys.flush_lock("user", 0)
+
+            def lock_gone() -> bool:
+                try:
+                    return not h.cache.redis.exists(lock)
+                except BackendUnavailable:
+                    return False
+
+            wait_for(lock_gone, 30, what="A's lock to expire on the new primary")
+            wait_for(lambda: _write_ok(h, 1, "v2"), 30, what="a write on the new primary")
+            b = flush_shard(h.context, "user", 0)
+            assert b.status == "done", b
+            a_result, _ = _resume(a)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        assert a_result["status"] == "fenced", a_result
+        assert _names(h) == {1: "v2", 2: "v1"}
+
+
+def _write_ok(h: Harness, key: int, name: str) -> bool:
+    try:
+        h.cache.write("user", key, {"name": name})
+    except BackendUnavailable:
+        return False
+    return True
