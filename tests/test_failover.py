@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from cachewarden.cache import Cache
 from cachewarden.errors import BackendUnavailable, DurabilityUnconfirmed
 from tests.conftest import Harness
-from tests.helpers import SchedulerProcess, wait_for
+from tests.helpers import FlowerProcess, SchedulerProcess, wait_for
 from tests.topology import SentinelTopology
 
 pytestmark = pytest.mark.failover
@@ -139,7 +139,7 @@ def test_with_primary_durability_a_failover_loses_acknowledged_writes(pg_harness
 def test_every_process_follows_a_failover_with_no_restart(
     pg_harness: Harness, tmp_path: Any
 ) -> None:
-    """Across a Sentinel failover (the primary SIGKILLed while an application writes, a worker flushes and two schedulers run a job every second): the application writes again within 10 s, the scheduler fires due times on the new primary within 10 s and never one twice, and the worker (its tasks on a sentinel:// broker) drains every returned write to PostgreSQL, none of them restarted."""
+    """Across a Sentinel failover (the primary SIGKILLed while an application writes, a worker flushes and two schedulers run a job every second): the application writes again within 10 s, the scheduler fires due times on the new primary within 10 s and never one twice, the worker (its tasks on a sentinel:// broker) drains every returned write to PostgreSQL, and Flower lists tasks that ran after the failover (within 10 s of the kill), none of them restarted."""
     h = pg_harness
     with SentinelTopology("redis") as topo:
         h.create_table("users", version=False)
@@ -153,6 +153,7 @@ def test_every_process_follows_a_failover_with_no_restart(
         assert h.settings is not None and h.settings.broker_url.startswith("sentinel://")
         h.worker(concurrency=2)
         schedulers = [SchedulerProcess(h.config_path, tmp_path / f"s{n}.log") for n in range(2)]
+        flower = FlowerProcess(h.config_path)
         try:
             for scheduler in schedulers:
                 scheduler.wait_started()
@@ -198,7 +199,23 @@ def test_every_process_follows_a_failover_with_no_restart(
             with h.engine.connect() as conn:
                 found = set(conn.execute(sa.text("SELECT id FROM users")).scalars())
             assert {k for _, k in returned} <= found
+
+            def flower_after() -> float:
+                """When Flower saw the first task start after the failover (0: none yet)."""
+                tasks = flower.get("/api/tasks?limit=2000").values()
+                after = [
+                    t["started"] - _wall(killed)
+                    for t in tasks
+                    if t.get("state") == "SUCCESS" and (t.get("started") or 0) > _wall(killed) + 1
+                ]
+                return min(after, default=0)
+
+            # Flower's events come through the sentinel:// broker too.
+            seen = wait_for(flower_after, 30, what="Flower to see a task after the failover")
+            print(f"Flower saw a task start {seen:.1f} s after the kill")
+            assert seen < 10
         finally:
+            flower.stop()
             for scheduler in schedulers:
                 scheduler.stop()
 
