@@ -4,6 +4,7 @@ second per call, not thirty (issue 20: timeouts a user can set)."""
 from __future__ import annotations
 
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -58,9 +59,11 @@ def test_get_and_write_against_a_silent_redis_raise_within_the_socket_timeout(
 ) -> None:
     """Against a Redis that accepts connections and never answers, Cache.from_config() returns or raises within a few seconds, and get() and write() raise BackendUnavailable within about the default 1 s socket timeout."""
     config = _config(tmp_path, silent_port)
+    with sqlite3.connect(tmp_path / "db.sqlite") as db:  # a table to reflect, as an app has
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
     started = time.monotonic()
     try:
-        cache = Cache(load_settings(config), reflect=False)
+        cache = Cache.from_config(config)
     except CachewardenError:
         cache = None
     assert time.monotonic() - started < 5
