@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from cachewarden.keys import Keyspace
@@ -113,6 +114,7 @@ def _dropped(record: dict[str, str]) -> int:
     return int(record.get("overlaps", 0)) + int(record.get("repeats", 0))
 
 
+@pytest.mark.soak  # a run of 20 s or more under load: .ci/run runs it after make test
 def test_three_schedulers_fire_each_due_time_once_and_runs_never_overlap(
     pg_harness: Harness, tmp_path: Path
 ) -> None:

@@ -190,6 +190,7 @@ def test_a_table_refusing_every_row_alike_is_a_fault(pg_harness: Harness) -> Non
     assert result.status == "done" and _dead(h) == 0 and h.count("users") == 20
 
 
+@pytest.mark.soak  # a run of 20 s or more under load: .ci/run runs it after make test
 def test_a_worker_rides_out_20_s_of_read_only_database_under_load(pg_database: Harness) -> None:
     """With a worker flushing 2,000 writes over time and the database read-only for 20 s (sessions terminated), nothing is dead-lettered, every cache entry keeps its value, and every write lands once it is writable."""
     h = pg_database

@@ -90,6 +90,7 @@ def _flush_failures(output: str) -> list[dict[str, object]]:
     return events
 
 
+@pytest.mark.soak  # a run of 20 s or more under load: .ci/run runs it after make test
 def test_database_outage_under_load_loses_nothing(
     outage_harness: Harness, private_pg: PrivatePostgres
 ) -> None:
