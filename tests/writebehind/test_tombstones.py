@@ -53,14 +53,14 @@ def test_an_older_write_after_a_flushed_delete_is_ignored(harness: Harness) -> N
 def test_the_tombstone_lasts_tombstone_ttl(pg_harness: Harness) -> None:
     """Once `tombstone_ttl` has passed, an older write is taken like any other (the documented limit); before, it raises Outranked."""
     h = pg_harness
-    _setup(h, tombstone_ttl="300ms")
+    _setup(h, tombstone_ttl="2s")
     cache = h.cache
     cache.delete("user", 1, version=6)
     _flush(h)
     with pytest.raises(Outranked):
         cache.write("user", 1, {"name": "early", "version": 3})
     tomb = h.context.keys.tombstone("user", "1")
-    wait_for(lambda: not cache.redis.exists(tomb), 5, what="the tombstone to expire")
+    wait_for(lambda: not cache.redis.exists(tomb), 10, what="the tombstone to expire")
     assert cache.write("user", 1, {"name": "late", "version": 3})
     _flush(h)
     assert h.rows("users")[1]["name"] == "late"
